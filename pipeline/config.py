@@ -1,0 +1,242 @@
+"""The one typed, validated configuration of the project, loaded from ``params.yaml``.
+
+Every stage calls :func:`load_params` once and reads only its own sections. Unknown keys and invalid values
+fail at load time with :class:`ConfigError`, whose message names each bad field (``train.batch_size``) and,
+for choices, the allowed values. pydantic does the validation (a well-kept library instead of our own checks).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from vae.schedules import CapacityAnnealing, ConstantBeta, CyclicalBeta, LinearWarmup, SigmoidBeta
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_PARAMS = REPO_ROOT / "params.yaml"
+
+DatasetName = Literal["celeba", "mnist", "fashion_mnist"]
+
+
+class ConfigError(ValueError):
+    """params.yaml is missing, not YAML, or fails validation; the message names every bad field."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(Section):
+    dataset: DatasetName = "celeba"
+    raw_dir: Path = Path("data/raw")
+    processed_dir: Path = Path("data/processed")
+    image_size: int = Field(64, ge=8, le=512, description="side of the square images for CelebA (MNIST stays 28)")
+
+    def raw_path(self, dataset: str | None = None) -> Path:
+        return resolve(self.raw_dir) / (dataset or self.dataset)
+
+    def processed_path(self, dataset: str | None = None) -> Path:
+        return resolve(self.processed_dir) / (dataset or self.dataset)
+
+
+class DownloadConfig(Section):
+    # CelebA sources, tried in this order until one works.
+    sources: list[Literal["local", "gdrive", "huggingface", "kaggle"]] = ["local", "gdrive", "huggingface", "kaggle"]
+    local_dir: Path | None = Field(None, description="a folder in torchvision's celeba/ layout, or with the zip + .txt files")
+    huggingface_repo: str = "flwrlabs/celeba"
+    kaggle_dataset: str = "jessicali9530/celeba-dataset"
+    # MNIST family: mirrors tried in order (each a base URL holding the four IDX .gz files), or a local folder.
+    mnist_mirrors: list[str] = [
+        "https://ossci-datasets.s3.amazonaws.com/mnist/",
+        "https://storage.googleapis.com/cvdf-datasets/mnist/",
+    ]
+    fashion_mnist_mirrors: list[str] = ["http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"]
+    mnist_local_dir: Path | None = None
+    fashion_mnist_local_dir: Path | None = Path("/usr/share/datasets/fashion-mnist")
+    retries: int = Field(4, ge=0, le=20)
+    timeout_s: float = Field(60.0, gt=0)
+
+
+class PreprocessConfig(Section):
+    crop_size: int = Field(148, ge=8, description="CelebA center crop before resizing (the common 148)")
+    num_workers: int = Field(0, ge=0, description="decode processes; 0 = all cores")
+    skip_corrupt: bool = Field(False, description="skip corrupt JPEGs (counted in the manifest) instead of failing")
+    fast_decode: bool = Field(False, description="DCT-domain downscaled JPEG decode (tested against the exact path)")
+
+
+class ModelConfig(Section):
+    architecture: Literal["mlp", "conv", "resnet"] = "conv"
+    latent_dim: int = Field(128, ge=1, le=4096)
+    hidden_dims: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [32, 64, 128, 256, 512], min_length=1)
+    likelihood: Literal[
+        "bernoulli", "gaussian_fixed", "gaussian_learned_scalar", "gaussian_learned_pixel",
+        "categorical_256", "discretized_logistic",
+    ] = "discretized_logistic"
+    gaussian_std: float = Field(0.1, gt=0, description="sigma of the fixed-variance Gaussian, in [0,1] pixel units")
+
+
+BetaScheduleConfig = Annotated[
+    ConstantBeta | LinearWarmup | CyclicalBeta | SigmoidBeta | CapacityAnnealing,
+    Field(discriminator="name"),
+]
+
+
+class TrainConfig(Section):
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(256, ge=2, description="global batch; each worker takes batch_size / num_workers")
+    optimizer: Literal["adam", "adamw"] = "adamw"
+    learning_rate: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    lr_schedule: Literal["constant", "cosine"] = "cosine"
+    lr_warmup_steps: int = Field(0, ge=0)
+    grad_clip_norm: float | None = Field(100.0, gt=0)
+    num_mc_samples: int = Field(1, ge=1, description="L, Monte-Carlo samples of z per image in the ELBO")
+    seed: int = 0
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on GPUs, fp32 on CPUs")
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP ranks)")
+    use_gpu: bool | Literal["auto"] = "auto"
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(1.0, gt=0, le=8, description="fractional values let trials share a GPU")
+    data_on_device: Literal["auto", "always", "never"] = "auto"
+    channels_last: bool = True
+    compile: bool = False
+    checkpoint_num_to_keep: int = Field(2, ge=1)
+    max_failures: int = Field(2, ge=-1)
+    storage_path: Path = Path("runs")
+    run_name: str = Field("vae", min_length=1)
+    log_every_n_steps: int = Field(50, ge=1)
+    use_best_params: bool = Field(False, description="take model/beta/lr from reports/tune/best_params.yaml")
+    max_steps_per_epoch: int | None = Field(None, ge=1, description="cap steps per epoch (smoke runs)")
+
+
+class EvaluateConfig(Section):
+    num_importance_samples: int = Field(1000, ge=1, description="K for the importance-sampled log p(x)")
+    importance_batch_size: int = Field(100, ge=1, description="samples of z evaluated at once per image")
+    batch_size: int = Field(256, ge=1)
+    max_images: int | None = Field(None, ge=1, description="evaluate on the first N test images only")
+    attributes: list[str] = ["Smiling", "Eyeglasses"]
+    num_image_rows: int = Field(8, ge=1)
+
+
+class MLflowConfig(Section):
+    tracking_uri: str | None = Field(None, description="null: sqlite mlflow.db in the repo; MLFLOW_TRACKING_URI overrides")
+    experiment_name: str = "vae-celeba"
+    registered_model_name: str | None = "vae-celeba"
+    log_images_every_n_epochs: int = Field(1, ge=1)
+
+
+class TuneConfig(Section):
+    experiment_name: str = "vae-sweep"
+    num_samples: int = Field(16, ge=1)
+    max_concurrent_trials: int | None = Field(None, ge=1)
+    metric: Literal["val_negative_elbo", "val_bits_per_dim"] = "val_negative_elbo"
+    grace_period: int = Field(1, ge=1)
+    reduction_factor: float = Field(2.0, gt=1)
+    seed: int = 0
+    epochs: int = Field(10, ge=1)
+    workers_per_trial: int = Field(1, ge=1)
+    cpus_per_trial_worker: float = Field(1.0, gt=0)
+    gpus_per_trial_worker: float = Field(0.25, ge=0, le=8)
+    search_space: dict[str, Any] = Field(default_factory=dict)
+
+
+class ClusterConfig(Section):
+    address: str | None = Field(None, description="Ray address; null: RAY_ADDRESS or a local ray.init()")
+    submit: bool = Field(False, description="DVC stages submit to the cluster with `ray job submit`")
+
+
+class Params(Section):
+    data: DataConfig = DataConfig()
+    download: DownloadConfig = DownloadConfig()
+    preprocess: PreprocessConfig = PreprocessConfig()
+    model: ModelConfig = ModelConfig()
+    beta_schedule: BetaScheduleConfig = LinearWarmup()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    mlflow: MLflowConfig = MLflowConfig()
+    tune: TuneConfig = TuneConfig()
+    cluster: ClusterConfig = ClusterConfig()
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Params:
+        if self.data.dataset != "celeba" and self.model.architecture != "mlp" and len(self.model.hidden_dims) > 5:
+            raise ValueError("model.hidden_dims: at most 5 conv blocks fit 28x28 MNIST images")
+        if self.model.likelihood == "bernoulli" and self.data.dataset == "celeba":
+            raise ValueError("model.likelihood: 'bernoulli' is for binarized MNIST-family data; for CelebA use "
+                             "'discretized_logistic', 'categorical_256' or a Gaussian")
+        return self
+
+
+def resolve(path: Path | str) -> Path:
+    """An absolute path: relative paths are taken from the repository root (Ray changes working directories)."""
+    path = Path(os.path.expanduser(str(path)))
+    return path if path.is_absolute() else (REPO_ROOT / path)
+
+
+def _format_errors(error: ValidationError, source: str) -> str:
+    lines = [f"{source}: {error.error_count()} invalid setting(s):"]
+    for item in error.errors():
+        location = ".".join(str(part) for part in item["loc"] if not str(part).startswith("function-"))
+        got = item.get("input")
+        got_text = "" if isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"  {location or '<top level>'}: {item['msg']}{got_text}")
+    return "\n".join(lines)
+
+
+def parse_params(raw: dict[str, Any], source: str = "params") -> Params:
+    """Validate a params mapping. Raises :class:`ConfigError` naming every bad field."""
+    try:
+        return Params.model_validate(raw or {})
+    except ValidationError as error:
+        raise ConfigError(_format_errors(error, source)) from None
+
+
+def load_params(path: Path | str | None = None, overrides: dict[str, Any] | None = None) -> Params:
+    """Load and validate ``params.yaml`` (``VAE_PARAMS`` env var or the repo's file by default).
+
+    Args:
+        path: the YAML file.
+        overrides: dotted keys to set after loading, e.g. ``{"train.epochs": 2}`` (used by tests and Tune).
+    Raises:
+        ConfigError: missing file, invalid YAML, unknown key or invalid value.
+    """
+    path = Path(path or os.environ.get("VAE_PARAMS") or DEFAULT_PARAMS)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such params file; copy the repository's params.yaml or pass its path")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (data, model, train, ...)")
+    for dotted, value in (overrides or {}).items():
+        set_dotted(raw, dotted, value)
+    return parse_params(raw, str(path))
+
+
+def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``tree["a"]["b"] = value`` for ``dotted == "a.b"``, creating sections as needed."""
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for key in parents:
+        node = node.setdefault(key, {})
+    node[leaf] = value
+
+
+def flatten(params: Params) -> dict[str, Any]:
+    """The config as flat ``section.key`` -> value pairs (MLflow params)."""
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                walk(f"{prefix}.{key}" if prefix else key, item)
+        else:
+            flat[prefix] = value
+
+    walk("", params.model_dump(mode="json"))
+    return flat

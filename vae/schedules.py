@@ -1,0 +1,198 @@
+"""KL-weight (beta) schedules: pure functions of the optimisation step.
+
+Every schedule is a small frozen dataclass whose fields are validated on construction (``ValueError`` naming
+the field) and whose ``name`` field selects it from a config. The same classes are validated by pydantic when
+they appear in ``params.yaml`` (pydantic reads stdlib dataclasses and runs ``__post_init__``), so there is one
+definition of each schedule for the library and the pipeline.
+
+The training objective built from a schedule is (per image, in nats)
+
+    loss = reconstruction + kl_penalty(KL, step)
+
+with ``kl_penalty = beta(step) * KL`` for every schedule but capacity annealing, whose penalty is
+``gamma * |KL - C(step)|`` (Burgess et al. 2018). ``beta(step)`` is what gets logged as ``beta``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, Union
+
+import torch
+
+# pydantic reads this attribute on stdlib dataclasses; a plain dict keeps vae/ free of a pydantic import.
+_STRICT = {"extra": "forbid"}
+
+
+def _require(condition: bool, field: str, message: str) -> None:
+    if not condition:
+        raise ValueError(f"beta_schedule.{field}: {message}")
+
+
+@dataclass(frozen=True)
+class ConstantBeta:
+    """beta(step) = beta for all steps: the beta-VAE (Higgins et al. 2017); beta = 1 is the plain ELBO."""
+
+    __pydantic_config__ = _STRICT
+    name: Literal["constant"] = "constant"
+    beta: float = 1.0
+
+    def __post_init__(self) -> None:
+        _require(self.beta >= 0 and math.isfinite(self.beta), "beta", f"must be a finite number >= 0, got {self.beta}")
+
+    def beta_at(self, step: int) -> float:
+        return float(self.beta)
+
+
+@dataclass(frozen=True)
+class LinearWarmup:
+    """KL annealing (Bowman et al. 2016): beta rises linearly from 0 at ``start_step`` to ``beta_max`` at
+    ``start_step + warmup_steps`` and stays there."""
+
+    __pydantic_config__ = _STRICT
+    name: Literal["linear"] = "linear"
+    beta_max: float = 1.0
+    warmup_steps: int = 10_000
+    start_step: int = 0
+
+    def __post_init__(self) -> None:
+        _require(self.beta_max >= 0 and math.isfinite(self.beta_max), "beta_max", f"must be a finite number >= 0, got {self.beta_max}")
+        _require(self.warmup_steps >= 1, "warmup_steps", f"must be >= 1, got {self.warmup_steps}")
+        _require(self.start_step >= 0, "start_step", f"must be >= 0, got {self.start_step}")
+
+    def beta_at(self, step: int) -> float:
+        progress = (step - self.start_step) / self.warmup_steps
+        return self.beta_max * min(1.0, max(0.0, progress))
+
+
+@dataclass(frozen=True)
+class CyclicalBeta:
+    """Cyclical annealing (Fu et al. 2019, NAACL): ``total_steps`` is split into ``num_cycles`` equal cycles;
+    within each, beta rises linearly from 0 to ``beta_max`` over the first ``ratio`` of the cycle, then holds
+    ``beta_max``. After ``total_steps`` beta stays at ``beta_max``.
+
+    ``total_steps = None`` means "the run's total number of steps"; the pipeline fills it in with
+    :meth:`with_total_steps` before training (``beta_at`` raises ``ValueError`` while it is unset).
+    """
+
+    __pydantic_config__ = _STRICT
+    name: Literal["cyclical"] = "cyclical"
+    beta_max: float = 1.0
+    num_cycles: int = 4
+    ratio: float = 0.5
+    total_steps: int | None = None
+
+    def __post_init__(self) -> None:
+        _require(self.beta_max >= 0 and math.isfinite(self.beta_max), "beta_max", f"must be a finite number >= 0, got {self.beta_max}")
+        _require(self.num_cycles >= 1, "num_cycles", f"must be >= 1, got {self.num_cycles}")
+        _require(0 < self.ratio <= 1, "ratio", f"must be in (0, 1], got {self.ratio}")
+        _require(self.total_steps is None or self.total_steps >= self.num_cycles, "total_steps",
+                 f"must be >= num_cycles ({self.num_cycles}) or null for the run's length, got {self.total_steps}")
+
+    def with_total_steps(self, total_steps: int) -> CyclicalBeta:
+        if self.total_steps is not None:
+            return self
+        return CyclicalBeta(self.name, self.beta_max, self.num_cycles, self.ratio, max(total_steps, self.num_cycles))
+
+    def beta_at(self, step: int) -> float:
+        if self.total_steps is None:
+            raise ValueError("beta_schedule.total_steps: unset; call with_total_steps(run_length) first")
+        if step >= self.total_steps:
+            return float(self.beta_max)
+        period = self.total_steps / self.num_cycles
+        position = (step % period) / period  # in [0, 1)
+        return self.beta_max * min(1.0, position / self.ratio)
+
+
+@dataclass(frozen=True)
+class SigmoidBeta:
+    """Logistic annealing (Bowman et al. 2016): beta(step) = beta_max / (1 + exp(-steepness * (step - midpoint_step)))."""
+
+    __pydantic_config__ = _STRICT
+    name: Literal["sigmoid"] = "sigmoid"
+    beta_max: float = 1.0
+    midpoint_step: int = 5_000
+    steepness: float = 0.002
+
+    def __post_init__(self) -> None:
+        _require(self.beta_max >= 0 and math.isfinite(self.beta_max), "beta_max", f"must be a finite number >= 0, got {self.beta_max}")
+        _require(self.midpoint_step >= 0, "midpoint_step", f"must be >= 0, got {self.midpoint_step}")
+        _require(self.steepness > 0 and math.isfinite(self.steepness), "steepness", f"must be a finite number > 0, got {self.steepness}")
+
+    def beta_at(self, step: int) -> float:
+        x = -self.steepness * (step - self.midpoint_step)
+        if x > 700:  # exp overflow; beta is 0 to double precision
+            return 0.0
+        return self.beta_max / (1.0 + math.exp(x))
+
+
+@dataclass(frozen=True)
+class CapacityAnnealing:
+    """Controlled capacity increase (Burgess et al. 2018, "Understanding disentangling in beta-VAE"):
+    penalty = gamma * |KL - C(step)| with C rising linearly from 0 to ``capacity_max`` nats over
+    ``capacity_steps`` steps. ``beta_at`` returns ``gamma`` (the weight on the KL deviation)."""
+
+    __pydantic_config__ = _STRICT
+    name: Literal["capacity"] = "capacity"
+    gamma: float = 1000.0
+    capacity_max: float = 25.0
+    capacity_steps: int = 100_000
+
+    def __post_init__(self) -> None:
+        _require(self.gamma >= 0 and math.isfinite(self.gamma), "gamma", f"must be a finite number >= 0, got {self.gamma}")
+        _require(self.capacity_max >= 0 and math.isfinite(self.capacity_max), "capacity_max", f"must be a finite number >= 0 (nats), got {self.capacity_max}")
+        _require(self.capacity_steps >= 1, "capacity_steps", f"must be >= 1, got {self.capacity_steps}")
+
+    def capacity_at(self, step: int) -> float:
+        """C(step) in nats per image."""
+        return self.capacity_max * min(1.0, max(0.0, step / self.capacity_steps))
+
+    def beta_at(self, step: int) -> float:
+        return float(self.gamma)
+
+
+BetaSchedule = Union[ConstantBeta, LinearWarmup, CyclicalBeta, SigmoidBeta, CapacityAnnealing]  # noqa: UP007
+SCHEDULES: dict[str, type] = {
+    "constant": ConstantBeta,
+    "linear": LinearWarmup,
+    "cyclical": CyclicalBeta,
+    "sigmoid": SigmoidBeta,
+    "capacity": CapacityAnnealing,
+}
+
+
+def make_schedule(config: dict) -> ConstantBeta | LinearWarmup | CyclicalBeta | SigmoidBeta | CapacityAnnealing:
+    """Build a schedule from a mapping such as ``{"name": "cyclical", "num_cycles": 4}``.
+
+    Raises:
+        ValueError: unknown ``name`` (the message lists the allowed names), an unknown field, or an invalid value
+            (the message names the field).
+    """
+    config = dict(config)
+    name = config.pop("name", None)
+    if name not in SCHEDULES:
+        raise ValueError(f"beta_schedule.name: unknown schedule {name!r}; allowed: {', '.join(SCHEDULES)}")
+    cls = SCHEDULES[name]
+    allowed = set(cls.__dataclass_fields__) - {"name"}
+    unknown = set(config) - allowed
+    if unknown:
+        raise ValueError(f"beta_schedule: unknown field(s) {sorted(unknown)} for schedule {name!r}; allowed: {sorted(allowed)}")
+    return cls(name=name, **config)
+
+
+def kl_penalty(schedule, kl_per_image: torch.Tensor, step: int) -> torch.Tensor:
+    """The KL part of the loss, averaged over the batch.
+
+    Args:
+        schedule: one of the schedule classes above.
+        kl_per_image: (B,) KL(q(z|x) || p(z)) in nats per image.
+        step: the optimisation step (0-based).
+    Returns:
+        scalar tensor in nats per image: ``beta * mean(KL)``, or ``gamma * |mean(KL) - C|`` for capacity
+        annealing (Burgess et al. 2018 apply the absolute value to the batch-mean KL).
+    """
+    kl = kl_per_image.mean()
+    if isinstance(schedule, CapacityAnnealing):
+        return schedule.gamma * (kl - schedule.capacity_at(step)).abs()
+    return schedule.beta_at(step) * kl
