@@ -43,12 +43,28 @@ class DataConfig(Section):
         return resolve(self.processed_dir) / (dataset or self.dataset)
 
 
+DownloadSource = Literal["local", "gdrive", "huggingface", "kaggle"]
+Md5 = Annotated[str, Field(pattern=r"^[0-9a-f]{32}$", description="32 lower-case hex digits")]
+
+
 class DownloadConfig(Section):
-    # CelebA sources, tried in this order until one works.
-    sources: list[Literal["local", "gdrive", "huggingface", "kaggle"]] = ["local", "gdrive", "huggingface", "kaggle"]
+    # CelebA sources, tried in this order for each file until one delivers a verified copy.
+    sources: list[DownloadSource] = Field(["local", "gdrive", "huggingface", "kaggle"], min_length=1)
     local_dir: Path | None = Field(None, description="a folder in torchvision's celeba/ layout, or with the zip + .txt files")
-    huggingface_repo: str = "flwrlabs/celeba"
-    kaggle_dataset: str = "jessicali9530/celeba-dataset"
+    # Where each source is fetched from. Tests (and private mirrors) point these at another server.
+    gdrive_url: str = Field("https://drive.google.com/uc?id={file_id}", pattern=r"\{file_id\}",
+                            description="Google Drive download URL; {file_id} is torchvision's id of each file")
+    huggingface_repo: str = Field("Yuehao/celeba", min_length=1,
+                                  description="a Hub dataset repo holding img_align_celeba.zip and the .txt files")
+    huggingface_revision: str = Field("main", min_length=1)
+    huggingface_subfolder: str = Field("", description="folder of the files inside the repo; empty: its root")
+    huggingface_endpoint: str | None = Field(None, description="null: HF_ENDPOINT or https://huggingface.co")
+    kaggle_dataset: str = Field("jessicali9530/celeba-dataset", pattern=r"^[^/\s]+/[^/\s]+$")
+    kaggle_url: str = Field("https://www.kaggle.com/api/v1/datasets/download/{dataset}", pattern=r"\{dataset\}")
+    # A copy whose md5 differs from the official one is accepted only when its md5 is pinned here for the source
+    # that served it: {source: {file name: md5}}. Kaggle's archive has no official md5 at all, so it always needs
+    # a pin (key: its file name, e.g. celeba-dataset.zip). 'mirror' pins the MNIST-family mirrors.
+    pinned_md5: dict[Literal["local", "gdrive", "huggingface", "kaggle", "mirror"], dict[str, Md5]] = {}
     # MNIST family: mirrors tried in order (each a base URL holding the four IDX .gz files), or a local folder.
     mnist_mirrors: list[str] = [
         "https://ossci-datasets.s3.amazonaws.com/mnist/",
@@ -57,12 +73,20 @@ class DownloadConfig(Section):
     fashion_mnist_mirrors: list[str] = ["http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"]
     mnist_local_dir: Path | None = None
     fashion_mnist_local_dir: Path | None = Path("/usr/share/datasets/fashion-mnist")
-    retries: int = Field(4, ge=0, le=20)
-    timeout_s: float = Field(60.0, gt=0)
+    retries: int = Field(4, ge=0, le=20, description="extra attempts per file and source after a transient error")
+    retry_backoff_s: float = Field(2.0, ge=0, le=300, description="first wait before a retry; doubles each time")
+    timeout_s: float = Field(60.0, gt=0, description="seconds without a byte from the server before giving up")
+
+    @model_validator(mode="after")
+    def _unique_sources(self) -> DownloadConfig:
+        if len(set(self.sources)) != len(self.sources):
+            raise ValueError(f"download.sources: each source at most once (got {self.sources})")
+        return self
 
 
 class PreprocessConfig(Section):
-    crop_size: int = Field(148, ge=8, description="CelebA center crop before resizing (the common 148)")
+    crop_size: int = Field(148, ge=8, le=178, description="CelebA center crop before resizing (the common 148; "
+                                                          "at most 178, the width of the aligned images)")
     num_workers: int = Field(0, ge=0, description="decode processes; 0 = all cores")
     skip_corrupt: bool = Field(False, description="skip corrupt JPEGs (counted in the manifest) instead of failing")
     fast_decode: bool = Field(False, description="DCT-domain downscaled JPEG decode (tested against the exact path)")
@@ -171,10 +195,16 @@ class Params(Section):
         return self
 
 
+def project_root() -> Path:
+    """Where relative paths (data/, models/, reports/, runs/, mlflow.db) live: ``VAE_PROJECT_ROOT`` if set
+    (tests and scratch runs use it to keep a workspace apart), else the repository root."""
+    return Path(os.environ.get("VAE_PROJECT_ROOT") or REPO_ROOT).resolve()
+
+
 def resolve(path: Path | str) -> Path:
-    """An absolute path: relative paths are taken from the repository root (Ray changes working directories)."""
+    """An absolute path: relative paths are taken from :func:`project_root` (Ray changes working directories)."""
     path = Path(os.path.expanduser(str(path)))
-    return path if path.is_absolute() else (REPO_ROOT / path)
+    return path if path.is_absolute() else (project_root() / path)
 
 
 def _format_errors(error: ValidationError, source: str) -> str:

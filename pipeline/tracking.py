@@ -1,0 +1,187 @@
+"""MLflow helpers: the tracking URI, runs opened on the driver, and a non-blocking logger for workers.
+
+Training must never wait on (or die with) the tracking server, so workers log through :class:`RunLogger`: a
+background thread sends metrics and images with ``MlflowClient`` and keeps what failed, retrying with backoff.
+What is still unsent when the run closes is written to ``lost_records.json`` beside the checkpoints and, if the
+server is back by then, noted on the run as the tag ``mlflow.lost_records``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.config import resolve
+
+log = logging.getLogger(__name__)
+
+# Fail fast on an unreachable server instead of MLflow's default minutes of retries; RunLogger retries itself.
+FAST_FAIL_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+
+
+def tracking_uri(configured: str | None) -> str:
+    """``MLFLOW_TRACKING_URI`` if set, else params' ``mlflow.tracking_uri``, else ``sqlite:///<project>/mlflow.db``
+    (an absolute path: Ray changes the working directory of its workers)."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or configured
+    if not uri:
+        return f"sqlite:///{resolve('mlflow.db')}"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return f"sqlite:///{resolve(uri.removeprefix('sqlite:///'))}"
+    return uri
+
+
+def image_grid(images: np.ndarray, rows: int | None = None) -> np.ndarray:
+    """Tile float images (N, C, H, W) in [0, 1] into one uint8 (rows*H, cols*W, C) picture (C = 1 squeezed)."""
+    images = np.clip(np.asarray(images, dtype=np.float32), 0.0, 1.0)
+    n, c, h, w = images.shape
+    cols = int(np.ceil(n / rows)) if rows else int(np.ceil(np.sqrt(n)))
+    rows = int(np.ceil(n / cols))
+    grid = np.zeros((rows * h, cols * w, c), dtype=np.uint8)
+    for index in range(n):
+        r, col = divmod(index, cols)
+        grid[r * h:(r + 1) * h, col * w:(col + 1) * w] = (images[index].transpose(1, 2, 0) * 255 + 0.5).astype(np.uint8)
+    return grid[..., 0] if c == 1 else grid
+
+
+@dataclass
+class _Record:
+    kind: str  # "metrics" | "image" | "params" | "tags"
+    payload: Any
+    step: int = 0
+    key: str = ""
+    attempts: int = 0
+
+
+@dataclass
+class RunLogger:
+    """Logs to one MLflow run from a training process without ever blocking or failing training.
+
+    Args:
+        run_id: the MLflow run (opened by the driver).
+        tracking_uri: where the run lives.
+        lost_path: where to write what could not be logged by :meth:`close`.
+    """
+
+    run_id: str | None
+    tracking_uri: str
+    lost_path: Path | None = None
+    _queue: queue.Queue = field(default_factory=queue.Queue)
+    _failed: list = field(default_factory=list)
+    _errors: list = field(default_factory=list)
+    _thread: threading.Thread | None = None
+
+    def __post_init__(self) -> None:
+        if self.run_id is None:
+            return
+        for key, value in FAST_FAIL_ENV.items():
+            os.environ.setdefault(key, value)
+        self._thread = threading.Thread(target=self._work, name="mlflow-logger", daemon=True)
+        self._thread.start()
+
+    # -- public, non-blocking ------------------------------------------------------------------------------
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if self.run_id:
+            self._queue.put(_Record("metrics", {k: float(v) for k, v in metrics.items()}, step))
+
+    def log_image(self, image: np.ndarray, key: str, step: int) -> None:
+        if self.run_id:
+            self._queue.put(_Record("image", image, step, key))
+
+    def close(self, timeout_s: float = 60.0) -> dict[str, Any]:
+        """Flush (waiting up to ``timeout_s`` for the server), then record what was lost.
+
+        Returns:
+            {"sent_all": bool, "lost_records": int, "errors": [first error messages]}
+        """
+        if not self.run_id or self._thread is None:
+            return {"sent_all": True, "lost_records": 0, "errors": []}
+        deadline = time.monotonic() + timeout_s
+        self._queue.put(None)
+        self._thread.join(max(0.0, deadline - time.monotonic()))
+        while self._failed and time.monotonic() < deadline:  # the server may be back: one more pass
+            retry, self._failed = self._failed, []
+            for record in retry:
+                self._send_or_keep(record)
+            if self._failed:
+                time.sleep(min(2.0, max(0.0, deadline - time.monotonic())))
+        pending = list(self._failed)
+        while not self._queue.empty():
+            item = self._queue.get_nowait()
+            if item is not None:
+                pending.append(item)
+        summary = {"sent_all": not pending, "lost_records": len(pending), "errors": self._errors[:5]}
+        if pending:
+            lost = [{"kind": r.kind, "step": r.step, "key": r.key,
+                     "payload": r.payload if r.kind == "metrics" else f"image {getattr(r.payload, 'shape', '')}"}
+                    for r in pending]
+            if self.lost_path is not None:
+                self.lost_path.parent.mkdir(parents=True, exist_ok=True)
+                self.lost_path.write_text(json.dumps({"run_id": self.run_id, "errors": self._errors[:20], "records": lost}, indent=1))
+            try:
+                self._client().set_tag(self.run_id, "mlflow.lost_records", f"{len(pending)} records, see {self.lost_path}")
+            except Exception:  # noqa: BLE001 - the server is still away; the file says it
+                pass
+            log.warning("MLflow: %d records could not be logged (%s); listed in %s", len(pending),
+                        "; ".join(self._errors[:2]), self.lost_path)
+        return summary
+
+    # -- background thread ---------------------------------------------------------------------------------
+    def _client(self):
+        from mlflow.tracking import MlflowClient
+
+        return MlflowClient(self.tracking_uri)
+
+    def _send(self, record: _Record) -> None:
+        client = self._client()
+        if record.kind == "metrics":
+            from mlflow.entities import Metric
+
+            now = int(time.time() * 1000)
+            client.log_batch(self.run_id, metrics=[Metric(k, v, now, record.step) for k, v in record.payload.items()],
+                             synchronous=True)
+        elif record.kind == "image":
+            client.log_image(self.run_id, record.payload, key=record.key, step=record.step, synchronous=True)
+
+    def _send_or_keep(self, record: _Record) -> bool:
+        try:
+            self._send(record)
+            return True
+        except Exception as error:  # noqa: BLE001 - any failure: keep the record, training goes on
+            record.attempts += 1
+            message = f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
+            if len(self._errors) < 50:
+                self._errors.append(message)
+            self._failed.append(record)
+            return False
+
+    def _work(self) -> None:
+        backoff = 1.0
+        while True:
+            try:
+                record = self._queue.get(timeout=backoff if self._failed else None)
+            except queue.Empty:
+                record = "retry"
+            if record is None:
+                return
+            if self._failed:  # retry older failures first, keeping order
+                retry, self._failed = self._failed, []
+                for index, old in enumerate(retry):
+                    if not self._send_or_keep(old):
+                        self._failed.extend(retry[index + 1:])
+                        break
+                backoff = 1.0 if not self._failed else min(backoff * 2, 30.0)
+            if record == "retry":
+                continue
+            if self._failed:
+                self._failed.append(record)
+            else:
+                self._send_or_keep(record)

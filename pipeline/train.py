@@ -1,0 +1,402 @@
+"""Train stage: a Ray Train ``TorchTrainer`` over :func:`pipeline.train_loop.train_worker`, tracked in MLflow.
+
+    python -m pipeline.train [--params params.yaml]            # dvc repro train calls this
+    ray job submit --working-dir . -- python -m pipeline.train  # the same on a running cluster
+
+Ray: ``cluster.address`` or ``RAY_ADDRESS`` selects a running cluster; otherwise a local one is started.
+Checkpoints go to ``train.storage_path``/<run name> every epoch. The run name is ``train.run_name`` plus a
+hash of everything that shapes the weights (data, model, beta schedule, optimisation), so re-running the
+stage after a crash resumes the same run from its latest checkpoint, while a changed config starts a new one
+instead of resuming an unrelated run by accident.
+
+Outputs (DVC): models/vae/ (model.safetensors + model_config.json + params.json), reports/train_metrics.json,
+reports/train_curves.csv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import REPO_ROOT, ConfigError, Params, flatten, load_params, resolve
+from pipeline.train_loop import load_state, save_state, train_worker
+
+MODEL_DIR = Path("models/vae")
+METRICS_PATH = Path("reports/train_metrics.json")
+CURVES_PATH = Path("reports/train_curves.csv")
+BEST_PARAMS_PATH = Path("reports/tune/best_params.yaml")
+RUN_ID_FILE = "mlflow_run_id"
+
+
+class StageError(RuntimeError):
+    """An expected failure of a stage; ``main`` prints it without a traceback and exits 1."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Small helpers shared by the stages
+# ----------------------------------------------------------------------------------------------------------
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
+    path = resolve(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as handle:
+        handle.write(text)
+        tmp = Path(handle.name)
+    os.replace(tmp, path)
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=resolve("."), capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def data_hashes(processed_dir: Path) -> dict[str, str]:
+    """The content hashes of the preprocessed arrays from the preprocess stage's manifest."""
+    manifest_path = processed_dir / "manifest.json"
+    if not manifest_path.is_file():
+        return {}
+    manifest = json.loads(manifest_path.read_text())
+    hashes = {}
+    for split, info in manifest.get("splits", {}).items():
+        for name, digest in (info.get("files") or {}).items():
+            hashes[f"data.sha256.{name}" if name.startswith(split) else f"data.sha256.{split}.{name}"] = str(digest)
+    return hashes
+
+
+def with_best_params(params: Params) -> Params:
+    """``train.use_best_params``: overlay reports/tune/best_params.yaml (written by the tune stage)."""
+    if not params.train.use_best_params:
+        return params
+    import yaml
+
+    path = resolve(BEST_PARAMS_PATH)
+    if not path.is_file():
+        raise StageError(f"train.use_best_params is true but {path} does not exist: run the tune stage first "
+                         "(`dvc repro tune`) or set train.use_best_params: false")
+    raw = params.model_dump(mode="json")
+    best = yaml.safe_load(path.read_text()) or {}
+    for section, values in (best.get("params") or {}).items():
+        if section == "beta_schedule":
+            raw["beta_schedule"] = values
+        else:
+            raw.setdefault(section, {}).update(values)
+    from pipeline.config import parse_params
+
+    return parse_params(raw, f"params.yaml + {path}")
+
+
+def run_name(params: Params, hashes: dict[str, str]) -> str:
+    """``train.run_name``-<8 hex>: the hash covers data, model, beta schedule and optimisation settings."""
+    shaping = params.model_dump(mode="json", include={"data", "model", "beta_schedule"})
+    train = params.train.model_dump(mode="json", exclude={"storage_path", "run_name", "log_every_n_steps", "max_failures",
+                                                          "checkpoint_num_to_keep", "use_best_params", "compile"})
+    digest = hashlib.sha256(json.dumps([shaping, train, hashes], sort_keys=True).encode()).hexdigest()[:8]
+    return f"{params.train.run_name}-{digest}"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Ray Train adapter
+# ----------------------------------------------------------------------------------------------------------
+class RaySession:
+    """:class:`pipeline.train_loop.Session` on top of ``ray.train`` (inside a TorchTrainer worker)."""
+
+    def __init__(self) -> None:
+        import ray.train
+
+        context = ray.train.get_context()
+        self.world_rank = context.get_world_rank()
+        self.world_size = context.get_world_size()
+        self.local_rank = context.get_local_rank()
+
+    def load_checkpoint(self):
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return None
+        with checkpoint.as_directory() as directory:
+            return load_state(directory)
+
+    def report(self, metrics, state, epoch):
+        import ray.train
+
+        if state is None:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory(prefix="vae-ckpt-") as directory:
+            save_state(state, Path(directory))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
+                             checkpoint_dir_name=f"checkpoint_epoch_{epoch:04d}")
+
+
+def ray_train_function(config: dict[str, Any]) -> None:
+    """The function each Ray Train worker runs."""
+    train_worker(config, RaySession())
+
+
+def connect_ray(params: Params) -> None:
+    """``ray.init`` on ``cluster.address`` / ``RAY_ADDRESS`` / a new local instance, failing fast with a clear
+    message when an address is given but nothing answers there."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = params.cluster.address or os.environ.get("RAY_ADDRESS")
+    try:
+        ray.init(address=address, log_to_driver=True, configure_logging=False)
+    except (ConnectionError, RuntimeError, ValueError) as error:
+        raise StageError(f"cannot connect to the Ray cluster at {address!r}: {error}. Start it "
+                         "(`ray start --head`, or infra/local-cluster.sh up) or unset cluster.address / RAY_ADDRESS "
+                         "to train on a local Ray instance.") from None
+
+
+def resolve_use_gpu(params: Params) -> bool:
+    """train.use_gpu "auto" -> whether the cluster has GPUs; true with no GPU in the cluster is an error."""
+    import ray
+
+    cluster_gpus = ray.cluster_resources().get("GPU", 0)
+    wanted = params.train.use_gpu
+    if wanted is True and cluster_gpus < params.train.gpus_per_worker * params.train.num_workers:
+        raise StageError(f"train.use_gpu is true with {params.train.num_workers} worker(s) x "
+                         f"{params.train.gpus_per_worker} GPU, but the Ray cluster has {cluster_gpus:g} GPU(s); "
+                         "lower train.num_workers / train.gpus_per_worker or set train.use_gpu: auto")
+    return bool(cluster_gpus > 0) if wanted == "auto" else bool(wanted)
+
+
+def check_cpu_capacity(params: Params, use_gpu: bool) -> None:
+    import ray
+
+    cpus = ray.cluster_resources().get("CPU", 0)
+    needed = params.train.num_workers * params.train.cpus_per_worker
+    if needed > cpus and not os.environ.get("RAY_AUTOSCALER_ENABLED"):
+        raise StageError(f"train.num_workers ({params.train.num_workers}) x train.cpus_per_worker "
+                         f"({params.train.cpus_per_worker:g}) needs {needed:g} CPUs but the Ray cluster has {cpus:g}; "
+                         "lower them, or add nodes")
+
+
+def make_trainer(params: Params, config: dict[str, Any], name: str, use_gpu: bool, callbacks=None, storage_path=None):
+    """The TorchTrainer for one training run (also used by each Tune trial)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    train = params.train
+    resources = {"CPU": train.cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = train.gpus_per_worker
+    return TorchTrainer(
+        ray_train_function,
+        train_loop_config=config,
+        scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=name,
+            storage_path=str(storage_path or storage_uri(train.storage_path)),
+            checkpoint_config=CheckpointConfig(num_to_keep=train.checkpoint_num_to_keep),
+            failure_config=FailureConfig(max_failures=train.max_failures),
+            callbacks=callbacks,
+        ),
+    )
+
+
+def storage_uri(path: Path | str) -> str:
+    """Absolute local path, or a URI (s3://, gs://, ...) unchanged."""
+    text = str(path)
+    return text if "://" in text else str(resolve(text))
+
+
+def worker_config(params: Params, run_id: str | None, tracking: str | None, lost_path: Path | None) -> dict[str, Any]:
+    return {
+        "params": params.model_dump(mode="json"),
+        "processed_dir": str(params.data.processed_path()),
+        "mlflow": {"run_id": run_id, "tracking_uri": tracking} if run_id else None,
+        "lost_records_path": str(lost_path) if lost_path else None,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# MLflow on the driver
+# ----------------------------------------------------------------------------------------------------------
+def open_mlflow_run(params: Params, name: str, run_dir: Path, hashes: dict[str, str], tags: dict[str, str] | None = None):
+    """Start (or, when resuming, reopen) this training run's MLflow run; returns (run_id, tracking URI)."""
+    import mlflow
+    import ray
+    import torch
+
+    from pipeline.tracking import tracking_uri
+
+    uri = tracking_uri(params.mlflow.tracking_uri)
+    mlflow.set_tracking_uri(uri)
+    client = mlflow.MlflowClient(uri)
+    experiment = client.get_experiment_by_name(params.mlflow.experiment_name)
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment(params.mlflow.experiment_name)
+    id_file = run_dir / RUN_ID_FILE
+    if id_file.is_file() and "://" not in str(run_dir):
+        run_id = id_file.read_text().strip()
+        try:
+            client.get_run(run_id)
+            client.update_run(run_id, status="RUNNING")
+            return run_id, uri
+        except Exception:  # noqa: BLE001 - the old run is gone (another tracking store): start a new one
+            pass
+    run = client.create_run(experiment_id, run_name=name, tags={
+        "git_commit": git_commit(), "torch_version": torch.__version__, "ray_version": ray.__version__,
+        "ray_train_run_name": name, "dataset": params.data.dataset, **hashes, **(tags or {}),
+    })
+    for key, value in flatten(params).items():
+        client.log_param(run.info.run_id, key, str(value)[:6000])
+    if "://" not in str(run_dir):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / RUN_ID_FILE).write_text(run.info.run_id)
+    return run.info.run_id, uri
+
+
+def log_final_model(params: Params, run_id: str, uri: str, model, example) -> None:
+    """Log the trained model with ``mlflow.pytorch.log_model`` (input example + inferred signature: uint8
+    images in, reconstructions in [0, 1] out) and register it under ``mlflow.registered_model_name``.
+
+    The pickle format with ``code_paths=["vae"]`` keeps the whole VAE interface (``sample``, ``encode``,
+    ``decode``) after ``mlflow.pytorch.load_model``; torch.export's format would keep only ``forward``."""
+    import mlflow
+    import mlflow.pytorch
+    import torch
+
+    model = model.cpu().eval()
+    with mlflow.start_run(run_id=run_id):
+        with torch.no_grad():
+            prediction = model(torch.from_numpy(example)).numpy()
+        signature = mlflow.models.infer_signature(example, prediction)
+        mlflow.pytorch.log_model(
+            model, name="model", input_example=example, signature=signature, serialization_format="pickle",
+            code_paths=[str(REPO_ROOT / "vae")], registered_model_name=params.mlflow.registered_model_name,
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Outputs
+# ----------------------------------------------------------------------------------------------------------
+def write_outputs(state: dict[str, Any], name: str, run_id: str | None) -> dict[str, Any]:
+    """models/vae/ (safetensors weights + config), reports/train_metrics.json and reports/train_curves.csv."""
+    from safetensors.torch import save_file
+
+    model_dir = resolve(MODEL_DIR)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    tmp = model_dir / "model.safetensors.tmp"
+    save_file({k: v.contiguous() for k, v in state["model"].items()}, str(tmp))
+    os.replace(tmp, model_dir / "model.safetensors")
+    atomic_write_text(model_dir / "model_config.json", json.dumps(json.loads(state["model_config"]), indent=2) + "\n")
+    atomic_write_text(model_dir / "params.json", json.dumps(json.loads(state["params"]), indent=2) + "\n")
+    history = state["history"]
+    final = dict(history[-1]) if history else {}
+    metrics = {**final, "run_name": name, "mlflow_run_id": run_id, "epochs": state["epoch"], "steps": state["step"]}
+    atomic_write_text(MODEL_DIR / "run.json", json.dumps({"run_name": name, "mlflow_run_id": run_id}, indent=2) + "\n")
+    atomic_write_text(METRICS_PATH, json.dumps(metrics, indent=2) + "\n")
+    buffer = io.StringIO()
+    if history:
+        writer = csv.DictWriter(buffer, fieldnames=list(history[0].keys()), extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(history)
+    atomic_write_text(CURVES_PATH, buffer.getvalue())
+    return metrics
+
+
+def load_trained_model(model_dir: Path | str = MODEL_DIR):
+    """The VAE written by the train stage (models/vae/). Raises FileNotFoundError naming the stage to run."""
+    from safetensors.torch import load_file
+
+    from vae.model import VAE
+
+    model_dir = resolve(model_dir)
+    if not (model_dir / "model.safetensors").is_file():
+        raise FileNotFoundError(f"{model_dir}/model.safetensors is missing: run the train stage (`dvc repro train`)")
+    model = VAE.from_config(json.loads((model_dir / "model_config.json").read_text()))
+    model.load_state_dict(load_file(str(model_dir / "model.safetensors")))
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The stage
+# ----------------------------------------------------------------------------------------------------------
+def train(params: Params, fault_injection: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run the whole training on Ray and write the stage outputs. Returns the final metrics.
+
+    Raises:
+        StageError: the data are missing, the cluster cannot be reached or lacks resources, or training failed
+            (after ``train.max_failures`` restarts); the message says which.
+    """
+    import numpy as np
+
+    processed = params.data.processed_path()
+    if not (processed / "train_images.npy").is_file():
+        raise StageError(f"no preprocessed data in {processed}: run `dvc repro preprocess` first")
+    hashes = data_hashes(processed)
+    name = run_name(params, hashes)
+    storage = storage_uri(params.train.storage_path)
+    run_dir = Path(storage) / name
+    connect_ray(params)
+    use_gpu = resolve_use_gpu(params)
+    check_cpu_capacity(params, use_gpu)
+    run_id, uri = open_mlflow_run(params, name, run_dir, hashes)
+    config = worker_config(params, run_id, uri, run_dir / "lost_mlflow_records.json" if "://" not in storage else None)
+    config["fault_injection"] = fault_injection
+    print(f"[train] run {name}: {params.train.num_workers} worker(s), {'GPU' if use_gpu else 'CPU'}, "
+          f"checkpoints in {run_dir}, MLflow run {run_id} at {uri}", flush=True)
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    from ray.train import TrainingFailedError
+
+    try:
+        result = make_trainer(params, config, name, use_gpu).fit()
+    except TrainingFailedError as error:
+        client.set_terminated(run_id, status="FAILED")
+        raise StageError(f"training failed (after up to {params.train.max_failures} restarts from the last "
+                         f"checkpoint): {error}\nRe-running the stage resumes from the latest checkpoint in {run_dir}.") from None
+    if result.checkpoint is None:
+        raise StageError(f"training finished without a checkpoint in {run_dir}")
+    with result.checkpoint.as_directory() as directory:
+        state = load_state(directory)
+    metrics = write_outputs(state, name, run_id)
+    model = load_trained_model()
+    example = np.load(processed / "valid_images.npy", mmap_mode="r")[:2].copy()
+    try:
+        log_final_model(params, run_id, uri, model, example)
+        client.log_artifact(run_id, str(resolve(METRICS_PATH)))
+        client.set_terminated(run_id, status="FINISHED")
+    except Exception as error:  # noqa: BLE001 - training is done; tracking trouble must not lose the outputs
+        print(f"[train] MLflow: could not log the final model ({type(error).__name__}: {error}); the model is in "
+              f"{resolve(MODEL_DIR)}", file=sys.stderr)
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--params", type=Path, default=None, help="params file (default: the repo's params.yaml)")
+    args = parser.parse_args(argv)
+    try:
+        params = with_best_params(load_params(args.params))
+        if params.cluster.submit:
+            from pipeline.submit import submit_stage
+
+            return submit_stage("pipeline.train", params, args.params)
+        metrics = train(params)
+    except (ConfigError, StageError, FileNotFoundError) as error:
+        print(f"train: {error}", file=sys.stderr)
+        return 1
+    print(f"[train] done: val -ELBO {metrics.get('val_negative_elbo', float('nan')):.3f} nats/image, "
+          f"{metrics.get('val_bits_per_dim', float('nan')):.4f} bits/dim; model in {resolve(MODEL_DIR)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
