@@ -15,6 +15,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 from contextlib import nullcontext
@@ -275,6 +276,13 @@ def _set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+def say(message: str) -> None:
+    """One progress line on stdout. (Ray Train patches ``print`` into its logger and also tees it, which
+    doubles every line; writing to the stream directly gives each line once.)"""
+    sys.stdout.write(message + "\n")
+    sys.stdout.flush()
+
+
 def _format_seconds(seconds: float) -> str:
     seconds = int(max(0, seconds))
     hours, rest = divmod(seconds, 3600)
@@ -301,7 +309,8 @@ def train_worker(config: dict[str, Any], session: Session) -> dict[str, Any]:
         config: {"params": the validated params as a plain dict (``Params.model_dump(mode="json")``),
             "processed_dir": absolute path of the preprocessed arrays, "mlflow": {"run_id", "tracking_uri"}
             or None, "lost_records_path": where unsent MLflow records go, "fault_injection": test hooks
-            ({"nan_at_step": int} makes that step's loss NaN)}.
+            ({"nan_at_step": int} makes that step's loss NaN), "record_indices_dir": test hook, each rank saves
+            the image indices it trains on per epoch}.
         session: the runner (Ray Train adapter or :class:`LocalSession`).
     Returns:
         {"history": per-epoch metrics, "step": optimisation steps done, "epoch": epochs done}.
@@ -361,7 +370,7 @@ def train_worker(config: dict[str, Any], session: Session) -> dict[str, Any]:
         start_epoch, step, history = int(state["epoch"]), int(state["step"]), list(state["history"])
         _set_rng_state(state["rng"], device)
         if rank == 0:
-            print(f"[train] resumed from the checkpoint of epoch {start_epoch} (step {step})", flush=True)
+            say(f"[train] resumed from the checkpoint of epoch {start_epoch} (step {step})")
 
     from pipeline.tracking import RunLogger  # numpy + stdlib; mlflow is imported only when a run is given
 
@@ -388,6 +397,9 @@ def train_worker(config: dict[str, Any], session: Session) -> dict[str, Any]:
         window = _Window(torch.zeros(4, dtype=torch.float64, device=device), start=time.perf_counter())
         epoch_sums = torch.zeros(3, dtype=torch.float64, device=device)
         indices = rank_indices(train_images.shape[0], local_batch, epoch, train["seed"], rank, world_size)
+        if config.get("record_indices_dir"):  # test hook: which images this rank trains on
+            Path(config["record_indices_dir"]).mkdir(parents=True, exist_ok=True)
+            np.save(Path(config["record_indices_dir"]) / f"rank{rank}_epoch{epoch}.npy", indices[: steps_per_epoch * local_batch].numpy())
         for x in train_source.batches(indices, local_batch, steps_per_epoch):
             with autocast():
                 reconstruction, kl_per_dim = objective(x, train["num_mc_samples"])
@@ -425,8 +437,8 @@ def train_worker(config: dict[str, Any], session: Session) -> dict[str, Any]:
                 logger.log_metrics(metrics, step)
                 done = step - steps_at_start
                 eta = (total_steps - step) * (time.perf_counter() - run_start) / max(1, done)
-                print(f"[train]   step {step}/{total_steps} loss {means[0]:.2f} (rec {means[1]:.2f} + KL {means[2]:.2f}) "
-                      f"beta {beta:.3g} {metrics['images_per_s']:.0f} img/s ETA {_format_seconds(eta)}", flush=True)
+                say(f"[train]   step {step}/{total_steps} loss {means[0]:.2f} (rec {means[1]:.2f} + KL {means[2]:.2f}) "
+                      f"beta {beta:.3g} {metrics['images_per_s']:.0f} img/s ETA {_format_seconds(eta)}")
                 window = _Window(torch.zeros_like(window.sums), start=time.perf_counter())
 
         epoch_sums = _all_reduce_sum(epoch_sums, world_size)
@@ -456,10 +468,10 @@ def train_worker(config: dict[str, Any], session: Session) -> dict[str, Any]:
                 for key, images in pictures.items():
                     logger.log_image(image_grid(images, rows), key=key, step=epoch + 1)
             eta = (train["epochs"] - epoch - 1) * (time.perf_counter() - run_start) / max(1, epoch + 1 - start_epoch)
-            print(f"[train] epoch {epoch + 1}/{train['epochs']} | -ELBO {metrics['train_negative_elbo']:.2f} "
+            say(f"[train] epoch {epoch + 1}/{train['epochs']} | -ELBO {metrics['train_negative_elbo']:.2f} "
                   f"(rec {train_reconstruction:.2f} + KL {train_kl:.2f}) | beta {metrics['beta']:.3g} | "
                   f"val -ELBO {validation['negative_elbo']:.2f} ({validation['bits_per_dim']:.3f} bits/dim) | "
-                  f"{metrics['images_per_s']:.0f} img/s | {epoch_seconds:.1f}s | ETA {_format_seconds(eta)}", flush=True)
+                  f"{metrics['images_per_s']:.0f} img/s | {epoch_seconds:.1f}s | ETA {_format_seconds(eta)}")
             for name, tensor in model.state_dict().items():
                 if tensor.is_floating_point() and not torch.isfinite(tensor).all():
                     raise NonFiniteLossError(f"epoch {epoch + 1}: parameter {name} is not finite; not checkpointed")
@@ -472,7 +484,7 @@ def train_worker(config: dict[str, Any], session: Session) -> dict[str, Any]:
 
     summary = logger.close()
     if rank == 0 and not summary["sent_all"]:
-        print(f"[train] MLflow: {summary['lost_records']} records could not be logged: {summary['errors'][:1]}", flush=True)
+        say(f"[train] MLflow: {summary['lost_records']} records could not be logged: {summary['errors'][:1]}")
     return {"history": history, "step": step, "epoch": len(history)}
 
 
