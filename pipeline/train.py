@@ -327,8 +327,10 @@ def load_trained_model(model_dir: Path | str = MODEL_DIR):
 # ----------------------------------------------------------------------------------------------------------
 # The stage
 # ----------------------------------------------------------------------------------------------------------
-def train(params: Params, fault_injection: dict[str, Any] | None = None) -> dict[str, Any]:
+def train(params: Params, extra_config: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run the whole training on Ray and write the stage outputs. Returns the final metrics.
+
+    ``extra_config`` is merged into the workers' config (test hooks: ``fault_injection``, ``record_indices_dir``).
 
     Raises:
         StageError: the data are missing, the cluster cannot be reached or lacks resources, or training failed
@@ -348,7 +350,7 @@ def train(params: Params, fault_injection: dict[str, Any] | None = None) -> dict
     check_cpu_capacity(params, use_gpu)
     run_id, uri = open_mlflow_run(params, name, run_dir, hashes)
     config = worker_config(params, run_id, uri, run_dir / "lost_mlflow_records.json" if "://" not in storage else None)
-    config["fault_injection"] = fault_injection
+    config.update(extra_config or {})
     print(f"[train] run {name}: {params.train.num_workers} worker(s), {'GPU' if use_gpu else 'CPU'}, "
           f"checkpoints in {run_dir}, MLflow run {run_id} at {uri}", flush=True)
     import mlflow

@@ -391,98 +391,100 @@ def train_worker(config: dict[str, Any], session: Session) -> dict[str, Any]:
     log_every = train["log_every_n_steps"]
     run_start, steps_at_start = time.perf_counter(), step
 
-    for epoch in range(start_epoch, train["epochs"]):
-        model.train()
-        epoch_start = time.perf_counter()
-        window = _Window(torch.zeros(4, dtype=torch.float64, device=device), start=time.perf_counter())
-        epoch_sums = torch.zeros(3, dtype=torch.float64, device=device)
-        indices = rank_indices(train_images.shape[0], local_batch, epoch, train["seed"], rank, world_size)
-        if config.get("record_indices_dir"):  # test hook: which images this rank trains on
-            Path(config["record_indices_dir"]).mkdir(parents=True, exist_ok=True)
-            np.save(Path(config["record_indices_dir"]) / f"rank{rank}_epoch{epoch}.npy", indices[: steps_per_epoch * local_batch].numpy())
-        for x in train_source.batches(indices, local_batch, steps_per_epoch):
-            with autocast():
-                reconstruction, kl_per_dim = objective(x, train["num_mc_samples"])
-            reconstruction, kl = reconstruction.float(), kl_per_dim.float().sum(dim=-1)
-            beta = schedule.beta_at(step)
-            loss = reconstruction.mean() + kl_penalty(schedule, kl, step)
-            if nan_at_step is not None and step == nan_at_step:
-                loss = loss * float("nan")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-            # Gradients are all-reduced, so every rank sees the same non-finite norm and stops at the same step.
-            if not (math.isfinite(loss.item()) and math.isfinite(grad_norm.item())):
-                raise NonFiniteLossError(
-                    f"step {step} (epoch {epoch}): loss={loss.item()} grad_norm={grad_norm.item()} "
-                    f"reconstruction={reconstruction.mean().item()} kl={kl.mean().item()} beta={beta}. "
-                    "The weights were not updated and no checkpoint of this state was written; lower "
-                    "train.learning_rate, set train.grad_clip_norm, or check the data.")
-            optimizer.step()
-            lr_scheduler.step()
-            step += 1
-            batch_size = x.shape[0]
-            window.sums += torch.stack([loss.detach(), reconstruction.detach().mean(), kl.detach().mean(), grad_norm.detach()]).double()
-            epoch_sums[0] += reconstruction.detach().double().sum()
-            epoch_sums[1] += kl.detach().double().sum()
-            epoch_sums[2] += batch_size
-            window.count += 1
-            window.images += batch_size * world_size
-            if step % log_every == 0 and rank == 0:
-                means = (window.sums / window.count).tolist()
-                elapsed = time.perf_counter() - window.start
-                metrics = {"loss": means[0], "negative_elbo": means[1] + means[2], "reconstruction": means[1], "kl": means[2],
-                           "beta": beta, "learning_rate": optimizer.param_groups[0]["lr"], "grad_norm": means[3],
-                           "images_per_s": window.images / max(elapsed, 1e-9)}
-                logger.log_metrics(metrics, step)
-                done = step - steps_at_start
-                eta = (total_steps - step) * (time.perf_counter() - run_start) / max(1, done)
-                say(f"[train]   step {step}/{total_steps} loss {means[0]:.2f} (rec {means[1]:.2f} + KL {means[2]:.2f}) "
-                      f"beta {beta:.3g} {metrics['images_per_s']:.0f} img/s ETA {_format_seconds(eta)}")
-                window = _Window(torch.zeros_like(window.sums), start=time.perf_counter())
-
-        epoch_sums = _all_reduce_sum(epoch_sums, world_size)
-        count = max(1.0, float(epoch_sums[2]))
-        train_reconstruction, train_kl = float(epoch_sums[0]) / count, float(epoch_sums[1]) / count
-        validation = evaluate_elbo(model, valid_source, valid_indices, params["evaluate"]["batch_size"], world_size, autocast)
-        epoch_seconds = time.perf_counter() - epoch_start
-        metrics = {
-            "epoch": epoch + 1, "step": step, "beta": schedule.beta_at(step),
-            "train_negative_elbo": train_reconstruction + train_kl, "train_reconstruction": train_reconstruction, "train_kl": train_kl,
-            "train_bits_per_dim": float(bits_per_dim(train_reconstruction + train_kl, model.num_dims, model.likelihood.discrete)),
-            "val_negative_elbo": validation["negative_elbo"], "val_reconstruction": validation["reconstruction"],
-            "val_kl": validation["kl"], "val_bits_per_dim": validation["bits_per_dim"],
-            "epoch_seconds": epoch_seconds, "images_per_s": count / epoch_seconds,
-        }
-        if isinstance(schedule, CapacityAnnealing):
-            metrics["capacity"] = schedule.capacity_at(step)
-        history.append(metrics)
-        new_state = None
-        if rank == 0:
-            logger.log_metrics({k: v for k, v in metrics.items() if k not in ("epoch", "step")}, step)
-            if (epoch + 1) % params["mlflow"]["log_images_every_n_epochs"] == 0 or epoch + 1 == train["epochs"]:
-                from pipeline.tracking import image_grid
-
+    try:
+        for epoch in range(start_epoch, train["epochs"]):
+            model.train()
+            epoch_start = time.perf_counter()
+            window = _Window(torch.zeros(4, dtype=torch.float64, device=device), start=time.perf_counter())
+            epoch_sums = torch.zeros(3, dtype=torch.float64, device=device)
+            indices = rank_indices(train_images.shape[0], local_batch, epoch, train["seed"], rank, world_size)
+            if config.get("record_indices_dir"):  # test hook: which images this rank trains on
+                Path(config["record_indices_dir"]).mkdir(parents=True, exist_ok=True)
+                np.save(Path(config["record_indices_dir"]) / f"rank{rank}_epoch{epoch}.npy", indices[: steps_per_epoch * local_batch].numpy())
+            for x in train_source.batches(indices, local_batch, steps_per_epoch):
                 with autocast():
-                    pictures = epoch_images(model, picture_batch, fixed_z, rows)
-                for key, images in pictures.items():
-                    logger.log_image(image_grid(images, rows), key=key, step=epoch + 1)
-            eta = (train["epochs"] - epoch - 1) * (time.perf_counter() - run_start) / max(1, epoch + 1 - start_epoch)
-            say(f"[train] epoch {epoch + 1}/{train['epochs']} | -ELBO {metrics['train_negative_elbo']:.2f} "
-                  f"(rec {train_reconstruction:.2f} + KL {train_kl:.2f}) | beta {metrics['beta']:.3g} | "
-                  f"val -ELBO {validation['negative_elbo']:.2f} ({validation['bits_per_dim']:.3f} bits/dim) | "
-                  f"{metrics['images_per_s']:.0f} img/s | {epoch_seconds:.1f}s | ETA {_format_seconds(eta)}")
-            for name, tensor in model.state_dict().items():
-                if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-                    raise NonFiniteLossError(f"epoch {epoch + 1}: parameter {name} is not finite; not checkpointed")
-            new_state = {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
-                "epoch": epoch + 1, "step": step, "history": history, "rng": _rng_state(device),
-                "model_config": json.dumps(model.config), "params": json.dumps(params),
-            }
-        session.report(metrics, new_state, epoch + 1)
+                    reconstruction, kl_per_dim = objective(x, train["num_mc_samples"])
+                reconstruction, kl = reconstruction.float(), kl_per_dim.float().sum(dim=-1)
+                beta = schedule.beta_at(step)
+                loss = reconstruction.mean() + kl_penalty(schedule, kl, step)
+                if nan_at_step is not None and step == nan_at_step:
+                    loss = loss * float("nan")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+                # Gradients are all-reduced, so every rank sees the same non-finite norm and stops at the same step.
+                if not (math.isfinite(loss.item()) and math.isfinite(grad_norm.item())):
+                    raise NonFiniteLossError(
+                        f"step {step} (epoch {epoch}): loss={loss.item()} grad_norm={grad_norm.item()} "
+                        f"reconstruction={reconstruction.mean().item()} kl={kl.mean().item()} beta={beta}. "
+                        "The weights were not updated and no checkpoint of this state was written; lower "
+                        "train.learning_rate, set train.grad_clip_norm, or check the data.")
+                optimizer.step()
+                lr_scheduler.step()
+                step += 1
+                batch_size = x.shape[0]
+                window.sums += torch.stack([loss.detach(), reconstruction.detach().mean(), kl.detach().mean(), grad_norm.detach()]).double()
+                epoch_sums[0] += reconstruction.detach().double().sum()
+                epoch_sums[1] += kl.detach().double().sum()
+                epoch_sums[2] += batch_size
+                window.count += 1
+                window.images += batch_size * world_size
+                if step % log_every == 0 and rank == 0:
+                    means = (window.sums / window.count).tolist()
+                    elapsed = time.perf_counter() - window.start
+                    metrics = {"loss": means[0], "negative_elbo": means[1] + means[2], "reconstruction": means[1], "kl": means[2],
+                               "beta": beta, "learning_rate": optimizer.param_groups[0]["lr"], "grad_norm": means[3],
+                               "images_per_s": window.images / max(elapsed, 1e-9)}
+                    logger.log_metrics(metrics, step)
+                    done = step - steps_at_start
+                    eta = (total_steps - step) * (time.perf_counter() - run_start) / max(1, done)
+                    say(f"[train]   step {step}/{total_steps} loss {means[0]:.2f} (rec {means[1]:.2f} + KL {means[2]:.2f}) "
+                          f"beta {beta:.3g} {metrics['images_per_s']:.0f} img/s ETA {_format_seconds(eta)}")
+                    window = _Window(torch.zeros_like(window.sums), start=time.perf_counter())
 
-    summary = logger.close()
+            epoch_sums = _all_reduce_sum(epoch_sums, world_size)
+            count = max(1.0, float(epoch_sums[2]))
+            train_reconstruction, train_kl = float(epoch_sums[0]) / count, float(epoch_sums[1]) / count
+            validation = evaluate_elbo(model, valid_source, valid_indices, params["evaluate"]["batch_size"], world_size, autocast)
+            epoch_seconds = time.perf_counter() - epoch_start
+            metrics = {
+                "epoch": epoch + 1, "step": step, "beta": schedule.beta_at(step),
+                "train_negative_elbo": train_reconstruction + train_kl, "train_reconstruction": train_reconstruction, "train_kl": train_kl,
+                "train_bits_per_dim": float(bits_per_dim(train_reconstruction + train_kl, model.num_dims, model.likelihood.discrete)),
+                "val_negative_elbo": validation["negative_elbo"], "val_reconstruction": validation["reconstruction"],
+                "val_kl": validation["kl"], "val_bits_per_dim": validation["bits_per_dim"],
+                "epoch_seconds": epoch_seconds, "images_per_s": count / epoch_seconds,
+            }
+            if isinstance(schedule, CapacityAnnealing):
+                metrics["capacity"] = schedule.capacity_at(step)
+            history.append(metrics)
+            new_state = None
+            if rank == 0:
+                logger.log_metrics({k: v for k, v in metrics.items() if k not in ("epoch", "step")}, step)
+                if (epoch + 1) % params["mlflow"]["log_images_every_n_epochs"] == 0 or epoch + 1 == train["epochs"]:
+                    from pipeline.tracking import image_grid
+
+                    with autocast():
+                        pictures = epoch_images(model, picture_batch, fixed_z, rows)
+                    for key, images in pictures.items():
+                        logger.log_image(image_grid(images, rows), key=key, step=epoch + 1)
+                eta = (train["epochs"] - epoch - 1) * (time.perf_counter() - run_start) / max(1, epoch + 1 - start_epoch)
+                say(f"[train] epoch {epoch + 1}/{train['epochs']} | -ELBO {metrics['train_negative_elbo']:.2f} "
+                      f"(rec {train_reconstruction:.2f} + KL {train_kl:.2f}) | beta {metrics['beta']:.3g} | "
+                      f"val -ELBO {validation['negative_elbo']:.2f} ({validation['bits_per_dim']:.3f} bits/dim) | "
+                      f"{metrics['images_per_s']:.0f} img/s | {epoch_seconds:.1f}s | ETA {_format_seconds(eta)}")
+                for name, tensor in model.state_dict().items():
+                    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                        raise NonFiniteLossError(f"epoch {epoch + 1}: parameter {name} is not finite; not checkpointed")
+                new_state = {
+                    "model": model.state_dict(), "optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
+                    "epoch": epoch + 1, "step": step, "history": history, "rng": _rng_state(device),
+                    "model_config": json.dumps(model.config), "params": json.dumps(params),
+                }
+            session.report(metrics, new_state, epoch + 1)
+
+    finally:  # flush what was logged so far, also when training stops with an error
+        summary = logger.close()
     if rank == 0 and not summary["sent_all"]:
         say(f"[train] MLflow: {summary['lost_records']} records could not be logged: {summary['errors'][:1]}")
     return {"history": history, "step": step, "epoch": len(history)}
