@@ -171,6 +171,9 @@ class TuneConfig(Section):
 class ClusterConfig(Section):
     address: str | None = Field(None, description="Ray address; null: RAY_ADDRESS or a local ray.init()")
     submit: bool = Field(False, description="DVC stages submit to the cluster with `ray job submit`")
+    job_address: str | None = Field(None, description="the dashboard URL for `ray job submit` (http://head:8265)")
+    shared_dir: Path | None = Field(None, description="a folder all nodes and this machine see (NFS); submitted "
+                                    "stages exchange inputs/outputs and keep checkpoints there")
 
 
 class Params(Section):

@@ -256,9 +256,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--params", type=Path, default=None, help="params file (default: the repo's params.yaml)")
     args = parser.parse_args(argv)
+    from pipeline.submit import SubmitError, should_submit, submit_stage
+
     try:
-        figures = evaluate(load_params(args.params))
-    except (ConfigError, StageError, FileNotFoundError) as error:
+        params = load_params(args.params)
+        if should_submit(params):
+            return submit_stage("pipeline.evaluate", params, args.params)
+        figures = evaluate(params)
+    except (ConfigError, StageError, FileNotFoundError, SubmitError) as error:
         print(f"evaluate: {error}", file=sys.stderr)
         return 1
     print(f"[evaluate] {figures['num_test_images']} test images on {figures['device']}: -ELBO "

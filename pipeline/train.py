@@ -387,12 +387,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         params = with_best_params(load_params(args.params))
-        if params.cluster.submit:
-            from pipeline.submit import submit_stage
+        from pipeline.submit import SubmitError, should_submit, submit_stage
 
+        if should_submit(params):
             return submit_stage("pipeline.train", params, args.params)
         metrics = train(params)
-    except (ConfigError, StageError, FileNotFoundError) as error:
+    except (ConfigError, StageError, FileNotFoundError, SubmitError) as error:
         print(f"train: {error}", file=sys.stderr)
         return 1
     print(f"[train] done: val -ELBO {metrics.get('val_negative_elbo', float('nan')):.3f} nats/image, "
