@@ -40,7 +40,7 @@ def interpolate(z_start: torch.Tensor, z_end: torch.Tensor, num_steps: int, meth
         raise ValueError(f"method: unknown interpolation {method!r}; allowed: linear, spherical")
     cos_omega = torch.dot(z_start / z_start.norm(), z_end / z_end.norm()).clamp(-1.0, 1.0)
     omega = torch.arccos(cos_omega)
-    if omega.abs() < 1e-6:  # (anti)parallel codes: slerp degenerates to lerp
+    if torch.sin(omega).abs() < 1e-6:  # (anti)parallel codes: slerp degenerates to lerp
         return (1 - t) * z_start + t * z_end
     return (torch.sin((1 - t) * omega) * z_start + torch.sin(t * omega) * z_end) / torch.sin(omega)
 

@@ -92,7 +92,8 @@ class VAE(nn.Module):
 
     def encoder_input(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 (B, C, H, W) -> float in [-1, 1], in the encoder's parameter dtype/memory format."""
-        return x.to(torch.float32).mul_(1.0 / 127.5).sub_(1.0)
+        # out-of-place first op: .to() returns x itself for float32 input, which mul_ would overwrite
+        return x.to(torch.float32).mul(1.0 / 127.5).sub_(1.0)
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
         """q(z|x) for uint8 images (B, C, H, W); mean and log-variance are (B, D) float32."""

@@ -16,6 +16,7 @@ with ``kl_penalty = beta(step) * KL`` for every schedule but capacity annealing,
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Literal, Union
 
@@ -30,6 +31,15 @@ def _require(condition: bool, field: str, message: str) -> None:
         raise ValueError(f"beta_schedule.{field}: {message}")
 
 
+def _real(value) -> bool:
+    """A real number (not a bool), so that a string or None fails with the field's ValueError, not a TypeError."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _integer(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 @dataclass(frozen=True)
 class ConstantBeta:
     """beta(step) = beta for all steps: the beta-VAE (Higgins et al. 2017); beta = 1 is the plain ELBO."""
@@ -39,7 +49,7 @@ class ConstantBeta:
     beta: float = 1.0
 
     def __post_init__(self) -> None:
-        _require(self.beta >= 0 and math.isfinite(self.beta), "beta", f"must be a finite number >= 0, got {self.beta}")
+        _require(_real(self.beta) and self.beta >= 0 and math.isfinite(self.beta), "beta", f"must be a finite number >= 0, got {self.beta}")
 
     def beta_at(self, step: int) -> float:
         return float(self.beta)
@@ -57,9 +67,9 @@ class LinearWarmup:
     start_step: int = 0
 
     def __post_init__(self) -> None:
-        _require(self.beta_max >= 0 and math.isfinite(self.beta_max), "beta_max", f"must be a finite number >= 0, got {self.beta_max}")
-        _require(self.warmup_steps >= 1, "warmup_steps", f"must be >= 1, got {self.warmup_steps}")
-        _require(self.start_step >= 0, "start_step", f"must be >= 0, got {self.start_step}")
+        _require(_real(self.beta_max) and self.beta_max >= 0 and math.isfinite(self.beta_max), "beta_max", f"must be a finite number >= 0, got {self.beta_max}")
+        _require(_integer(self.warmup_steps) and self.warmup_steps >= 1, "warmup_steps", f"must be an integer >= 1, got {self.warmup_steps}")
+        _require(_integer(self.start_step) and self.start_step >= 0, "start_step", f"must be an integer >= 0, got {self.start_step}")
 
     def beta_at(self, step: int) -> float:
         progress = (step - self.start_step) / self.warmup_steps
@@ -84,11 +94,11 @@ class CyclicalBeta:
     total_steps: int | None = None
 
     def __post_init__(self) -> None:
-        _require(self.beta_max >= 0 and math.isfinite(self.beta_max), "beta_max", f"must be a finite number >= 0, got {self.beta_max}")
-        _require(self.num_cycles >= 1, "num_cycles", f"must be >= 1, got {self.num_cycles}")
-        _require(0 < self.ratio <= 1, "ratio", f"must be in (0, 1], got {self.ratio}")
-        _require(self.total_steps is None or self.total_steps >= self.num_cycles, "total_steps",
-                 f"must be >= num_cycles ({self.num_cycles}) or null for the run's length, got {self.total_steps}")
+        _require(_real(self.beta_max) and self.beta_max >= 0 and math.isfinite(self.beta_max), "beta_max", f"must be a finite number >= 0, got {self.beta_max}")
+        _require(_integer(self.num_cycles) and self.num_cycles >= 1, "num_cycles", f"must be an integer >= 1, got {self.num_cycles}")
+        _require(_real(self.ratio) and 0 < self.ratio <= 1, "ratio", f"must be in (0, 1], got {self.ratio}")
+        _require(self.total_steps is None or (_integer(self.total_steps) and self.total_steps >= self.num_cycles), "total_steps",
+                 f"must be an integer >= num_cycles ({self.num_cycles}) or null for the run's length, got {self.total_steps}")
 
     def with_total_steps(self, total_steps: int) -> CyclicalBeta:
         if self.total_steps is not None:
@@ -116,9 +126,9 @@ class SigmoidBeta:
     steepness: float = 0.002
 
     def __post_init__(self) -> None:
-        _require(self.beta_max >= 0 and math.isfinite(self.beta_max), "beta_max", f"must be a finite number >= 0, got {self.beta_max}")
-        _require(self.midpoint_step >= 0, "midpoint_step", f"must be >= 0, got {self.midpoint_step}")
-        _require(self.steepness > 0 and math.isfinite(self.steepness), "steepness", f"must be a finite number > 0, got {self.steepness}")
+        _require(_real(self.beta_max) and self.beta_max >= 0 and math.isfinite(self.beta_max), "beta_max", f"must be a finite number >= 0, got {self.beta_max}")
+        _require(_integer(self.midpoint_step) and self.midpoint_step >= 0, "midpoint_step", f"must be an integer >= 0, got {self.midpoint_step}")
+        _require(_real(self.steepness) and self.steepness > 0 and math.isfinite(self.steepness), "steepness", f"must be a finite number > 0, got {self.steepness}")
 
     def beta_at(self, step: int) -> float:
         x = -self.steepness * (step - self.midpoint_step)
@@ -140,9 +150,9 @@ class CapacityAnnealing:
     capacity_steps: int = 100_000
 
     def __post_init__(self) -> None:
-        _require(self.gamma >= 0 and math.isfinite(self.gamma), "gamma", f"must be a finite number >= 0, got {self.gamma}")
-        _require(self.capacity_max >= 0 and math.isfinite(self.capacity_max), "capacity_max", f"must be a finite number >= 0 (nats), got {self.capacity_max}")
-        _require(self.capacity_steps >= 1, "capacity_steps", f"must be >= 1, got {self.capacity_steps}")
+        _require(_real(self.gamma) and self.gamma >= 0 and math.isfinite(self.gamma), "gamma", f"must be a finite number >= 0, got {self.gamma}")
+        _require(_real(self.capacity_max) and self.capacity_max >= 0 and math.isfinite(self.capacity_max), "capacity_max", f"must be a finite number >= 0 (nats), got {self.capacity_max}")
+        _require(_integer(self.capacity_steps) and self.capacity_steps >= 1, "capacity_steps", f"must be an integer >= 1, got {self.capacity_steps}")
 
     def capacity_at(self, step: int) -> float:
         """C(step) in nats per image."""
