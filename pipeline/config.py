@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
-from vae.schedules import CapacityAnnealing, ConstantBeta, CyclicalBeta, LinearWarmup, SigmoidBeta
+from vae.schedules import SCHEDULES, CapacityAnnealing, ConstantBeta, CyclicalBeta, LinearWarmup, SigmoidBeta
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PARAMS = REPO_ROOT / "params.yaml"
@@ -130,7 +130,7 @@ class TrainConfig(Section):
     compile: bool = False
     checkpoint_num_to_keep: int = Field(2, ge=1)
     max_failures: int = Field(2, ge=-1)
-    storage_path: Path = Path("runs")
+    storage_path: str = Field("runs", min_length=1, description="checkpoints: a path (relative = project root) or a URI such as s3://bucket/runs")
     run_name: str = Field("vae", min_length=1)
     log_every_n_steps: int = Field(50, ge=1)
     use_best_params: bool = Field(False, description="take model/beta/lr from reports/tune/best_params.yaml")
@@ -153,19 +153,184 @@ class MLflowConfig(Section):
     log_images_every_n_epochs: int = Field(1, ge=1)
 
 
+# -- Tune search space -----------------------------------------------------------------------------------------
+# Each searched value is written in params.yaml as one of: a fixed value (`4`), a range (`{low: 1, high: 8}`,
+# `{low: 1.0e-4, high: 3.0e-3, log: true}`) or a list of choices (`{choices: [16, 32, 64]}`). Values are checked
+# against the schedule's own validation (vae.schedules), so a range that includes an invalid value fails at load.
+class FloatRange(Section):
+    low: float
+    high: float
+    log: bool = Field(False, description="sample uniformly in log space (learning rates, scales)")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> FloatRange:
+        if not self.low < self.high:
+            raise ValueError(f"low ({self.low}) must be < high ({self.high})")
+        if self.log and self.low <= 0:
+            raise ValueError(f"a log range needs low > 0 (got {self.low})")
+        return self
+
+
+class IntRange(Section):
+    low: int
+    high: int
+    log: bool = False
+
+    @model_validator(mode="after")
+    def _ordered(self) -> IntRange:
+        if not self.low < self.high:
+            raise ValueError(f"low ({self.low}) must be < high ({self.high})")
+        if self.log and self.low <= 0:
+            raise ValueError(f"a log range needs low > 0 (got {self.low})")
+        return self
+
+
+class FloatChoice(Section):
+    choices: list[float] = Field(min_length=1)
+
+
+class IntChoice(Section):
+    choices: list[int] = Field(min_length=1)
+
+
+def _spec_kind(value: Any) -> str:
+    """Which form a searched value takes: a mapping with `choices`, any other mapping (a range), or a plain value."""
+    if isinstance(value, FloatChoice | IntChoice) or (isinstance(value, dict) and "choices" in value):
+        return "choices"
+    if isinstance(value, dict | FloatRange | IntRange):
+        return "range"
+    return "value"
+
+
+FloatSpec = Annotated[
+    Annotated[float, Tag("value")] | Annotated[FloatRange, Tag("range")] | Annotated[FloatChoice, Tag("choices")],
+    Discriminator(_spec_kind),
+]
+IntSpec = Annotated[
+    Annotated[int, Tag("value")] | Annotated[IntRange, Tag("range")] | Annotated[IntChoice, Tag("choices")],
+    Discriminator(_spec_kind),
+]
+
+
+def spec_values(spec: Any) -> list[Any]:
+    """The values a spec can produce at its edges: the fixed value, low and high, or every choice."""
+    if isinstance(spec, FloatRange | IntRange):
+        return [spec.low, spec.high]
+    if isinstance(spec, FloatChoice | IntChoice):
+        return list(spec.choices)
+    return [spec]
+
+
+class _FamilySpace(Section):
+    """The searched parameters of one beta-schedule family; unnamed parameters keep the schedule's defaults."""
+
+    family: ClassVar[str]
+
+    @model_validator(mode="after")
+    def _valid_for_the_schedule(self) -> _FamilySpace:
+        schedule = SCHEDULES[self.family]
+        for name in type(self).model_fields:
+            for value in spec_values(getattr(self, name)):
+                try:
+                    schedule(name=self.family, **{name: value})
+                except ValueError as error:
+                    raise ValueError(f"{name}: {value!r} is not a valid {self.family} schedule value ({error})") from None
+        return self
+
+
+class ConstantSpace(_FamilySpace):
+    family: ClassVar[str] = "constant"
+    beta: FloatSpec = 1.0
+
+
+class LinearSpace(_FamilySpace):
+    family: ClassVar[str] = "linear"
+    beta_max: FloatSpec = 1.0
+    warmup_steps: IntSpec = 10_000
+    start_step: IntSpec = 0
+
+
+class CyclicalSpace(_FamilySpace):
+    family: ClassVar[str] = "cyclical"
+    beta_max: FloatSpec = 1.0
+    num_cycles: IntSpec = 4
+    ratio: FloatSpec = 0.5
+
+
+class SigmoidSpace(_FamilySpace):
+    family: ClassVar[str] = "sigmoid"
+    beta_max: FloatSpec = 1.0
+    midpoint_step: IntSpec = 5_000
+    steepness: FloatSpec = 0.002
+
+
+class CapacitySpace(_FamilySpace):
+    family: ClassVar[str] = "capacity"
+    gamma: FloatSpec = 1000.0
+    capacity_max: FloatSpec = 25.0
+    capacity_steps: IntSpec = 100_000
+
+
+class ScheduleFamilies(Section):
+    """The beta-schedule families searched (a family left out or null is not searched), each with its own
+    parameters: a cyclical schedule has a cycle count, a constant one does not."""
+
+    constant: ConstantSpace | None = None
+    linear: LinearSpace | None = None
+    cyclical: CyclicalSpace | None = None
+    sigmoid: SigmoidSpace | None = None
+    capacity: CapacitySpace | None = None
+
+    @model_validator(mode="after")
+    def _at_least_one(self) -> ScheduleFamilies:
+        if not self.names():
+            raise ValueError("name at least one schedule family to search: constant, linear, cyclical, sigmoid, capacity")
+        return self
+
+    def names(self) -> list[str]:
+        return [name for name in type(self).model_fields if getattr(self, name) is not None]
+
+
+class SearchSpace(Section):
+    beta_schedule: ScheduleFamilies = Field(default_factory=lambda: ScheduleFamilies(
+        linear=LinearSpace(warmup_steps=IntRange(low=500, high=20_000, log=True)),
+        cyclical=CyclicalSpace(num_cycles=IntRange(low=1, high=8))))
+    latent_dim: IntSpec = Field(default_factory=lambda: IntChoice(choices=[16, 32, 64, 128, 256]))
+    learning_rate: FloatSpec = Field(default_factory=lambda: FloatRange(low=1e-4, high=3e-3, log=True))
+
+    @model_validator(mode="after")
+    def _positive(self) -> SearchSpace:
+        if min(spec_values(self.latent_dim)) < 1 or max(spec_values(self.latent_dim)) > 4096:
+            raise ValueError("latent_dim: every value must be in [1, 4096]")
+        if min(spec_values(self.learning_rate)) <= 0:
+            raise ValueError("learning_rate: every value must be > 0")
+        return self
+
+
 class TuneConfig(Section):
-    experiment_name: str = "vae-sweep"
-    num_samples: int = Field(16, ge=1)
-    max_concurrent_trials: int | None = Field(None, ge=1)
+    experiment_name: str = Field("vae-sweep", min_length=1, description="the MLflow experiment of the sweeps; "
+                                 "each sweep is one parent run there, named after the sweep")
+    num_samples: int = Field(16, ge=1, description="trials in the sweep")
+    max_concurrent_trials: int | None = Field(None, ge=1, description="null: as many as the cluster's CPUs/GPUs fit")
     metric: Literal["val_negative_elbo", "val_bits_per_dim"] = "val_negative_elbo"
-    grace_period: int = Field(1, ge=1)
-    reduction_factor: float = Field(2.0, gt=1)
-    seed: int = 0
-    epochs: int = Field(10, ge=1)
-    workers_per_trial: int = Field(1, ge=1)
+    grace_period: int = Field(1, ge=1, description="ASHA: epochs every trial runs before it can be stopped")
+    reduction_factor: float = Field(2.0, gt=1, description="ASHA: 1/reduction_factor of the trials go on at each rung")
+    seed: int = Field(0, description="seed of Optuna's TPE sampler")
+    epochs: int = Field(10, ge=1, description="epochs of a trial that is not stopped early (ASHA's max_t)")
+    workers_per_trial: int = Field(1, ge=1, description="Ray Train workers (DDP ranks) of each trial")
     cpus_per_trial_worker: float = Field(1.0, gt=0)
-    gpus_per_trial_worker: float = Field(0.25, ge=0, le=8)
-    search_space: dict[str, Any] = Field(default_factory=dict)
+    gpus_per_trial_worker: float = Field(0.25, ge=0, le=8, description="fractions let several trials share a GPU; "
+                                         "0 or a cluster without GPUs: CPU training")
+    cpus_per_trial_driver: float = Field(0.05, gt=0, description="the Tune trial actor that only drives its Train run")
+    decision_timeout_s: float = Field(600.0, gt=0, description="longest wait of a trial's workers for the scheduler's "
+                                      "decision after an epoch; then they go on")
+    search_space: SearchSpace = Field(default_factory=SearchSpace)
+
+    @model_validator(mode="after")
+    def _grace_within_epochs(self) -> TuneConfig:
+        if self.grace_period > self.epochs:
+            raise ValueError(f"tune.grace_period ({self.grace_period}) must be <= tune.epochs ({self.epochs})")
+        return self
 
 
 class ClusterConfig(Section):

@@ -186,8 +186,9 @@ def check_cpu_capacity(params: Params, use_gpu: bool) -> None:
                          "lower them, or add nodes")
 
 
-def make_trainer(params: Params, config: dict[str, Any], name: str, use_gpu: bool, callbacks=None, storage_path=None):
-    """The TorchTrainer for one training run (also used by each Tune trial)."""
+def make_trainer(params: Params, config: dict[str, Any], name: str, use_gpu: bool, callbacks=None, storage_path=None,
+                 train_fn=None):
+    """The TorchTrainer for one training run (also used by each Tune trial, whose ``train_fn`` wraps the same loop)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -196,7 +197,7 @@ def make_trainer(params: Params, config: dict[str, Any], name: str, use_gpu: boo
     if use_gpu:
         resources["GPU"] = train.gpus_per_worker
     return TorchTrainer(
-        ray_train_function,
+        train_fn or ray_train_function,
         train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
@@ -227,8 +228,11 @@ def worker_config(params: Params, run_id: str | None, tracking: str | None, lost
 # ----------------------------------------------------------------------------------------------------------
 # MLflow on the driver
 # ----------------------------------------------------------------------------------------------------------
-def open_mlflow_run(params: Params, name: str, run_dir: Path, hashes: dict[str, str], tags: dict[str, str] | None = None):
-    """Start (or, when resuming, reopen) this training run's MLflow run; returns (run_id, tracking URI)."""
+def open_mlflow_run(params: Params, name: str, run_dir: Path | None, hashes: dict[str, str], tags: dict[str, str] | None = None):
+    """Start (or, when resuming, reopen) this training run's MLflow run; returns (run_id, tracking URI).
+
+    ``run_dir`` is the run's checkpoint folder, where the run id is kept so a resumed run logs to the same
+    MLflow run; None for object-store storage (a resumed run then opens a new MLflow run)."""
     import mlflow
     import ray
     import torch
@@ -240,8 +244,8 @@ def open_mlflow_run(params: Params, name: str, run_dir: Path, hashes: dict[str, 
     client = mlflow.MlflowClient(uri)
     experiment = client.get_experiment_by_name(params.mlflow.experiment_name)
     experiment_id = experiment.experiment_id if experiment else client.create_experiment(params.mlflow.experiment_name)
-    id_file = run_dir / RUN_ID_FILE
-    if id_file.is_file() and "://" not in str(run_dir):
+    id_file = run_dir / RUN_ID_FILE if run_dir is not None else None
+    if id_file is not None and id_file.is_file():
         run_id = id_file.read_text().strip()
         try:
             client.get_run(run_id)
@@ -255,7 +259,7 @@ def open_mlflow_run(params: Params, name: str, run_dir: Path, hashes: dict[str, 
     })
     for key, value in flatten(params).items():
         client.log_param(run.info.run_id, key, str(value)[:6000])
-    if "://" not in str(run_dir):
+    if run_dir is not None:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / RUN_ID_FILE).write_text(run.info.run_id)
     return run.info.run_id, uri
@@ -344,15 +348,16 @@ def train(params: Params, extra_config: dict[str, Any] | None = None) -> dict[st
     hashes = data_hashes(processed)
     name = run_name(params, hashes)
     storage = storage_uri(params.train.storage_path)
-    run_dir = Path(storage) / name
+    run_dir = None if "://" in storage else Path(storage) / name
+    where = run_dir or f"{storage}/{name}"
     connect_ray(params)
     use_gpu = resolve_use_gpu(params)
     check_cpu_capacity(params, use_gpu)
     run_id, uri = open_mlflow_run(params, name, run_dir, hashes)
-    config = worker_config(params, run_id, uri, run_dir / "lost_mlflow_records.json" if "://" not in storage else None)
+    config = worker_config(params, run_id, uri, run_dir / "lost_mlflow_records.json" if run_dir else None)
     config.update(extra_config or {})
     print(f"[train] run {name}: {params.train.num_workers} worker(s), {'GPU' if use_gpu else 'CPU'}, "
-          f"checkpoints in {run_dir}, MLflow run {run_id} at {uri}", flush=True)
+          f"checkpoints in {where}, MLflow run {run_id} at {uri}", flush=True)
     import mlflow
 
     client = mlflow.MlflowClient(uri)
@@ -363,9 +368,9 @@ def train(params: Params, extra_config: dict[str, Any] | None = None) -> dict[st
     except TrainingFailedError as error:
         client.set_terminated(run_id, status="FAILED")
         raise StageError(f"training failed (after up to {params.train.max_failures} restarts from the last "
-                         f"checkpoint): {error}\nRe-running the stage resumes from the latest checkpoint in {run_dir}.") from None
+                         f"checkpoint): {error}\nRe-running the stage resumes from the latest checkpoint in {where}.") from None
     if result.checkpoint is None:
-        raise StageError(f"training finished without a checkpoint in {run_dir}")
+        raise StageError(f"training finished without a checkpoint in {where}")
     with result.checkpoint.as_directory() as directory:
         state = load_state(directory)
     metrics = write_outputs(state, name, run_id)

@@ -1,0 +1,90 @@
+"""Write the params file for a cluster run: the repository's params.yaml with cluster overrides on top.
+
+    python infra/cluster_params.py infra/kuberay/params-overrides.yaml -o /tmp/params.yaml
+    python infra/cluster_params.py --set train.storage_path=$VAE_SHARED_STORAGE/runs --set train.num_workers=2 \
+        -o /tmp/params.yaml
+    python -m pipeline.train --params /tmp/params.yaml
+
+The overrides file is a partial params.yaml (only what differs on the cluster: shared storage paths, GPU
+workers); ``--set section.key=value`` (value parsed as YAML) is applied after it. The result is validated with
+``pipeline.config`` when the project is importable, so a misspelt key fails here, naming the field, before
+any pod or node starts training. Keeping only the differences means the cluster follows every other change
+made to params.yaml.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``overrides`` merged in, section by section (mappings merge, other values replace)."""
+    merged = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for key in parents:
+        node = node.setdefault(key, {})
+    node[leaf] = value
+
+
+def build(base: Path, override_files: list[Path], assignments: list[str]) -> dict[str, Any]:
+    tree = yaml.safe_load(Path(base).read_text()) or {}
+    for path in override_files:
+        tree = merge(tree, yaml.safe_load(Path(path).read_text()) or {})
+    for assignment in assignments:
+        dotted, sep, raw = assignment.partition("=")
+        if not sep or not dotted:
+            raise ValueError(f"--set takes section.key=value, got {assignment!r}")
+        set_dotted(tree, dotted, yaml.safe_load(raw))
+    return tree
+
+
+def validate(tree: dict[str, Any], source: str) -> None:
+    """Validate with the project's own schema when it is importable (it is in the image and the venv)."""
+    sys.path.insert(0, str(REPO_ROOT))
+    try:
+        from pipeline.config import parse_params
+    except ImportError:
+        return
+    finally:
+        sys.path.remove(str(REPO_ROOT))
+    parse_params(tree, source)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("overrides", nargs="*", type=Path, help="partial params files, applied in order")
+    parser.add_argument("--base", type=Path, default=REPO_ROOT / "params.yaml", help="default: the repo's params.yaml")
+    parser.add_argument("--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("-o", "--output", type=Path, required=True)
+    args = parser.parse_args(argv)
+    try:
+        tree = build(args.base, args.overrides, args.assignments)
+        validate(tree, str(args.output))
+    except (OSError, ValueError, yaml.YAMLError) as error:  # ConfigError is a ValueError
+        print(f"cluster_params: {error}", file=sys.stderr)
+        return 2
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(yaml.safe_dump(tree, sort_keys=False))
+    print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

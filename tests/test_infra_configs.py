@@ -1,0 +1,366 @@
+"""infra/ for real clusters, checked without a cluster: every YAML parses; KubeRay objects use ray.io/v1 and
+its current field names; all images are the one infra/Dockerfile builds; entrypoints, volumes, ConfigMaps
+and params overrides point at things that exist; the `ray up` config passes Ray's own schema."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import pytest
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+INFRA = REPO_ROOT / "infra"
+KUBERAY = INFRA / "kuberay"
+RAY_UP = INFRA / "ray-up" / "aws-gpu.yaml"
+PYPROJECT = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
+YAML_FILES = sorted(p for p in INFRA.rglob("*") if p.suffix in (".yaml", ".yml"))
+
+# Fields of the KubeRay ray.io/v1 types (KubeRay 1.5-1.7: ray-operator/apis/ray/v1/*_types.go). A name
+# outside these sets is a typo or a field from an old API version (v1alpha1's `runtimeEnv`, head `replicas`).
+RAYJOB_SPEC = {
+    "activeDeadlineSeconds", "backoffLimit", "rayClusterSpec", "submitterPodTemplate", "metadata",
+    "clusterSelector", "submitterConfig", "managedBy", "deletionStrategy", "entrypoint", "runtimeEnvYAML",
+    "jobId", "submissionMode", "entrypointResources", "entrypointNumCpus", "entrypointNumGpus",
+    "ttlSecondsAfterFinished", "shutdownAfterJobFinishes", "suspend",
+}
+RAYCLUSTER_SPEC = {
+    "suspend", "managedBy", "autoscalerOptions", "headServiceAnnotations", "enableInTreeAutoscaling",
+    "gcsFaultToleranceOptions", "headGroupSpec", "rayVersion", "workerGroupSpecs", "authOptions",
+}
+HEAD_GROUP = {"template", "headService", "enableIngress", "rayStartParams", "serviceType"}
+WORKER_GROUP = {
+    "suspend", "groupName", "replicas", "minReplicas", "maxReplicas", "idleTimeoutSeconds",
+    "rayStartParams", "template", "scaleStrategy", "numOfHosts",
+}
+AUTOSCALER_OPTIONS = {
+    "resources", "image", "imagePullPolicy", "securityContext", "idleTimeoutSeconds", "upscalingMode",
+    "env", "envFrom", "volumeMounts",
+}
+SUBMISSION_MODES = {"K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode"}
+
+
+def load_all(path: Path) -> list[dict[str, Any]]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
+
+
+def k8s_objects() -> list[tuple[Path, dict[str, Any]]]:
+    return [(path, doc) for path in sorted(KUBERAY.glob("*.yaml")) for doc in load_all(path)]
+
+
+def objects_of(kind: str) -> list[tuple[Path, dict[str, Any]]]:
+    return [(path, doc) for path, doc in k8s_objects() if doc["kind"] == kind]
+
+
+def cluster_specs() -> list[tuple[str, dict[str, Any]]]:
+    """Every RayCluster spec: the RayCluster's and each RayJob's rayClusterSpec."""
+    specs = [(f"{p.name}:RayCluster", doc["spec"]) for p, doc in objects_of("RayCluster")]
+    specs += [(f"{p.name}:RayJob", doc["spec"]["rayClusterSpec"]) for p, doc in objects_of("RayJob")]
+    return specs
+
+
+def pod_templates() -> list[tuple[str, dict[str, Any]]]:
+    """(label, pod spec) of every pod any manifest creates: Ray heads/workers and Deployments."""
+    pods = []
+    for label, spec in cluster_specs():
+        pods.append((f"{label}:head", spec["headGroupSpec"]["template"]["spec"]))
+        pods += [(f"{label}:{g['groupName']}", g["template"]["spec"]) for g in spec.get("workerGroupSpecs", [])]
+    pods += [(f"{p.name}:{doc['metadata']['name']}", doc["spec"]["template"]["spec"])
+             for p, doc in objects_of("Deployment")]
+    return pods
+
+
+def dockerfile_image() -> str:
+    found = re.search(r'org\.opencontainers\.image\.ref\.name="([^"]+)"', (INFRA / "Dockerfile").read_text())
+    assert found, "infra/Dockerfile must name the image it builds in the org.opencontainers.image.ref.name label"
+    return found.group(1)
+
+
+# ------------------------------------------------------------------------------------------- parsing
+@pytest.mark.parametrize("path", YAML_FILES, ids=lambda p: str(p.relative_to(INFRA)))
+def test_yaml_parses(path):
+    docs = load_all(path)
+    assert docs and all(isinstance(doc, dict) for doc in docs)
+    if path.parent == KUBERAY:
+        for doc in docs:
+            assert {"apiVersion", "kind", "metadata"} <= set(doc), f"{path.name}: {doc.get('kind')}"
+            assert doc["metadata"].get("name")
+
+
+def test_expected_files_exist():
+    for name in ("Dockerfile", "README.md", "local-cluster.sh", "local_cluster.py", "cluster_params.py",
+                 "kuberay/raycluster.yaml", "kuberay/rayjob-train.yaml", "kuberay/rayjob-tune.yaml",
+                 "kuberay/mlflow.yaml", "kuberay/storage.yaml", "kuberay/config.yaml", "ray-up/aws-gpu.yaml"):
+        assert (INFRA / name).is_file(), name
+    assert os.access(INFRA / "local-cluster.sh", os.X_OK)
+
+
+# ------------------------------------------------------------------------------------------- KubeRay
+def test_kuberay_objects_use_ray_io_v1():
+    kinds = [doc["kind"] for _, doc in k8s_objects()]
+    assert kinds.count("RayCluster") >= 1 and kinds.count("RayJob") >= 2
+    for path, doc in k8s_objects():
+        if doc["kind"] in ("RayCluster", "RayJob", "RayService"):
+            assert doc["apiVersion"] == "ray.io/v1", f"{path.name}: {doc['apiVersion']}"
+
+
+@pytest.mark.parametrize("path", sorted(KUBERAY.glob("rayjob-*.yaml")), ids=lambda p: p.name)
+def test_rayjob_fields_are_current(path):
+    (job,) = load_all(path)
+    spec = job["spec"]
+    assert set(spec) <= RAYJOB_SPEC, f"unknown RayJob fields: {set(spec) - RAYJOB_SPEC}"
+    assert isinstance(spec["entrypoint"], str) and spec["entrypoint"].strip()
+    assert "rayClusterSpec" in spec or "clusterSelector" in spec
+    assert spec.get("submissionMode", "K8sJobMode") in SUBMISSION_MODES
+    assert isinstance(spec.get("shutdownAfterJobFinishes"), bool)
+    if spec.get("ttlSecondsAfterFinished") is not None:
+        assert spec["shutdownAfterJobFinishes"], "ttlSecondsAfterFinished only acts with shutdownAfterJobFinishes"
+        assert isinstance(spec["ttlSecondsAfterFinished"], int) and spec["ttlSecondsAfterFinished"] >= 0
+    if "runtimeEnvYAML" in spec:
+        assert isinstance(yaml.safe_load(spec["runtimeEnvYAML"]), dict)
+
+
+@pytest.mark.parametrize("label,spec", cluster_specs(), ids=lambda v: v if isinstance(v, str) else "")
+def test_raycluster_fields_are_current(label, spec):
+    import ray
+
+    assert set(spec) <= RAYCLUSTER_SPEC, f"unknown RayCluster fields: {set(spec) - RAYCLUSTER_SPEC}"
+    # rayVersion: the Ray the image installs (pyproject pins ray 2.60.x, as this venv has).
+    assert spec["rayVersion"].split(".")[:2] == ray.__version__.split(".")[:2]
+    assert spec.get("authOptions", {}).get("mode") == "token", "Ray 2.60 clusters should use token auth"
+    assert set(spec.get("autoscalerOptions", {})) <= AUTOSCALER_OPTIONS
+    head = spec["headGroupSpec"]
+    assert set(head) <= HEAD_GROUP, f"unknown headGroupSpec fields: {set(head) - HEAD_GROUP}"
+    groups = spec["workerGroupSpecs"]
+    assert groups
+    for group in [head, *groups]:
+        # map[string]string in the CRD: an unquoted number or bool is rejected by the API server.
+        assert all(isinstance(v, str) for v in group["rayStartParams"].values()), group["rayStartParams"]
+        assert group["template"]["spec"]["containers"], "the first container is the Ray container"
+    for group in groups:
+        assert set(group) <= WORKER_GROUP, f"unknown workerGroupSpec fields: {set(group) - WORKER_GROUP}"
+        assert group["groupName"]
+        assert 0 <= group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+    assert len({g["groupName"] for g in groups}) == len(groups)
+
+
+@pytest.mark.parametrize("label,spec", cluster_specs(), ids=lambda v: v if isinstance(v, str) else "")
+def test_cpu_head_and_gpu_workers(label, spec):
+    def gpus(container: dict[str, Any]) -> int:
+        return int(container.get("resources", {}).get("limits", {}).get("nvidia.com/gpu", 0))
+
+    head = spec["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert gpus(head) == 0
+    gpu_groups = [g for g in spec["workerGroupSpecs"] if gpus(g["template"]["spec"]["containers"][0]) >= 1]
+    assert gpu_groups, "a worker group with nvidia.com/gpu limits"
+    for group in gpu_groups:
+        tolerations = group["template"]["spec"].get("tolerations", [])
+        assert any(t.get("key") == "nvidia.com/gpu" for t in tolerations)
+
+
+def test_all_images_are_the_dockerfile_image():
+    image = dockerfile_image()
+    name, tag = image.rsplit(":", 1)
+    assert name.rsplit("/", 1)[1] == PYPROJECT["project"]["name"]
+    assert tag == PYPROJECT["project"]["version"], "tag the image with the project version"
+    dockerfile = (INFRA / "Dockerfile").read_text()
+    assert f'org.opencontainers.image.version="{tag}"' in dockerfile
+    assert f"-t {image} ." in dockerfile, "the build command in the Dockerfile's comment"
+    used = [c["image"] for _, pod in pod_templates() for c in pod.get("containers", [])]
+    used += [yaml.safe_load(RAY_UP.read_text())["docker"]["image"]]
+    assert used and set(used) == {image}
+
+
+def test_dockerfile_builds_cuda_pytorch_plus_the_project():
+    dockerfile = (INFRA / "Dockerfile").read_text()
+    base = re.search(r"^ARG BASE_IMAGE=(\S+)", dockerfile, re.M).group(1)
+    assert "pytorch" in base and "cuda" in base
+    torch_pin = next(d for d in PYPROJECT["project"]["dependencies"] if d.startswith("torch>="))
+    pinned = re.search(r">=(\d+\.\d+)", torch_pin).group(1)
+    assert base.split(":")[1].startswith(pinned + "."), f"base image {base} vs pyproject {torch_pin}"
+    assert re.search(r"^FROM \$\{BASE_IMAGE\}", dockerfile, re.M)
+    assert "COPY pyproject.toml" in dockerfile and "pip install -e ." in dockerfile
+    assert "ray[default]" in dockerfile, "the dashboard (job API) needs ray[default]"
+
+
+def _entrypoint_modules(command: str) -> list[str]:
+    return re.findall(r"python3? -m ([\w.]+)", command)
+
+
+def entrypoint_commands() -> list[tuple[str, str]]:
+    commands = [(p.name, doc["spec"]["entrypoint"]) for p, doc in objects_of("RayJob")]
+    return commands
+
+
+@pytest.mark.parametrize("path", sorted(KUBERAY.glob("rayjob-*.yaml")), ids=lambda p: p.name)
+def test_rayjob_entrypoints_reference_repo_files(path):
+    (job,) = load_all(path)
+    command = job["spec"]["entrypoint"]
+    modules = _entrypoint_modules(command)
+    assert modules and all(m.startswith("pipeline.") for m in modules)
+    # Scripts run by path are files of the image, which holds the repository at /app.
+    for script in re.findall(r"python3? (/app/\S+\.py)", command):
+        assert (REPO_ROOT / script.removeprefix("/app/")).is_file(), script
+    # The params overrides it reads come from a ConfigMap mounted at that path on the head (the driver).
+    head = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
+    for file in re.findall(r"(/etc/vae/\S+)", command):
+        mounts = {m["mountPath"]: m["name"] for m in head["containers"][0]["volumeMounts"]}
+        volume = next(v for v in head["volumes"] if v["name"] == mounts[str(Path(file).parent)])
+        configmaps = {doc["metadata"]["name"]: doc for _, doc in objects_of("ConfigMap")}
+        assert Path(file).name in configmaps[volume["configMap"]["name"]]["data"]
+
+
+STAGE_MODULES = sorted({m for _, command in entrypoint_commands() for m in _entrypoint_modules(command)})
+
+
+@pytest.mark.parametrize("module", STAGE_MODULES)
+def test_entrypoint_modules_exist(module):
+    """pipeline/train.py and pipeline/tune.py: each stage module a RayJob runs must exist in the repo."""
+    path = REPO_ROOT / (module.replace(".", "/") + ".py")
+    assert path.is_file(), f"{module}: no {path.relative_to(REPO_ROOT)} (a RayJob runs `python -m {module}`)"
+
+
+def test_volumes_configmaps_and_claims_resolve():
+    claims = {doc["metadata"]["name"] for _, doc in objects_of("PersistentVolumeClaim")}
+    configmaps = {doc["metadata"]["name"] for _, doc in objects_of("ConfigMap")}
+    for label, pod in pod_templates():
+        volumes = {v["name"]: v for v in pod.get("volumes", [])}
+        for container in pod["containers"]:
+            for mount in container.get("volumeMounts", []):
+                assert mount["name"] in volumes, f"{label}: volumeMount {mount['name']} has no volume"
+            for source in container.get("envFrom", []):
+                if "configMapRef" in source:
+                    assert source["configMapRef"]["name"] in configmaps, label
+                if "secretRef" in source:  # secrets are the user's; only optional ones may be referenced
+                    assert source["secretRef"].get("optional") is True, label
+        for volume in volumes.values():
+            if "persistentVolumeClaim" in volume:
+                assert volume["persistentVolumeClaim"]["claimName"] in claims, label
+            if "configMap" in volume:
+                assert volume["configMap"]["name"] in configmaps, label
+    rwx = [doc for _, doc in objects_of("PersistentVolumeClaim") if "ReadWriteMany" in doc["spec"]["accessModes"]]
+    assert rwx, "the Ray pods share one ReadWriteMany volume"
+
+
+def test_ray_pods_mount_the_shared_volume_and_get_mlflow():
+    (env,) = [doc for _, doc in objects_of("ConfigMap") if doc["metadata"]["name"] == "vae-env"]
+    shared = env["data"]["VAE_SHARED_STORAGE"]
+    for label, spec in cluster_specs():
+        for pod in [spec["headGroupSpec"]["template"]["spec"],
+                    *(g["template"]["spec"] for g in spec["workerGroupSpecs"])]:
+            ray_container = pod["containers"][0]
+            assert shared in {m["mountPath"] for m in ray_container["volumeMounts"]}, label
+            refs = {s["configMapRef"]["name"] for s in ray_container.get("envFrom", []) if "configMapRef" in s}
+            assert "vae-env" in refs, label
+    # MLFLOW_TRACKING_URI names the MLflow Service and its port.
+    url = urlparse(env["data"]["MLFLOW_TRACKING_URI"])
+    services = {doc["metadata"]["name"]: doc for _, doc in objects_of("Service")}
+    assert url.scheme == "http" and url.hostname in services
+    assert url.port in {p["port"] for p in services[url.hostname]["spec"]["ports"]}
+    (deployment,) = [doc for _, doc in objects_of("Deployment") if doc["metadata"]["name"] == url.hostname]
+    args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--backend-store-uri" in args and "--artifacts-destination" in args
+    allowed = args[args.index("--allowed-hosts") + 1].split(",")
+    assert url.hostname in allowed or f"{url.hostname}:*" in allowed, "MLflow 3 must accept the Service's Host"
+
+
+# ------------------------------------------------------------------------------------ params overrides
+def _overrides() -> list[tuple[str, dict[str, Any]]]:
+    (params,) = [doc for _, doc in objects_of("ConfigMap") if doc["metadata"]["name"] == "vae-params"]
+    return [("kuberay vae-params", yaml.safe_load(params["data"]["overrides.yaml"])),
+            ("ray-up params-overrides.yaml", yaml.safe_load((INFRA / "ray-up" / "params-overrides.yaml").read_text()))]
+
+
+@pytest.mark.parametrize("label,overrides", _overrides(), ids=lambda v: v if isinstance(v, str) else "")
+def test_cluster_params_overrides_validate_and_use_shared_storage(label, overrides, tmp_path):
+    sys.path.insert(0, str(INFRA))
+    try:
+        import cluster_params
+    finally:
+        sys.path.remove(str(INFRA))
+    merged = cluster_params.merge(yaml.safe_load((REPO_ROOT / "params.yaml").read_text()), overrides)
+    from pipeline.config import parse_params
+
+    params = parse_params(merged, label)
+    # Checkpoints and data on the shared mount; GPU workers.
+    assert str(params.train.storage_path).startswith("/mnt/vae/")
+    assert str(params.data.processed_dir).startswith("/mnt/vae/")
+    assert params.train.use_gpu is True and params.train.gpus_per_worker >= 1
+    # The CLI writes the same, validated.
+    overrides_file = tmp_path / "overrides.yaml"
+    overrides_file.write_text(yaml.safe_dump(overrides))
+    assert cluster_params.main([str(overrides_file), "-o", str(tmp_path / "p.yaml")]) == 0
+    assert yaml.safe_load((tmp_path / "p.yaml").read_text()) == merged
+
+
+def test_cluster_params_rejects_unknown_keys(tmp_path, capsys):
+    sys.path.insert(0, str(INFRA))
+    try:
+        import cluster_params
+    finally:
+        sys.path.remove(str(INFRA))
+    assert cluster_params.main(["--set", "train.no_such_knob=1", "-o", str(tmp_path / "p.yaml")]) == 2
+    assert "train.no_such_knob" in capsys.readouterr().err
+    assert not (tmp_path / "p.yaml").exists()
+
+
+# ---------------------------------------------------------------------------------------------- ray up
+def test_ray_up_config_has_the_required_keys():
+    config = yaml.safe_load(RAY_UP.read_text())
+    for key in ("cluster_name", "provider", "available_node_types", "head_node_type", "max_workers",
+                "setup_commands", "head_start_ray_commands", "worker_start_ray_commands"):
+        assert key in config, key
+    assert config["provider"]["type"] == "aws"
+    node_types = config["available_node_types"]
+    assert config["head_node_type"] in node_types
+    workers = {name: t for name, t in node_types.items() if name != config["head_node_type"]}
+    assert workers and all({"min_workers", "max_workers", "node_config"} <= set(t) for t in workers.values())
+    assert any(t["min_workers"] < t["max_workers"] for t in workers.values()), "autoscaling GPU workers"
+    assert any(t["node_config"]["InstanceType"].startswith(("g", "p")) for t in workers.values()), "GPU instances"
+    # The project is installed on every node; token auth on every node; jobs get MLflow + shared storage.
+    assert any("pip install" in c and "/app" in c for c in config["setup_commands"])
+    assert config["file_mounts"]["/app"] == "."
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        start = " ".join(config[key])
+        assert "RAY_AUTH_MODE=token" in start and "MLFLOW_TRACKING_URI=" in start and "ray start" in start
+    assert any("auth_token" in target for target in config["file_mounts"])
+    assert any("/mnt/vae:/mnt/vae" in option for option in config["docker"]["run_options"])
+
+
+def test_ray_up_config_passes_rays_own_validation():
+    import jsonschema
+    import ray
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = yaml.safe_load(RAY_UP.read_text())
+    schema = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
+    jsonschema.validate(config, schema)
+    validate_config(prepare_config(config))  # fills Ray's AWS defaults, then its full validation
+
+
+# -------------------------------------------------------------------------------------------- README
+def test_readme_covers_every_infra_file_and_the_steps():
+    readme = (INFRA / "README.md").read_text()
+    for path in sorted(INFRA.rglob("*")):
+        if path.is_file() and path.name not in ("README.md",) and "__pycache__" not in path.parts:
+            assert str(path.relative_to(REPO_ROOT)) in readme, f"README does not mention {path.relative_to(REPO_ROOT)}"
+    for step in ("local-cluster.sh up", "ray job submit", "ray up", "kubectl apply", "docker build"):
+        assert step in readme, step
+    # Every shell command line the README shows for the local cluster uses flags that exist.
+    for line in re.findall(r"infra/local-cluster\.sh ([^\n`]+)", readme):
+        args = shlex.split(line.split("#")[0])
+        if args and args[0] in ("up", "down", "status", "env"):
+            sys.path.insert(0, str(INFRA))
+            try:
+                import local_cluster
+            finally:
+                sys.path.remove(str(INFRA))
+            local_cluster.build_parser().parse_args(args)
