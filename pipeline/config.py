@@ -121,7 +121,9 @@ class TrainConfig(Section):
     num_mc_samples: int = Field(1, ge=1, description="L, Monte-Carlo samples of z per image in the ELBO")
     seed: int = 0
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on GPUs, fp32 on CPUs")
-    num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP ranks)")
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP ranks); the most, when min_workers is set")
+    min_workers: int | None = Field(None, ge=1, description="elastic training: go on with as few as this many "
+                                    "workers when nodes are lost (Ray Train's num_workers=(min, max))")
     use_gpu: bool | Literal["auto"] = "auto"
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(1.0, gt=0, le=8, description="fractional values let trials share a GPU")
@@ -355,6 +357,8 @@ class Params(Section):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Params:
+        if self.train.min_workers and self.train.min_workers > self.train.num_workers:
+            raise ValueError(f"train.min_workers ({self.train.min_workers}) must be <= train.num_workers ({self.train.num_workers})")
         if self.data.dataset != "celeba" and self.model.architecture != "mlp" and len(self.model.hidden_dims) > 5:
             raise ValueError("model.hidden_dims: at most 5 conv blocks fit 28x28 MNIST images")
         if self.model.likelihood == "bernoulli" and self.data.dataset == "celeba":

@@ -21,6 +21,7 @@ import hashlib
 import io
 import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -154,6 +155,7 @@ def connect_ray(params: Params) -> None:
     if ray.is_initialized():
         return
     address = params.cluster.address or os.environ.get("RAY_ADDRESS")
+    probe_address(address)
     try:
         ray.init(address=address, log_to_driver=True, configure_logging=False)
     except (ConnectionError, RuntimeError, ValueError) as error:
@@ -162,14 +164,50 @@ def connect_ray(params: Params) -> None:
                          "to train on a local Ray instance.") from None
 
 
+def probe_address(address: str | None, timeout_s: float = 5.0) -> None:
+    """Fail fast when a ``host:port`` Ray address does not answer: ``ray.init`` itself retries for minutes.
+
+    Raises:
+        StageError: nothing listens at the address.
+    """
+    if not address or address in ("auto", "local") or "://" in address or ":" not in address:
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except (OSError, ValueError) as error:
+        raise StageError(f"no Ray cluster answers at {address!r} ({error}). Start it (`ray start --head`, or "
+                         "infra/local-cluster.sh up and `source` its env.sh) or unset cluster.address / RAY_ADDRESS "
+                         "to train on a local Ray instance.") from None
+
+
+def check_storage(storage: str) -> None:
+    """Fail fast when a local ``train.storage_path`` cannot be written (Ray would fail only at the first
+    checkpoint, after an epoch of work). Object-store URIs are left to Ray.
+
+    Raises:
+        StageError: the folder cannot be created or written.
+    """
+    if "://" in storage:
+        return
+    try:
+        Path(storage).mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=storage, prefix=".write-probe-"):
+            pass
+    except OSError as error:
+        raise StageError(f"train.storage_path {storage!r} is not writable ({error.strerror or error}); point it at "
+                         "a folder you can write (on a multi-node cluster: storage all nodes share)") from None
+
+
 def resolve_use_gpu(params: Params) -> bool:
     """train.use_gpu "auto" -> whether the cluster has GPUs; true with no GPU in the cluster is an error."""
     import ray
 
     cluster_gpus = ray.cluster_resources().get("GPU", 0)
     wanted = params.train.use_gpu
-    if wanted is True and cluster_gpus < params.train.gpus_per_worker * params.train.num_workers:
-        raise StageError(f"train.use_gpu is true with {params.train.num_workers} worker(s) x "
+    workers = params.train.min_workers or params.train.num_workers
+    if wanted is True and cluster_gpus < params.train.gpus_per_worker * workers:
+        raise StageError(f"train.use_gpu is true with {workers} worker(s) x "
                          f"{params.train.gpus_per_worker} GPU, but the Ray cluster has {cluster_gpus:g} GPU(s); "
                          "lower train.num_workers / train.gpus_per_worker or set train.use_gpu: auto")
     return bool(cluster_gpus > 0) if wanted == "auto" else bool(wanted)
@@ -179,9 +217,10 @@ def check_cpu_capacity(params: Params, use_gpu: bool) -> None:
     import ray
 
     cpus = ray.cluster_resources().get("CPU", 0)
-    needed = params.train.num_workers * params.train.cpus_per_worker
+    workers = params.train.min_workers or params.train.num_workers
+    needed = workers * params.train.cpus_per_worker
     if needed > cpus and not os.environ.get("RAY_AUTOSCALER_ENABLED"):
-        raise StageError(f"train.num_workers ({params.train.num_workers}) x train.cpus_per_worker "
+        raise StageError(f"{workers} train worker(s) x train.cpus_per_worker "
                          f"({params.train.cpus_per_worker:g}) needs {needed:g} CPUs but the Ray cluster has {cpus:g}; "
                          "lower them, or add nodes")
 
@@ -199,7 +238,9 @@ def make_trainer(params: Params, config: dict[str, Any], name: str, use_gpu: boo
     return TorchTrainer(
         train_fn or ray_train_function,
         train_loop_config=config,
-        scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(
+            num_workers=(train.min_workers, train.num_workers) if train.min_workers else train.num_workers,
+            use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=name,
             storage_path=str(storage_path or storage_uri(train.storage_path)),
@@ -348,6 +389,7 @@ def train(params: Params, extra_config: dict[str, Any] | None = None) -> dict[st
     hashes = data_hashes(processed)
     name = run_name(params, hashes)
     storage = storage_uri(params.train.storage_path)
+    check_storage(storage)
     run_dir = None if "://" in storage else Path(storage) / name
     where = run_dir or f"{storage}/{name}"
     connect_ray(params)
