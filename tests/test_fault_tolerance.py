@@ -18,7 +18,16 @@ import mlflow
 import numpy as np
 import psutil
 import pytest
-from cluster_helpers import REPO_ROOT, job_info, job_logs, local_cluster, stop_job, submit_job, wait_for_job, write_params
+from cluster_helpers import (
+    REPO_ROOT,
+    job_info,
+    job_logs,
+    local_cluster,
+    stop_job,
+    submit_job,
+    wait_for_job,
+    write_params,
+)
 
 pytestmark = pytest.mark.slow
 
