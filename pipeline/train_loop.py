@@ -335,7 +335,7 @@ def train_worker(config: dict[str, Any], session: Session) -> dict[str, Any]:
     valid_source = BatchSource(valid_images, device, on_device)
 
     model = build_model(params, image_shape).to(device)
-    if device.type == "cuda" and train["channels_last"] and model.config["architecture"] != "mlp":
+    if train["channels_last"] and model.config["architecture"] != "mlp":  # pays on CPUs too (benchmarks/RESULTS.md)
         model = model.to(memory_format=torch.channels_last)
     objective: nn.Module = ELBOObjective(model)
     if train["compile"]:
@@ -482,6 +482,12 @@ def train_worker(config: dict[str, Any], session: Session) -> dict[str, Any]:
                     "model_config": json.dumps(model.config), "params": json.dumps(params),
                 }
             session.report(metrics, new_state, epoch + 1)
+            # A runner may end training at an epoch boundary (Ray Tune's scheduler stopping a trial: see
+            # pipeline.tune). Every rank asks and gets the same answer, so all ranks stop after the same epoch.
+            if epoch + 1 < train["epochs"] and not getattr(session, "should_continue", lambda epoch: True)(epoch + 1):
+                if rank == 0:
+                    say(f"[train] stopped after epoch {epoch + 1}/{train['epochs']} by the runner (early stopping)")
+                break
 
     finally:  # flush what was logged so far, also when training stops with an error
         summary = logger.close()
