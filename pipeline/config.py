@@ -14,9 +14,9 @@ from typing import Annotated, Any, ClassVar, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
+from pipeline.common import REPO_ROOT, project_root, resolve  # noqa: F401 (re-exported)
 from vae.schedules import SCHEDULES, CapacityAnnealing, ConstantBeta, CyclicalBeta, LinearWarmup, SigmoidBeta
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PARAMS = REPO_ROOT / "params.yaml"
 
 DatasetName = Literal["celeba", "mnist", "fashion_mnist"]
@@ -365,18 +365,6 @@ class Params(Section):
             raise ValueError("model.likelihood: 'bernoulli' is for binarized MNIST-family data; for CelebA use "
                              "'discretized_logistic', 'categorical_256' or a Gaussian")
         return self
-
-
-def project_root() -> Path:
-    """Where relative paths (data/, models/, reports/, runs/, mlflow.db) live: ``VAE_PROJECT_ROOT`` if set
-    (tests and scratch runs use it to keep a workspace apart), else the repository root."""
-    return Path(os.environ.get("VAE_PROJECT_ROOT") or REPO_ROOT).resolve()
-
-
-def resolve(path: Path | str) -> Path:
-    """An absolute path: relative paths are taken from :func:`project_root` (Ray changes working directories)."""
-    path = Path(os.path.expanduser(str(path)))
-    return path if path.is_absolute() else (project_root() / path)
 
 
 def _format_errors(error: ValidationError, source: str) -> str:

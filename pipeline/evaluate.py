@@ -25,17 +25,21 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from pipeline.config import ConfigError, Params, load_params, resolve
-from pipeline.train import MODEL_DIR, StageError, atomic_write_text, load_trained_model
+from pipeline.common import StageError, atomic_write_text, resolve
 from pipeline.train_loop import BatchSource, load_images, rank_indices, use_bf16
 from vae.latent import apply_attribute_vector, attribute_vector, interpolate_images
 from vae.model import VAE
 from vae.objectives import active_units, bits_per_dim, importance_sampled_log_likelihood
+
+if TYPE_CHECKING:  # the figures above import with torch + numpy alone (the GPU benchmark machine)
+    from pipeline.config import Params
+
+MODEL_DIR = Path("models/vae")
 
 METRICS_PATH = Path("reports/metrics.json")
 IMAGES_DIR = Path("reports/eval")
@@ -199,6 +203,8 @@ def evaluate(params: Params) -> dict[str, Any]:
     processed = params.data.processed_path()
     if not (processed / "test_images.npy").is_file():
         raise StageError(f"no preprocessed test split in {processed}: run `dvc repro preprocess` first")
+    from pipeline.train import load_trained_model
+
     try:
         model = load_trained_model()
     except FileNotFoundError as error:
@@ -256,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--params", type=Path, default=None, help="params file (default: the repo's params.yaml)")
     args = parser.parse_args(argv)
+    from pipeline.config import ConfigError, load_params
     from pipeline.submit import SubmitError, should_submit, submit_stage
 
     try:

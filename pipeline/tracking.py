@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.config import resolve
+from pipeline.common import resolve
 
 log = logging.getLogger(__name__)
 

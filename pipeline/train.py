@@ -28,6 +28,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from pipeline.common import StageError, atomic_write_text  # noqa: F401 (re-exported for the stages)
 from pipeline.config import REPO_ROOT, ConfigError, Params, flatten, load_params, resolve
 from pipeline.train_loop import load_state, save_state, train_worker
 
@@ -36,23 +37,6 @@ METRICS_PATH = Path("reports/train_metrics.json")
 CURVES_PATH = Path("reports/train_curves.csv")
 BEST_PARAMS_PATH = Path("reports/tune/best_params.yaml")
 RUN_ID_FILE = "mlflow_run_id"
-
-
-class StageError(RuntimeError):
-    """An expected failure of a stage; ``main`` prints it without a traceback and exits 1."""
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Small helpers shared by the stages
-# ----------------------------------------------------------------------------------------------------------
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
-    path = resolve(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as handle:
-        handle.write(text)
-        tmp = Path(handle.name)
-    os.replace(tmp, path)
 
 
 def git_commit() -> str:

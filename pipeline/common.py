@@ -1,0 +1,37 @@
+"""Paths, atomic writes and the stage error: standard library only, so the per-worker training loop,
+tracking and evaluation code import on a machine that has torch and numpy but not pydantic or PyYAML."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class StageError(RuntimeError):
+    """An expected failure of a stage; its ``main`` prints it without a traceback and exits 1."""
+
+
+def project_root() -> Path:
+    """Where relative paths (data/, models/, reports/, runs/, mlflow.db) live: ``VAE_PROJECT_ROOT`` if set
+    (tests and scratch runs use it to keep a workspace apart), else the repository root."""
+    return Path(os.environ.get("VAE_PROJECT_ROOT") or REPO_ROOT).resolve()
+
+
+def resolve(path: Path | str) -> Path:
+    """An absolute path: relative paths are taken from :func:`project_root` (Ray changes working directories)."""
+    path = Path(os.path.expanduser(str(path)))
+    return path if path.is_absolute() else (project_root() / path)
+
+
+def atomic_write_text(path: Path | str, text: str) -> None:
+    """Write ``text`` to ``path`` (relative: under the project root) through a temporary file in the same
+    folder and a rename, so a reader sees the old file or the new one, never half of one."""
+    path = resolve(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as handle:
+        handle.write(text)
+        tmp = Path(handle.name)
+    os.replace(tmp, path)
