@@ -51,7 +51,6 @@ import sys
 import tempfile
 import time
 import traceback
-import types
 import warnings
 from pathlib import Path
 from typing import Any
@@ -139,27 +138,10 @@ def block_imports() -> None:
 
 
 def ensure_tracking_importable() -> str:
-    """train_worker imports pipeline.tracking (RunLogger, image_grid), which imports ``resolve`` from
-    pipeline.config, which needs pydantic and PyYAML. Where those are missing (the GPU machine), a stand-in
-    ``pipeline.config`` holding only ``resolve`` lets the real pipeline.tracking import. Returns what was done."""
-    try:
-        import pipeline.tracking  # noqa: F401
-        return "pipeline.tracking imported as is"
-    except ImportError as error:
-        missing = error.name
-    stand_in = types.ModuleType("pipeline.config")
-
-    def resolve(path: Path | str) -> Path:
-        path = Path(os.path.expanduser(str(path)))
-        root = Path(os.environ.get("VAE_PROJECT_ROOT") or REPO_ROOT).resolve()
-        return path if path.is_absolute() else root / path
-
-    stand_in.resolve = resolve
-    stand_in.REPO_ROOT = REPO_ROOT
-    sys.modules["pipeline.config"] = stand_in
+    """train_worker imports pipeline.tracking, which (like pipeline.common) needs the standard library only."""
     import pipeline.tracking  # noqa: F401
-    return (f"pipeline.config cannot be imported here (no {missing}); a stand-in with only resolve() lets the real "
-            "pipeline.tracking (RunLogger, image_grid) import")
+
+    return "pipeline.tracking imported as is (standard library + numpy)"
 
 
 def forbidden_modules_loaded() -> list[str]:
@@ -745,12 +727,8 @@ def run_evaluation(model: VAE, images: np.ndarray, device: torch.device, num_sam
 
 def run_test_figures(model: VAE, images: np.ndarray, device: torch.device, num_samples: int, chunk_size: int,
                      batch_size: int) -> dict[str, Any]:
-    """pipeline.evaluate.test_figures itself, where it can be imported (it needs pydantic and PyYAML)."""
-    try:
-        from pipeline.evaluate import test_figures
-    except ImportError as error:
-        return {"error": f"pipeline.evaluate cannot be imported here (it imports pipeline.config, which needs "
-                         f"pydantic and PyYAML): {error}"}
+    """pipeline.evaluate.test_figures itself, timed."""
+    from pipeline.evaluate import test_figures  # torch + numpy + vae only at import time
     sync(device)
     start = time.perf_counter()
     figures = test_figures(model, images, num_samples, chunk_size, batch_size, device)
