@@ -5,7 +5,7 @@ How the files travel: ``cluster.shared_dir`` is a folder every node and this mac
 the local multi-node cluster of infra/local-cluster.sh its shared folder). The stage copies its inputs from the
 workspace into ``<shared_dir>/workspace`` (only files that changed), submits
 
-    ray job submit --address <cluster.job_address> --working-dir <repo> -- python -m pipeline.<stage> --params params.yaml
+    ray job submit --address <cluster.job_address> --working-dir <repo> -- python -m pipeline.<stage> --params <shared copy>
 
 with ``VAE_PROJECT_ROOT=<shared_dir>/workspace`` so the job reads and writes there (relative paths such as
 ``runs/`` for checkpoints then live on shared storage, as Ray Train needs on a multi-node cluster), and on
@@ -56,7 +56,7 @@ def submit_stage(module: str, params: Params, params_path: Path | None) -> int:
     """Run ``python -m <module>`` as a Ray job on ``cluster.job_address`` and bring its outputs back.
 
     Raises:
-        SubmitError: no shared_dir / job address, a params file outside the repository, or a failed job.
+        SubmitError: no shared_dir / job address, or a failed job.
     """
     cluster = params.cluster
     if cluster.shared_dir is None:
@@ -66,12 +66,6 @@ def submit_stage(module: str, params: Params, params_path: Path | None) -> int:
     if not job_address:
         raise SubmitError("cluster.submit is true but no job address: set cluster.job_address "
                           "(the dashboard URL, e.g. http://127.0.0.1:8265) or RAY_ADDRESS")
-    params_path = Path(params_path or REPO_ROOT / "params.yaml").resolve()
-    try:
-        relative_params = params_path.relative_to(REPO_ROOT)
-    except ValueError:
-        raise SubmitError(f"{params_path} is outside the repository; only the repository is uploaded to the "
-                          "cluster, so keep the params file inside it") from None
     remote_root = resolve(cluster.shared_dir) / "workspace"
     inputs, outputs = STAGE_FILES[module]
     local_root = project_root()
@@ -79,6 +73,9 @@ def submit_stage(module: str, params: Params, params_path: Path | None) -> int:
     if not processed.is_absolute():  # relative data travel with the job; absolute ones must already be shared
         inputs = [*inputs, str(processed / params.data.dataset)]
     copied = sum(sync(local_root / item, remote_root / item) for item in inputs)
+    # The job reads the params from the shared folder, so any params file works, not only the repo's.
+    remote_params = remote_root / f"params.{module.rsplit('.', 1)[-1]}.yaml"
+    sync(Path(params_path or REPO_ROOT / "params.yaml").resolve(), remote_params)
     print(f"[submit] {copied} input file(s) synced to {remote_root}", flush=True)
 
     env_vars = {"VAE_PROJECT_ROOT": str(remote_root), "VAE_SUBMITTED": "1", "RAY_CHDIR_TO_TRIAL_DIR": "0"}
@@ -87,7 +84,7 @@ def submit_stage(module: str, params: Params, params_path: Path | None) -> int:
     ray_cli = Path(sys.executable).with_name("ray")
     command = [str(ray_cli if ray_cli.exists() else "ray"), "job", "submit", "--address", job_address,
                "--working-dir", str(REPO_ROOT), "--runtime-env-json", json.dumps({"env_vars": env_vars}),
-               "--", "python", "-m", module, "--params", str(relative_params)]
+               "--", "python", "-m", module, "--params", str(remote_params)]
     print(f"[submit] {' '.join(command[:6])} ... -- python -m {module}", flush=True)
     returncode = subprocess.run(command, check=False).returncode
     if returncode != 0:

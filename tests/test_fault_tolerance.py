@@ -224,3 +224,23 @@ def test_unreachable_cluster_address_fails_fast(tmp_path):
     print(f"\n[fault 6] unreachable address: exit {done.returncode} in {seconds:.0f}s")
     assert done.returncode == 1 and seconds < 60
     assert "no Ray cluster answers at '127.0.0.1:9'" in done.stderr
+
+
+def test_stages_with_cluster_submit_run_as_jobs_and_bring_outputs_back(cluster, workspace, tmp_path):
+    """`cluster.submit: true`: `python -m pipeline.train` / `pipeline.evaluate` (what `dvc repro` runs) submit
+    themselves with `ray job submit` and leave their outputs in the local workspace."""
+    local = tmp_path / "workspace"
+    data = local / "data" / "processed" / "fashion_mnist"
+    data.mkdir(parents=True)
+    for split in ("train", "valid", "test"):
+        np.save(data / f"{split}_images.npy", np.load(workspace / "data/processed/fashion_mnist" / f"{split}_images.npy")[:256])
+    params = job_params(cluster, workspace, "submitted", **{
+        "train.epochs": 1, "cluster.submit": True, "cluster.shared_dir": str(Path(cluster.shared_storage) / "dvc"),
+        "evaluate.num_importance_samples": 4, "evaluate.importance_batch_size": 4})
+    env = {**cluster.subprocess_env(), "VAE_PROJECT_ROOT": str(local)}
+    for stage, output in (("pipeline.train", "models/vae/model.safetensors"), ("pipeline.evaluate", "reports/metrics.json")):
+        done = subprocess.run([sys.executable, "-m", stage, "--params", str(params)], env=env, cwd=REPO_ROOT,
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        assert "job succeeded" in done.stdout and (local / output).is_file(), stage
+    assert json.loads((local / "reports/metrics.json").read_text())["num_test_images"] == TEST
