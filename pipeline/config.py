@@ -310,8 +310,9 @@ class SearchSpace(Section):
 
 
 class TuneConfig(Section):
-    experiment_name: str = Field("vae-sweep", min_length=1, description="the MLflow experiment of the sweeps; "
-                                 "each sweep is one parent run there, named after the sweep")
+    experiment_name: str = Field("vae-sweep", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+                                 description="the MLflow experiment of the sweeps (letters, digits, _ . -); each sweep "
+                                 "is one parent run there and a folder <train.storage_path>/tune/<name>-<hash>")
     num_samples: int = Field(16, ge=1, description="trials in the sweep")
     max_concurrent_trials: int | None = Field(None, ge=1, description="null: as many as the cluster's CPUs/GPUs fit")
     metric: Literal["val_negative_elbo", "val_bits_per_dim"] = "val_negative_elbo"

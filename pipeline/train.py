@@ -72,6 +72,9 @@ def with_best_params(params: Params) -> Params:
                          "(`dvc repro tune`) or set train.use_best_params: false")
     raw = params.model_dump(mode="json")
     best = yaml.safe_load(path.read_text()) or {}
+    if best.get("skipped"):
+        raise StageError(f"train.use_best_params is true but {path} holds no sweep result ({best.get('reason')}): "
+                         "run the sweep (`dvc repro tune`, or `python -m pipeline.tune`) first")
     for section, values in (best.get("params") or {}).items():
         if section == "beta_schedule":
             raw["beta_schedule"] = values
