@@ -110,11 +110,13 @@ def finished_ok(cluster, submission_id: str, timeout_s: float = 600) -> str:
     return logs
 
 
-def train_worker_processes(cluster, node: str | None = None) -> list[psutil.Process]:
+def train_worker_processes(cluster, since: float, node: str | None = None) -> list[psutil.Process]:
+    """This job's Ray Train worker processes (started after ``since``: workers of an earlier job may still be
+    exiting), on one node or on all."""
     found = []
     for process in cluster.processes(node):
         try:
-            if "RayTrainWorker" in " ".join(process.cmdline()):
+            if "RayTrainWorker" in " ".join(process.cmdline()) and process.create_time() >= since:
                 found.append(process)
         except psutil.Error:
             continue
@@ -123,11 +125,12 @@ def train_worker_processes(cluster, node: str | None = None) -> list[psutil.Proc
 
 def test_killed_train_worker_restarts_from_last_checkpoint(cluster, workspace):
     params = job_params(cluster, workspace, "kill-worker", **{"train.epochs": 3})
+    started = time.time()
     job = start_training(cluster, workspace, params, "ft-kill-worker")
     # Mid-epoch 2: the checkpoint of epoch 1 exists, epoch 2 is half done.
     wait_for_log(cluster, job, rf"\[train\]   step {STEPS_PER_EPOCH + STEPS_PER_EPOCH // 2}/")
-    victims = train_worker_processes(cluster)
-    assert victims, "no RayTrainWorker process found"
+    victims = train_worker_processes(cluster, started)
+    assert victims, "no RayTrainWorker process of this job found"
     victims[-1].kill()
     logs = finished_ok(cluster, job)
     resumed = re.findall(r"resumed from the checkpoint of epoch (\d+) \(step (\d+)\)", logs)
@@ -144,9 +147,11 @@ def test_killed_train_worker_restarts_from_last_checkpoint(cluster, workspace):
 
 def test_killed_worker_node_training_goes_on_elastically(cluster, workspace):
     params = job_params(cluster, workspace, "kill-node", **{"train.min_workers": 1, "train.epochs": 3})
+    started = time.time()
     job = start_training(cluster, workspace, params, "ft-kill-node")
     wait_for_log(cluster, job, rf"\[train\]   step {STEPS_PER_EPOCH + STEPS_PER_EPOCH // 2}/")
-    node = next(n for n in ("worker-1", "worker-2") if train_worker_processes(cluster, n))  # a node training now
+    # A worker node that trains this job now (the head has 1 CPU, so one of the two workers is on a worker node).
+    node = next(n for n in ("worker-1", "worker-2") if train_worker_processes(cluster, started, n))
     cluster.kill_node(node)
     try:
         logs = finished_ok(cluster, job)
