@@ -8,6 +8,7 @@ import tempfile
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+MODEL_DIR = Path("models/vae")  # the train stage's model output (weights + config), relative to the project root
 
 
 class StageError(RuntimeError):

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from pipeline.common import StageError, atomic_write_text, resolve
+from pipeline.common import MODEL_DIR, StageError, atomic_write_text, resolve
 from pipeline.train_loop import BatchSource, load_images, rank_indices, use_bf16
 from vae.latent import apply_attribute_vector, attribute_vector, interpolate_images
 from vae.model import VAE
@@ -39,7 +39,6 @@ from vae.objectives import active_units, bits_per_dim, importance_sampled_log_li
 if TYPE_CHECKING:  # the figures above import with torch + numpy alone (the GPU benchmark machine)
     from pipeline.config import Params
 
-MODEL_DIR = Path("models/vae")
 
 METRICS_PATH = Path("reports/metrics.json")
 IMAGES_DIR = Path("reports/eval")

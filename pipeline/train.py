@@ -28,11 +28,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from pipeline.common import StageError, atomic_write_text  # noqa: F401 (re-exported for the stages)
+from pipeline.common import MODEL_DIR, StageError, atomic_write_text  # noqa: F401 (re-exported for the stages)
 from pipeline.config import REPO_ROOT, ConfigError, Params, flatten, load_params, resolve
 from pipeline.train_loop import load_state, save_state, train_worker
 
-MODEL_DIR = Path("models/vae")
 METRICS_PATH = Path("reports/train_metrics.json")
 CURVES_PATH = Path("reports/train_curves.csv")
 BEST_PARAMS_PATH = Path("reports/tune/best_params.yaml")

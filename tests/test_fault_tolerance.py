@@ -29,6 +29,8 @@ from cluster_helpers import (
     write_params,
 )
 
+from tests.fixtures.arrays import write_square_arrays
+
 pytestmark = pytest.mark.slow
 
 TRAIN, VALID, TEST = 1280, 128, 128
@@ -47,14 +49,7 @@ def workspace(cluster):
     """The project root the jobs use (VAE_PROJECT_ROOT), on the cluster's shared storage, with tiny
     structured 28x28 arrays in the preprocess stage's layout."""
     root = Path(cluster.shared_storage) / "workspace"
-    folder = root / "data" / "processed" / "fashion_mnist"
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    for split, count in (("train", TRAIN), ("valid", VALID), ("test", TEST)):
-        images = np.zeros((count, 1, 28, 28), dtype=np.uint8)
-        for i, (r, c) in enumerate(rng.integers(0, 20, size=(count, 2))):
-            images[i, 0, r:r + 8, c:c + 8] = 220
-        np.save(folder / f"{split}_images.npy", images)
+    write_square_arrays(root / "data" / "processed" / "fashion_mnist", {"train": TRAIN, "valid": VALID, "test": TEST}, 220)
     return root
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
 
@@ -18,6 +17,7 @@ from pipeline.train_loop import (
     run_local,
     train_worker,
 )
+from tests.fixtures.arrays import write_square_arrays
 
 
 def tiny_params(**overrides):
@@ -34,16 +34,7 @@ def tiny_params(**overrides):
 @pytest.fixture
 def processed(tmp_path):
     """A tiny preprocessed split set (N, 1, 28, 28) uint8 in the preprocess stage's layout."""
-    rng = np.random.default_rng(0)
-    folder = tmp_path / "processed"
-    folder.mkdir()
-    # Images with structure (a bright square at a random place) so the model has something to learn.
-    for split, count in (("train", 192), ("valid", 48), ("test", 48)):
-        images = np.zeros((count, 1, 28, 28), dtype=np.uint8)
-        for i, (r, c) in enumerate(rng.integers(0, 20, size=(count, 2))):
-            images[i, 0, r:r + 8, c:c + 8] = 255
-        np.save(folder / f"{split}_images.npy", images)
-    return folder
+    return write_square_arrays(tmp_path / "processed", {"train": 192, "valid": 48, "test": 48}, 255)
 
 
 class CrashAfterFirstEpoch(LocalSession):

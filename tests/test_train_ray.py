@@ -12,6 +12,7 @@ import torch
 from pipeline import evaluate as evaluate_stage
 from pipeline import train as train_stage
 from pipeline.config import load_params
+from tests.fixtures.arrays import write_square_arrays
 
 pytestmark = pytest.mark.slow
 
@@ -33,14 +34,7 @@ def workspace(tmp_path, monkeypatch):
     monkeypatch.setenv("VAE_PROJECT_ROOT", str(tmp_path))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    rng = np.random.default_rng(0)
-    folder = tmp_path / "data" / "processed" / "fashion_mnist"
-    folder.mkdir(parents=True)
-    for split, count in (("train", TRAIN), ("valid", VALID), ("test", TEST)):
-        images = np.zeros((count, 1, 28, 28), dtype=np.uint8)
-        for i, (r, c) in enumerate(rng.integers(0, 20, size=(count, 2))):
-            images[i, 0, r:r + 8, c:c + 8] = 200
-        np.save(folder / f"{split}_images.npy", images)
+    write_square_arrays(tmp_path / "data" / "processed" / "fashion_mnist", {"train": TRAIN, "valid": VALID, "test": TEST})
     return tmp_path
 
 

@@ -13,13 +13,13 @@ import time
 from pathlib import Path
 
 import mlflow
-import numpy as np
 import pytest
 import yaml
 
 from pipeline import train as train_stage
 from pipeline import tune as tune_stage
 from pipeline.config import load_params
+from tests.fixtures.arrays import write_square_arrays
 
 pytestmark = pytest.mark.slow
 
@@ -40,14 +40,7 @@ RAY_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 def write_arrays(root: Path) -> None:
     """Tiny structured Fashion-MNIST-shaped uint8 arrays in the preprocess stage's layout."""
-    rng = np.random.default_rng(0)
-    folder = root / "data" / "processed" / "fashion_mnist"
-    folder.mkdir(parents=True)
-    for split, count in (("train", TRAIN), ("valid", VALID), ("test", TEST)):
-        images = np.zeros((count, 1, 28, 28), dtype=np.uint8)
-        for i, (r, c) in enumerate(rng.integers(0, 20, size=(count, 2))):
-            images[i, 0, r:r + 8, c:c + 8] = 200
-        np.save(folder / f"{split}_images.npy", images)
+    write_square_arrays(root / "data" / "processed" / "fashion_mnist", {"train": TRAIN, "valid": VALID, "test": TEST})
 
 
 def sweep_values(**overrides) -> dict:
