@@ -96,6 +96,17 @@ class RunLogger:
         if self.run_id:
             self._queue.put(_Record("image", image, step, key))
 
+    def drain(self, timeout_s: float = 10.0) -> bool:
+        """Wait (up to ``timeout_s``) until every record queued so far has been handled: sent, or kept for a
+        retry when the server is away. Called before each checkpoint, so a process that dies after the
+        checkpoint has lost none of the records of the epochs it holds. Returns whether the queue drained."""
+        if self._thread is None:
+            return True
+        deadline = time.monotonic() + timeout_s
+        while self._queue.unfinished_tasks and time.monotonic() < deadline:
+            time.sleep(0.005)
+        return not self._queue.unfinished_tasks
+
     def close(self, timeout_s: float = 60.0) -> dict[str, Any]:
         """Flush (waiting up to ``timeout_s`` for the server), then record what was lost.
 
@@ -172,16 +183,25 @@ class RunLogger:
                 record = "retry"
             if record is None:
                 return
-            if self._failed:  # retry older failures first, keeping order
-                retry, self._failed = self._failed, []
-                for index, old in enumerate(retry):
-                    if not self._send_or_keep(old):
-                        self._failed.extend(retry[index + 1:])
-                        break
-                backoff = 1.0 if not self._failed else min(backoff * 2, 30.0)
-            if record == "retry":
-                continue
+            try:
+                backoff = self._handle(record, backoff)
+            finally:
+                if record != "retry":
+                    self._queue.task_done()
+
+    def _handle(self, record: _Record | str, backoff: float) -> float:
+        """Send ``record`` (or only retry, for "retry") after any earlier failures, kept in order; returns the
+        next retry backoff in seconds."""
+        if self._failed:
+            retry, self._failed = self._failed, []
+            for index, old in enumerate(retry):
+                if not self._send_or_keep(old):
+                    self._failed.extend(retry[index + 1:])
+                    break
+            backoff = 1.0 if not self._failed else min(backoff * 2, 30.0)
+        if isinstance(record, _Record):
             if self._failed:
                 self._failed.append(record)
             else:
                 self._send_or_keep(record)
+        return backoff

@@ -21,6 +21,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -30,7 +31,7 @@ from typing import Any
 
 from pipeline.common import MODEL_DIR, StageError, atomic_write_text  # noqa: F401 (re-exported for the stages)
 from pipeline.config import REPO_ROOT, ConfigError, Params, flatten, load_params, resolve
-from pipeline.train_loop import load_state, save_state, train_worker
+from pipeline.train_loop import CHECKPOINT_FILE, load_state, save_state, train_worker
 
 METRICS_PATH = Path("reports/train_metrics.json")
 CURVES_PATH = Path("reports/train_curves.csv")
@@ -96,6 +97,58 @@ def run_name(params: Params, hashes: dict[str, str]) -> str:
 # ----------------------------------------------------------------------------------------------------------
 # Ray Train adapter
 # ----------------------------------------------------------------------------------------------------------
+CHECKPOINT_DIR_PATTERN = re.compile(r"^checkpoint_epoch_(\d+)$")
+
+
+def checkpoint_epoch(path: str | None) -> int:
+    """The epoch in a ``checkpoint_epoch_NNNN`` folder name (0 for None or another name)."""
+    found = CHECKPOINT_DIR_PATTERN.match(Path(path).name) if path else None
+    return int(found.group(1)) if found else 0
+
+
+def newest_persisted_checkpoint(filesystem, run_path: str, newer_than: int = 0) -> tuple[str, dict[str, Any]] | None:
+    """The newest complete checkpoint in a run's storage folder that is newer than epoch ``newer_than``.
+
+    Why: Ray Train (V2) writes a checkpoint to storage inside ``ray.train.report`` but registers it only when
+    the controller next polls the workers (every ~2 s). A worker, node or driver killed in between leaves a
+    checkpoint on storage that ``ray.train.get_checkpoint()`` does not know, and the run would repeat that
+    epoch or, killed early in epoch 2, restart from scratch. The folders are scanned newest first; one whose
+    ``state.pt`` cannot be read (an upload cut short) or whose recorded epoch differs from its name is skipped.
+
+    Args:
+        filesystem: the ``pyarrow.fs.FileSystem`` of the run's storage (local, S3, GCS, ...).
+        run_path: the run's folder on that filesystem (``<storage_path>/<run name>``).
+        newer_than: only checkpoints of a later epoch count (the one Ray registered, or 0).
+
+    Returns:
+        ``(folder path, state dict)`` or None when no newer complete checkpoint exists.
+    """
+    import pyarrow.fs as pafs
+
+    try:
+        entries = filesystem.get_file_info(pafs.FileSelector(run_path, allow_not_found=True))
+    except OSError:
+        return None
+    folders = sorted(((checkpoint_epoch(entry.path), entry.path) for entry in entries
+                      if entry.type == pafs.FileType.Directory and checkpoint_epoch(entry.path) > newer_than), reverse=True)
+    for epoch, path in folders:
+        try:
+            with filesystem.open_input_file(f"{path}/{CHECKPOINT_FILE}") as handle:
+                state = torch_load_bytes(handle.read())
+        except Exception:  # noqa: BLE001 - an incomplete or unreadable checkpoint: try the previous one
+            continue
+        if int(state.get("epoch", -1)) == epoch:
+            return path, state
+    return None
+
+
+def torch_load_bytes(data: bytes) -> dict[str, Any]:
+    """:func:`pipeline.train_loop.load_state` for the bytes of a ``state.pt`` (``weights_only=True``)."""
+    import torch
+
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
 class RaySession:
     """:class:`pipeline.train_loop.Session` on top of ``ray.train`` (inside a TorchTrainer worker)."""
 
@@ -108,13 +161,34 @@ class RaySession:
         self.local_rank = context.get_local_rank()
 
     def load_checkpoint(self):
+        """The state to resume from: Ray's registered checkpoint, or a newer one already on storage (see
+        :func:`newest_persisted_checkpoint`). Rank 0 chooses and the other ranks load its choice, so every rank
+        resumes from the same epoch."""
         import ray.train
 
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
+        registered = ray.train.get_checkpoint()
+        chosen: str | None = registered.path if registered is not None else None
+        state = None
+        if self.world_rank == 0:
+            storage = ray.train.get_context().get_storage()
+            newer = newest_persisted_checkpoint(storage.storage_filesystem, storage.experiment_fs_path,
+                                                checkpoint_epoch(chosen))
+            if newer is not None:
+                chosen, state = newer
+                print(f"[train] {chosen} was written but not yet registered by Ray when the run stopped; "
+                      "resuming from it", flush=True)
+        if self.world_size > 1:
+            chosen = broadcast_from_rank0(chosen)
+        if chosen is None:
             return None
-        with checkpoint.as_directory() as directory:
-            return load_state(directory)
+        if state is None:
+            if registered is not None and chosen == registered.path:
+                with registered.as_directory() as directory:
+                    return load_state(directory)
+            storage = ray.train.get_context().get_storage()
+            with storage.storage_filesystem.open_input_file(f"{chosen}/{CHECKPOINT_FILE}") as handle:
+                state = torch_load_bytes(handle.read())
+        return state
 
     def report(self, metrics, state, epoch):
         import ray.train
@@ -126,6 +200,17 @@ class RaySession:
             save_state(state, Path(directory))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
                              checkpoint_dir_name=f"checkpoint_epoch_{epoch:04d}")
+
+
+def broadcast_from_rank0(value: Any) -> Any:
+    """Rank 0's ``value`` on every rank of the initialised ``torch.distributed`` process group."""
+    import torch
+    import torch.distributed as dist
+
+    box = [value]
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    dist.broadcast_object_list(box, src=0, device=device)
+    return box[0]
 
 
 def ray_train_function(config: dict[str, Any]) -> None:
@@ -357,6 +442,39 @@ def load_trained_model(model_dir: Path | str = MODEL_DIR):
 
 # ----------------------------------------------------------------------------------------------------------
 # The stage
+def final_state(result) -> dict[str, Any] | None:
+    """The state of a finished run: the newest complete checkpoint, whether or not Ray registered it (a restart
+    after the last epoch's checkpoint was written but before it was registered trains nothing more and reports
+    nothing; see :func:`newest_persisted_checkpoint`). Unregistered checkpoints older than the newest registered
+    one are removed, so ``train.checkpoint_num_to_keep`` still bounds the folder."""
+    registered = {checkpoint_epoch(c.path): c.path for c, _ in (result.best_checkpoints or [])}
+    newest = max(registered, default=0)
+    if result.checkpoint is not None:
+        newest = max(newest, checkpoint_epoch(result.checkpoint.path))
+    newer = newest_persisted_checkpoint(result.filesystem, result.path, newest)
+    if newer is not None:
+        print(f"[train] final state from {newer[0]} (written, not yet registered by Ray when the run ended)", flush=True)
+        return newer[1]
+    _remove_orphan_checkpoints(result.filesystem, result.path, set(registered.values()) | {result.checkpoint.path if result.checkpoint else ""}, newest)
+    if result.checkpoint is None:
+        return None
+    with result.checkpoint.as_directory() as directory:
+        return load_state(directory)
+
+
+def _remove_orphan_checkpoints(filesystem, run_path: str, keep: set[str], older_than: int) -> None:
+    import pyarrow.fs as pafs
+
+    try:
+        entries = filesystem.get_file_info(pafs.FileSelector(run_path, allow_not_found=True))
+        for entry in entries:
+            epoch = checkpoint_epoch(entry.path)
+            if entry.type == pafs.FileType.Directory and 0 < epoch < older_than and entry.path not in keep:
+                filesystem.delete_dir(entry.path)
+    except OSError as error:  # tidying only; the outputs do not depend on it
+        print(f"[train] could not remove an unregistered old checkpoint in {run_path}: {error}", file=sys.stderr)
+
+
 # ----------------------------------------------------------------------------------------------------------
 def train(params: Params, extra_config: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run the whole training on Ray and write the stage outputs. Returns the final metrics.
@@ -397,10 +515,9 @@ def train(params: Params, extra_config: dict[str, Any] | None = None) -> dict[st
         client.set_terminated(run_id, status="FAILED")
         raise StageError(f"training failed (after up to {params.train.max_failures} restarts from the last "
                          f"checkpoint): {error}\nRe-running the stage resumes from the latest checkpoint in {where}.") from None
-    if result.checkpoint is None:
+    state = final_state(result)
+    if state is None:
         raise StageError(f"training finished without a checkpoint in {where}")
-    with result.checkpoint.as_directory() as directory:
-        state = load_state(directory)
     metrics = write_outputs(state, name, run_id)
     model = load_trained_model()
     example = np.load(processed / "valid_images.npy", mmap_mode="r")[:2].copy()

@@ -309,7 +309,8 @@ def train_worker(config: dict[str, Any], session: Session) -> dict[str, Any]:
         config: {"params": the validated params as a plain dict (``Params.model_dump(mode="json")``),
             "processed_dir": absolute path of the preprocessed arrays, "mlflow": {"run_id", "tracking_uri"}
             or None, "lost_records_path": where unsent MLflow records go, "fault_injection": test hooks
-            ({"nan_at_step": int} makes that step's loss NaN), "record_indices_dir": test hook, each rank saves
+            ({"nan_at_step": int} makes that step's loss NaN; {"exit_after_epoch": int} ends the worker process
+            the moment that epoch's checkpoint is reported, in a run that did not resume), "record_indices_dir": test hook, each rank saves
             the image indices it trains on per epoch}.
         session: the runner (Ray Train adapter or :class:`LocalSession`).
     Returns:
@@ -382,7 +383,9 @@ def train_worker(config: dict[str, Any], session: Session) -> dict[str, Any]:
     def autocast():
         return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
-    nan_at_step = (config.get("fault_injection") or {}).get("nan_at_step")
+    faults = config.get("fault_injection") or {}
+    nan_at_step = faults.get("nan_at_step")
+    exit_after_epoch = faults.get("exit_after_epoch") if state is None else None
     rows = params["mlflow"]["log_images_every_n_epochs"] and params["evaluate"]["num_image_rows"]
     fixed_z = torch.randn(rows * rows, model.latent_dim, generator=torch.Generator().manual_seed(train["seed"])).to(device)
     valid_indices = rank_indices(valid_images.shape[0], 1, 0, 0, rank, world_size, shuffle=False)
@@ -481,7 +484,10 @@ def train_worker(config: dict[str, Any], session: Session) -> dict[str, Any]:
                     "epoch": epoch + 1, "step": step, "history": history, "rng": _rng_state(device),
                     "model_config": json.dumps(model.config), "params": json.dumps(params),
                 }
+                logger.drain()  # the epoch's records leave before its checkpoint: a crash after it loses none
             session.report(metrics, new_state, epoch + 1)
+            if exit_after_epoch == epoch + 1:
+                os._exit(1)  # a crash between the checkpoint write and anything after it
             # A runner may end training at an epoch boundary (Ray Tune's scheduler stopping a trial: see
             # pipeline.tune). Every rank asks and gets the same answer, so all ranks stop after the same epoch.
             if epoch + 1 < train["epochs"] and not getattr(session, "should_continue", lambda epoch: True)(epoch + 1):

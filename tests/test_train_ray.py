@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -124,3 +126,63 @@ def test_changed_config_starts_a_new_run(workspace):
     assert train_stage.run_name(a, {}) != train_stage.run_name(b, {})
     c = params_for(workspace, **{"train.log_every_n_steps": 7})  # logging does not shape the weights
     assert train_stage.run_name(a, {}) == train_stage.run_name(c, {})
+
+
+def test_crash_right_after_a_checkpoint_resumes_from_that_checkpoint(ray_instance, workspace):
+    """The worker process dies the moment epoch 1's checkpoint is written, before Ray's controller has polled
+    it (it polls every ~2 s): the restarted worker still resumes from epoch 1, not from scratch."""
+    params = params_for(workspace, **{"train.num_workers": 1, "train.epochs": 3, "train.max_failures": 1})
+    steps_per_epoch = TRAIN // 32
+    metrics = train_stage.train(params, {"fault_injection": {"exit_after_epoch": 1}})
+    assert metrics["epochs"] == 3 and metrics["steps"] == 3 * steps_per_epoch
+    client = mlflow.MlflowClient(f"sqlite:///{workspace / 'mlflow.db'}")
+    history = client.get_metric_history(metrics["mlflow_run_id"], "val_negative_elbo")
+    assert sorted(m.step for m in history) == [steps_per_epoch * e for e in (1, 2, 3)]  # epoch 1 trained once
+    run_dir = next((workspace / "runs").iterdir())
+    assert sorted(p.name for p in run_dir.glob("checkpoint_epoch_*")) == ["checkpoint_epoch_0002", "checkpoint_epoch_0003"]
+
+
+def _write_checkpoint(run_dir, epoch, *, recorded_epoch=None, truncate=False):
+    from pipeline.train_loop import save_state
+
+    path = save_state({"epoch": recorded_epoch or epoch, "step": 10 * epoch}, run_dir / f"checkpoint_epoch_{epoch:04d}")
+    if truncate:  # an upload cut short
+        path.write_bytes(path.read_bytes()[:40])
+    return path.parent
+
+
+def test_newest_persisted_checkpoint_skips_incomplete_and_mislabelled_ones(tmp_path):
+    import pyarrow.fs as pafs
+
+    fs = pafs.LocalFileSystem()
+    for epoch in (1, 2):
+        _write_checkpoint(tmp_path, epoch)
+    _write_checkpoint(tmp_path, 3, truncate=True)
+    _write_checkpoint(tmp_path, 4, recorded_epoch=7)
+    (tmp_path / "checkpoint_epoch_0009").mkdir()  # no state.pt at all
+    path, state = train_stage.newest_persisted_checkpoint(fs, str(tmp_path))
+    assert path.endswith("checkpoint_epoch_0002") and state == {"epoch": 2, "step": 20}
+    assert train_stage.newest_persisted_checkpoint(fs, str(tmp_path), newer_than=2) is None
+    assert train_stage.newest_persisted_checkpoint(fs, str(tmp_path / "missing")) is None
+
+
+def test_final_state_takes_an_unregistered_newer_checkpoint_and_prunes_old_orphans(tmp_path):
+    from types import SimpleNamespace
+
+    import pyarrow.fs as pafs
+    from ray.train import Checkpoint
+
+    registered = [Checkpoint(str(_write_checkpoint(tmp_path, e))) for e in (2, 3)]
+    orphan = _write_checkpoint(tmp_path, 1)  # written, never registered, older than what Ray kept
+    result = SimpleNamespace(best_checkpoints=[(c, {}) for c in registered], checkpoint=registered[-1],
+                             filesystem=pafs.LocalFileSystem(), path=str(tmp_path))
+    assert train_stage.final_state(result)["epoch"] == 3
+    assert not orphan.exists() and all(Path(c.path).is_dir() for c in registered)
+
+    _write_checkpoint(tmp_path, 4)  # the last epoch's checkpoint, written but not registered when the run ended
+    assert train_stage.final_state(result)["epoch"] == 4
+    result.checkpoint, result.best_checkpoints = None, []
+    assert train_stage.final_state(result)["epoch"] == 4
+    for child in tmp_path.iterdir():
+        shutil.rmtree(child)
+    assert train_stage.final_state(result) is None
