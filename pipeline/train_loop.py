@@ -416,7 +416,8 @@ def train_worker(config: dict[str, Any], session: Session) -> dict[str, Any]:
                 loss.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
                 # Gradients are all-reduced, so every rank sees the same non-finite norm and stops at the same step.
-                if not (math.isfinite(loss.item()) and math.isfinite(grad_norm.item())):
+                # One host sync per step for both checks (the optimizer must not step on non-finite gradients).
+                if not bool(torch.isfinite(torch.stack([loss.detach().float(), grad_norm.float()])).all()):
                     raise NonFiniteLossError(
                         f"step {step} (epoch {epoch}): loss={loss.item()} grad_norm={grad_norm.item()} "
                         f"reconstruction={reconstruction.mean().item()} kl={kl.mean().item()} beta={beta}. "
