@@ -3,6 +3,7 @@ tracking and evaluation code import on a machine that has torch and numpy but no
 
 from __future__ import annotations
 
+import argparse
 import os
 import tempfile
 from pathlib import Path
@@ -36,3 +37,12 @@ def atomic_write_text(path: Path | str, text: str) -> None:
         handle.write(text)
         tmp = Path(handle.name)
     os.replace(tmp, path)
+
+
+def stage_argument_parser(module: str, doc: str | None) -> argparse.ArgumentParser:
+    """The command line every stage shares: ``python -m <module> [--params PATH]`` (the first paragraph of the
+    module docstring as the description)."""
+    parser = argparse.ArgumentParser(prog=f"python -m {module}", description=(doc or "").split("\n\n")[0])
+    parser.add_argument("--params", type=Path, default=None,
+                        help="params.yaml to read (default: $VAE_PARAMS or the repository's params.yaml)")
+    return parser

@@ -31,7 +31,6 @@ and renamed into place. A re-run with everything present checks the checksums an
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import gzip
 import hashlib
@@ -53,6 +52,7 @@ import tenacity
 from tqdm.auto import tqdm
 
 from pipeline import datasets as ds
+from pipeline.common import stage_argument_parser
 from pipeline.datasets import DataStageError, RemoteFile
 
 if TYPE_CHECKING:
@@ -997,9 +997,7 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m pipeline.download [--params PATH]``: exit status 0, or 1 with a clear message on stderr."""
     from pipeline.config import ConfigError, load_params
 
-    parser = argparse.ArgumentParser(prog="python -m pipeline.download", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--params", type=Path, default=None,
-                        help="params.yaml to read (default: $VAE_PARAMS or the repository's params.yaml)")
+    parser = stage_argument_parser("pipeline.download", __doc__)
     args = parser.parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)

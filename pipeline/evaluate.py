@@ -18,7 +18,6 @@ a GPU when the cluster has one; otherwise in this process (on the local GPU if t
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -30,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from pipeline.common import MODEL_DIR, StageError, atomic_write_text, resolve
+from pipeline.common import MODEL_DIR, StageError, atomic_write_text, resolve, stage_argument_parser
 from pipeline.train_loop import BatchSource, load_images, rank_indices, use_bf16
 from vae.latent import apply_attribute_vector, attribute_vector, interpolate_images
 from vae.model import VAE
@@ -258,8 +257,7 @@ def _log_to_mlflow(params: Params, figures: dict[str, Any], grids: dict[str, np.
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--params", type=Path, default=None, help="params file (default: the repo's params.yaml)")
+    parser = stage_argument_parser("pipeline.evaluate", __doc__)
     args = parser.parse_args(argv)
     from pipeline.config import ConfigError, load_params
     from pipeline.submit import SubmitError, should_submit, submit_stage

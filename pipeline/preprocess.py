@@ -33,7 +33,6 @@ no partial output that a later stage could read.
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import hashlib
 import io
@@ -56,6 +55,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from pipeline import datasets as ds
+from pipeline.common import stage_argument_parser
 from pipeline.datasets import DataStageError
 
 if TYPE_CHECKING:
@@ -551,9 +551,7 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m pipeline.preprocess [--params PATH]``: exit status 0, or 1 with a clear message on stderr."""
     from pipeline.config import ConfigError, load_params
 
-    parser = argparse.ArgumentParser(prog="python -m pipeline.preprocess", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--params", type=Path, default=None,
-                        help="params.yaml to read (default: $VAE_PARAMS or the repository's params.yaml)")
+    parser = stage_argument_parser("pipeline.preprocess", __doc__)
     args = parser.parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)

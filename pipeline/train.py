@@ -15,7 +15,6 @@ reports/train_curves.csv.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import hashlib
 import io
@@ -29,7 +28,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from pipeline.common import MODEL_DIR, StageError, atomic_write_text  # noqa: F401 (re-exported for the stages)
+from pipeline.common import MODEL_DIR, StageError, atomic_write_text, stage_argument_parser  # noqa: F401 (re-exported)
 from pipeline.config import REPO_ROOT, ConfigError, Params, flatten, load_params, resolve
 from pipeline.train_loop import CHECKPOINT_FILE, load_state, save_state, train_worker
 
@@ -532,8 +531,7 @@ def train(params: Params, extra_config: dict[str, Any] | None = None) -> dict[st
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--params", type=Path, default=None, help="params file (default: the repo's params.yaml)")
+    parser = stage_argument_parser("pipeline.train", __doc__)
     args = parser.parse_args(argv)
     try:
         params = with_best_params(load_params(args.params))

@@ -41,7 +41,6 @@ when ``train.use_best_params`` is true), both written atomically.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import csv
 import functools
@@ -60,6 +59,7 @@ import ray
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler
 
+from pipeline.common import stage_argument_parser
 from pipeline.config import ConfigError, Params, flatten, load_params, parse_params, resolve
 from pipeline.train import (
     BEST_PARAMS_PATH,
@@ -743,8 +743,7 @@ def write_skipped(params: Params) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--params", type=Path, default=None, help="params file (default: the repo's params.yaml)")
+    parser = stage_argument_parser("pipeline.tune", __doc__)
     parser.add_argument("--only-if-used", action="store_true",
                         help="sweep only when train.use_best_params is true, else just record that none was wanted "
                              "(the DVC stage, so that `dvc repro` sweeps only for a train stage that uses the result)")
