@@ -159,32 +159,28 @@ class MLflowConfig(Section):
 # Each searched value is written in params.yaml as one of: a fixed value (`4`), a range (`{low: 1, high: 8}`,
 # `{low: 1.0e-4, high: 3.0e-3, log: true}`) or a list of choices (`{choices: [16, 32, 64]}`). Values are checked
 # against the schedule's own validation (vae.schedules), so a range that includes an invalid value fails at load.
-class FloatRange(Section):
+class _Range(Section):
+    """A search range [low, high]; the subclasses set the number type."""
+
+    @model_validator(mode="after")
+    def _ordered(self) -> _Range:
+        if not self.low < self.high:
+            raise ValueError(f"low ({self.low}) must be < high ({self.high})")
+        if self.log and self.low <= 0:
+            raise ValueError(f"a log range needs low > 0 (got {self.low})")
+        return self
+
+
+class FloatRange(_Range):
     low: float
     high: float
     log: bool = Field(False, description="sample uniformly in log space (learning rates, scales)")
 
-    @model_validator(mode="after")
-    def _ordered(self) -> FloatRange:
-        if not self.low < self.high:
-            raise ValueError(f"low ({self.low}) must be < high ({self.high})")
-        if self.log and self.low <= 0:
-            raise ValueError(f"a log range needs low > 0 (got {self.low})")
-        return self
 
-
-class IntRange(Section):
+class IntRange(_Range):
     low: int
     high: int
     log: bool = False
-
-    @model_validator(mode="after")
-    def _ordered(self) -> IntRange:
-        if not self.low < self.high:
-            raise ValueError(f"low ({self.low}) must be < high ({self.high})")
-        if self.log and self.low <= 0:
-            raise ValueError(f"a log range needs low > 0 (got {self.low})")
-        return self
 
 
 class FloatChoice(Section):

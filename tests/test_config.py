@@ -120,6 +120,17 @@ def test_overrides_are_validated_too():
         load_params(overrides={"train.epochs": 0})
 
 
+@pytest.mark.parametrize(("spec", "message"), [
+    ({"low": 1.0e-3, "high": 1.0e-4, "log": True}, r"tune\.search_space\.learning_rate.*low \(0\.001\) must be < high"),
+    ({"low": 0.0, "high": 1.0e-3, "log": True}, r"tune\.search_space\.learning_rate.*log range needs low > 0"),
+])
+def test_search_ranges_are_checked(spec, message):
+    with pytest.raises(ConfigError, match=message):
+        load_params(overrides={"tune.search_space.learning_rate": spec})
+    with pytest.raises(ConfigError, match=r"num_cycles.*low \(6\) must be < high \(2\)"):
+        load_params(overrides={"tune.search_space.beta_schedule.cyclical.num_cycles": {"low": 6, "high": 2}})
+
+
 def test_set_dotted_creates_sections():
     tree: dict = {"a": {"x": 1}}
     set_dotted(tree, "a.b.c", 2)
