@@ -485,7 +485,7 @@ def train_worker(config: dict[str, Any], session: Session) -> dict[str, Any]:
                     "epoch": epoch + 1, "step": step, "history": history, "rng": _rng_state(device),
                     "model_config": json.dumps(model.config), "params": json.dumps(params),
                 }
-                logger.drain()  # the epoch's records leave before its checkpoint: a crash after it loses none
+                logger.drain(timeout_s=2.0)  # the epoch's records leave before its checkpoint (a slow server: at most 2 s)
             session.report(metrics, new_state, epoch + 1)
             if exit_after_epoch == epoch + 1:
                 os._exit(1)  # a crash between the checkpoint write and anything after it
