@@ -212,6 +212,40 @@ def broadcast_from_rank0(value: Any) -> Any:
     return box[0]
 
 
+def final_state(result) -> dict[str, Any] | None:
+    """The state of a finished run: the newest complete checkpoint, whether or not Ray registered it (a restart
+    after the last epoch's checkpoint was written but before it was registered trains nothing more and reports
+    nothing; see :func:`newest_persisted_checkpoint`). Unregistered checkpoints older than the newest registered
+    one are removed, so ``train.checkpoint_num_to_keep`` still bounds the folder."""
+    registered = {checkpoint_epoch(c.path): c.path for c, _ in (result.best_checkpoints or [])}
+    newest = max(registered, default=0)
+    if result.checkpoint is not None:
+        newest = max(newest, checkpoint_epoch(result.checkpoint.path))
+    newer = newest_persisted_checkpoint(result.filesystem, result.path, newest)
+    if newer is not None:
+        print(f"[train] final state from {newer[0]} (written, not yet registered by Ray when the run ended)", flush=True)
+        return newer[1]
+    keep = set(registered.values()) | ({result.checkpoint.path} if result.checkpoint is not None else set())
+    _remove_orphan_checkpoints(result.filesystem, result.path, keep, newest)
+    if result.checkpoint is None:
+        return None
+    with result.checkpoint.as_directory() as directory:
+        return load_state(directory)
+
+
+def _remove_orphan_checkpoints(filesystem, run_path: str, keep: set[str], older_than: int) -> None:
+    import pyarrow.fs as pafs
+
+    try:
+        entries = filesystem.get_file_info(pafs.FileSelector(run_path, allow_not_found=True))
+        for entry in entries:
+            epoch = checkpoint_epoch(entry.path)
+            if entry.type == pafs.FileType.Directory and 0 < epoch < older_than and entry.path not in keep:
+                filesystem.delete_dir(entry.path)
+    except OSError as error:  # tidying only; the outputs do not depend on it
+        print(f"[train] could not remove an unregistered old checkpoint in {run_path}: {error}", file=sys.stderr)
+
+
 def ray_train_function(config: dict[str, Any]) -> None:
     """The function each Ray Train worker runs."""
     train_worker(config, RaySession())
@@ -441,39 +475,6 @@ def load_trained_model(model_dir: Path | str = MODEL_DIR):
 
 # ----------------------------------------------------------------------------------------------------------
 # The stage
-def final_state(result) -> dict[str, Any] | None:
-    """The state of a finished run: the newest complete checkpoint, whether or not Ray registered it (a restart
-    after the last epoch's checkpoint was written but before it was registered trains nothing more and reports
-    nothing; see :func:`newest_persisted_checkpoint`). Unregistered checkpoints older than the newest registered
-    one are removed, so ``train.checkpoint_num_to_keep`` still bounds the folder."""
-    registered = {checkpoint_epoch(c.path): c.path for c, _ in (result.best_checkpoints or [])}
-    newest = max(registered, default=0)
-    if result.checkpoint is not None:
-        newest = max(newest, checkpoint_epoch(result.checkpoint.path))
-    newer = newest_persisted_checkpoint(result.filesystem, result.path, newest)
-    if newer is not None:
-        print(f"[train] final state from {newer[0]} (written, not yet registered by Ray when the run ended)", flush=True)
-        return newer[1]
-    _remove_orphan_checkpoints(result.filesystem, result.path, set(registered.values()) | {result.checkpoint.path if result.checkpoint else ""}, newest)
-    if result.checkpoint is None:
-        return None
-    with result.checkpoint.as_directory() as directory:
-        return load_state(directory)
-
-
-def _remove_orphan_checkpoints(filesystem, run_path: str, keep: set[str], older_than: int) -> None:
-    import pyarrow.fs as pafs
-
-    try:
-        entries = filesystem.get_file_info(pafs.FileSelector(run_path, allow_not_found=True))
-        for entry in entries:
-            epoch = checkpoint_epoch(entry.path)
-            if entry.type == pafs.FileType.Directory and 0 < epoch < older_than and entry.path not in keep:
-                filesystem.delete_dir(entry.path)
-    except OSError as error:  # tidying only; the outputs do not depend on it
-        print(f"[train] could not remove an unregistered old checkpoint in {run_path}: {error}", file=sys.stderr)
-
-
 # ----------------------------------------------------------------------------------------------------------
 def train(params: Params, extra_config: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run the whole training on Ray and write the stage outputs. Returns the final metrics.
