@@ -135,10 +135,17 @@ def test_three_nodes_alive_and_ray_status_works(cluster):
     nodes = cluster.wait_for_nodes(3, timeout_s=60)
     assert sum(bool(node["is_head_node"]) for node in nodes) == 1
     assert all(node["resources_total"].get("CPU") == 1 for node in nodes)
-    # `ray status` from a shell with the cluster's env (token auth on): three active nodes.
-    done = ray_cli(cluster, "status")
-    assert done.returncode == 0, done.stdout + done.stderr
-    active = done.stdout.split("Active:")[1].split("Pending:")[0]
+    # `ray status` from a shell with the cluster's env (token auth on): three active nodes. It shows the
+    # autoscaler monitor's view, refreshed every few seconds, so it may list fewer nodes for a moment after the
+    # GCS (ray.nodes() above) has all three.
+    deadline = time.monotonic() + 60
+    while True:
+        done = ray_cli(cluster, "status")
+        assert done.returncode == 0, done.stdout + done.stderr
+        active = done.stdout.split("Active:")[1].split("Pending:")[0]
+        if active.count("node_") == 3 or time.monotonic() > deadline:
+            break
+        time.sleep(2)
     assert active.count("node_") == 3, done.stdout
 
 
