@@ -140,9 +140,13 @@ def test_killed_worker_node_training_goes_on_elastically(cluster, workspace):
     params = job_params(cluster, workspace, "kill-node", **{"train.min_workers": 1, "train.epochs": 3})
     job = start_training(cluster, workspace, params, "ft-kill-node")
     wait_for_log(cluster, job, rf"\[train\]   step {STEPS_PER_EPOCH + STEPS_PER_EPOCH // 2}/")
-    # A worker node that trains this job now (the head has 1 CPU, so one of the two workers is on a worker node).
-    logs = job_logs(cluster, job)
-    node = next(n for n in ("worker-1", "worker-2") if train_worker_processes(cluster, logs, n))
+    # A worker node that trains this job now (the head has 1 CPU, so one of the two workers is on a worker node;
+    # its pid shows in the logs once that rank has logged a line, by the end of epoch 1 at the latest).
+    deadline = time.monotonic() + 60
+    while not (nodes := [n for n in ("worker-1", "worker-2") if train_worker_processes(cluster, job_logs(cluster, job), n)]):
+        assert time.monotonic() < deadline, f"no Train worker of {job} found on a worker node"
+        time.sleep(1)
+    node = nodes[0]
     cluster.kill_node(node)
     try:
         logs = finished_ok(cluster, job)
