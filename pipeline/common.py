@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -46,3 +48,29 @@ def stage_argument_parser(module: str, doc: str | None) -> argparse.ArgumentPars
     parser.add_argument("--params", type=Path, default=None,
                         help="params.yaml to read (default: $VAE_PARAMS or the repository's params.yaml)")
     return parser
+
+
+def run_stage(name: str, body: Callable[[], int | None], interrupted: str | None = None) -> int:
+    """Run a stage's ``main`` body and turn its expected failures into an exit status.
+
+    An expected failure (bad params, a stage or data error, a missing file, a failed cluster job) prints
+    "<name> failed: <message>" on stderr, without a traceback, and returns 1. Ctrl-C returns 130 after printing
+    ``interrupted`` (what was kept), when given. Anything else is a bug and propagates with its traceback.
+
+    Returns:
+        The body's exit status (None counts as 0), 1 or 130.
+    """
+    from pipeline.config import ConfigError
+    from pipeline.datasets import DataStageError
+    from pipeline.submit import SubmitError
+
+    try:
+        return body() or 0
+    except (ConfigError, StageError, DataStageError, SubmitError, FileNotFoundError) as error:
+        print(f"\n{name} failed: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        if interrupted is None:
+            raise
+        print(f"\n{name} interrupted: {interrupted}", file=sys.stderr)
+        return 130

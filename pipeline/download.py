@@ -52,7 +52,7 @@ import tenacity
 from tqdm.auto import tqdm
 
 from pipeline import datasets as ds
-from pipeline.common import stage_argument_parser
+from pipeline.common import run_stage, stage_argument_parser
 from pipeline.datasets import DataStageError, RemoteFile
 
 if TYPE_CHECKING:
@@ -995,24 +995,19 @@ def download(data: DataConfig, config: DownloadConfig) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m pipeline.download [--params PATH]``: exit status 0, or 1 with a clear message on stderr."""
-    from pipeline.config import ConfigError, load_params
-
-    parser = stage_argument_parser("pipeline.download", __doc__)
-    args = parser.parse_args(argv)
+    args = stage_argument_parser("pipeline.download", __doc__).parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     log.setLevel(logging.INFO)
-    try:
+
+    def body() -> None:
+        from pipeline.config import load_params
+
         params = load_params(args.params)
         download(params.data, params.download)
-    except (ConfigError, DataStageError) as error:
-        print(f"\ndownload failed: {error}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("\ndownload interrupted: partial downloads are kept in data/raw/.downloads and resumed by the next "
-              "run", file=sys.stderr)
-        return 130
-    return 0
+
+    return run_stage("download", body, interrupted="partial downloads are kept in data/raw/.downloads and resumed "
+                                                   "by the next run")
 
 
 if __name__ == "__main__":

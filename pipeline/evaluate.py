@@ -29,7 +29,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from pipeline.common import MODEL_DIR, StageError, atomic_write_text, resolve, stage_argument_parser
+from pipeline.common import (
+    MODEL_DIR,
+    StageError,
+    atomic_write_text,
+    resolve,
+    run_stage,
+    stage_argument_parser,
+)
 from pipeline.train_loop import BatchSource, load_images, rank_indices, use_bf16
 from vae.latent import apply_attribute_vector, attribute_vector, interpolate_images
 from vae.model import VAE
@@ -257,24 +264,24 @@ def _log_to_mlflow(params: Params, figures: dict[str, Any], grids: dict[str, np.
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = stage_argument_parser("pipeline.evaluate", __doc__)
-    args = parser.parse_args(argv)
-    from pipeline.config import ConfigError, load_params
-    from pipeline.submit import SubmitError, should_submit, submit_stage
+    """``python -m pipeline.evaluate [--params PATH]``: exit status 0, or 1 with a clear message on stderr."""
+    args = stage_argument_parser("pipeline.evaluate", __doc__).parse_args(argv)
 
-    try:
+    def body() -> int:
+        from pipeline.config import load_params
+        from pipeline.submit import should_submit, submit_stage
+
         params = load_params(args.params)
         if should_submit(params):
             return submit_stage("pipeline.evaluate", params, args.params)
         figures = evaluate(params)
-    except (ConfigError, StageError, FileNotFoundError, SubmitError) as error:
-        print(f"evaluate: {error}", file=sys.stderr)
-        return 1
-    print(f"[evaluate] {figures['num_test_images']} test images on {figures['device']}: -ELBO "
-          f"{figures['test_negative_elbo']:.2f} nats, NLL (K={figures['num_importance_samples']}) "
-          f"{figures['test_nll']:.2f} nats = {figures['test_nll_bits_per_dim']:.4f} bits/dim, "
-          f"{figures['active_units']}/{figures['latent_dim']} active units, {figures['evaluation_seconds']:.1f}s")
-    return 0
+        print(f"[evaluate] {figures['num_test_images']} test images on {figures['device']}: -ELBO "
+              f"{figures['test_negative_elbo']:.2f} nats, NLL (K={figures['num_importance_samples']}) "
+              f"{figures['test_nll']:.2f} nats = {figures['test_nll_bits_per_dim']:.4f} bits/dim, "
+              f"{figures['active_units']}/{figures['latent_dim']} active units, {figures['evaluation_seconds']:.1f}s")
+        return 0
+
+    return run_stage("evaluate", body)
 
 
 if __name__ == "__main__":

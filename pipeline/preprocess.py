@@ -55,7 +55,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from pipeline import datasets as ds
-from pipeline.common import stage_argument_parser
+from pipeline.common import run_stage, stage_argument_parser
 from pipeline.datasets import DataStageError
 
 if TYPE_CHECKING:
@@ -549,24 +549,19 @@ def preprocess(data: DataConfig, config: PreprocessConfig) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m pipeline.preprocess [--params PATH]``: exit status 0, or 1 with a clear message on stderr."""
-    from pipeline.config import ConfigError, load_params
-
-    parser = stage_argument_parser("pipeline.preprocess", __doc__)
-    args = parser.parse_args(argv)
+    args = stage_argument_parser("pipeline.preprocess", __doc__).parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     log.setLevel(logging.INFO)
-    try:
+
+    def body() -> None:
+        from pipeline.config import load_params
+
         params = load_params(args.params)
         preprocess(params.data, params.preprocess)
-    except (ConfigError, DataStageError) as error:
-        print(f"\npreprocess failed: {error}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("\npreprocess interrupted: nothing was written (outputs are renamed into place only when complete)",
-              file=sys.stderr)
-        return 130
-    return 0
+
+    return run_stage("preprocess", body, interrupted="nothing was written (outputs are renamed into place only "
+                                                     "when complete)")
 
 
 if __name__ == "__main__":

@@ -28,8 +28,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from pipeline.common import MODEL_DIR, StageError, atomic_write_text, stage_argument_parser  # noqa: F401 (re-exported)
-from pipeline.config import REPO_ROOT, ConfigError, Params, flatten, load_params, resolve
+from pipeline.common import MODEL_DIR, StageError, atomic_write_text, run_stage, stage_argument_parser  # noqa: F401 (re-exported)
+from pipeline.config import REPO_ROOT, Params, flatten, load_params, resolve
 from pipeline.train_loop import CHECKPOINT_FILE, load_state, save_state, train_worker
 
 METRICS_PATH = Path("reports/train_metrics.json")
@@ -532,21 +532,21 @@ def train(params: Params, extra_config: dict[str, Any] | None = None) -> dict[st
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = stage_argument_parser("pipeline.train", __doc__)
-    args = parser.parse_args(argv)
-    try:
-        params = with_best_params(load_params(args.params))
-        from pipeline.submit import SubmitError, should_submit, submit_stage
+    """``python -m pipeline.train [--params PATH]``: exit status 0, or 1 with a clear message on stderr."""
+    args = stage_argument_parser("pipeline.train", __doc__).parse_args(argv)
 
+    def body() -> int:
+        from pipeline.submit import should_submit, submit_stage
+
+        params = with_best_params(load_params(args.params))
         if should_submit(params):
             return submit_stage("pipeline.train", params, args.params)
         metrics = train(params)
-    except (ConfigError, StageError, FileNotFoundError, SubmitError) as error:
-        print(f"train: {error}", file=sys.stderr)
-        return 1
-    print(f"[train] done: val -ELBO {metrics.get('val_negative_elbo', float('nan')):.3f} nats/image, "
-          f"{metrics.get('val_bits_per_dim', float('nan')):.4f} bits/dim; model in {resolve(MODEL_DIR)}")
-    return 0
+        print(f"[train] done: val -ELBO {metrics.get('val_negative_elbo', float('nan')):.3f} nats/image, "
+              f"{metrics.get('val_bits_per_dim', float('nan')):.4f} bits/dim; model in {resolve(MODEL_DIR)}")
+        return 0
+
+    return run_stage("train", body)
 
 
 if __name__ == "__main__":

@@ -59,8 +59,8 @@ import ray
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler
 
-from pipeline.common import stage_argument_parser
-from pipeline.config import ConfigError, Params, flatten, load_params, parse_params, resolve
+from pipeline.common import run_stage, stage_argument_parser
+from pipeline.config import Params, flatten, load_params, parse_params, resolve
 from pipeline.train import (
     BEST_PARAMS_PATH,
     RaySession,
@@ -743,27 +743,29 @@ def write_skipped(params: Params) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m pipeline.tune [--params PATH] [--only-if-used]``: exit status 0, or 1 with a clear message."""
     parser = stage_argument_parser("pipeline.tune", __doc__)
     parser.add_argument("--only-if-used", action="store_true",
                         help="sweep only when train.use_best_params is true, else just record that none was wanted "
                              "(the DVC stage, so that `dvc repro` sweeps only for a train stage that uses the result)")
     args = parser.parse_args(argv)
-    try:
+
+    def body() -> int:
+        from pipeline.submit import should_submit, submit_stage
+
         params = load_params(args.params)
         if args.only_if_used and not params.train.use_best_params:
             write_skipped(params)
             return 0
-        if params.cluster.submit:
-            from pipeline.submit import submit_stage
-
+        if should_submit(params):  # not inside the submitted job itself (it reads the same params)
             return submit_stage("pipeline.tune", params, args.params)
         summary = tune_sweep(params)
-    except (ConfigError, StageError, FileNotFoundError) as error:
-        print(f"tune: {error}", file=sys.stderr)
-        return 1
-    print(f"[tune] best configuration ({summary['best']['metric']} {summary['best']['value']:.4f}) in "
-          f"{resolve(BEST_PARAMS_PATH)}, all trials in {resolve(TRIALS_PATH)}; train it with train.use_best_params: true")
-    return 0
+        print(f"[tune] best configuration ({summary['best']['metric']} {summary['best']['value']:.4f}) in "
+              f"{resolve(BEST_PARAMS_PATH)}, all trials in {resolve(TRIALS_PATH)}; train it with "
+              "train.use_best_params: true")
+        return 0
+
+    return run_stage("tune", body)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,63 @@
+"""The stages' command lines: with ``cluster.submit`` the DVC-side call submits a Ray job, while the same
+command inside that job (``VAE_SUBMITTED=1``, same params file) runs the stage; expected failures exit 1 with
+"<stage> failed: ..." and Ctrl-C exits 130 with what was kept."""
+
+from __future__ import annotations
+
+import pytest
+from cluster_helpers import write_params
+
+from pipeline import evaluate, train, tune
+from pipeline import submit as submit_module
+from pipeline.common import StageError, run_stage
+
+STAGES = [(train, "train"), (evaluate, "evaluate"), (tune, "tune_sweep")]
+
+
+@pytest.mark.parametrize(("module", "local_function"), STAGES, ids=["train", "evaluate", "tune"])
+@pytest.mark.parametrize("inside_job", [False, True], ids=["dvc-side", "inside-the-job"])
+def test_submit_switch_submits_once(module, local_function, inside_job, tmp_path, monkeypatch, capsys):
+    params = write_params(tmp_path / "params.yaml", {"cluster.submit": True, "cluster.shared_dir": str(tmp_path)})
+    submitted: list[str] = []
+    monkeypatch.setattr(submit_module, "submit_stage", lambda name, *_: submitted.append(name) or 0)
+
+    def run_locally(*_args, **_kwargs):
+        raise StageError("ran here")
+
+    monkeypatch.setattr(module, local_function, run_locally)
+    if inside_job:
+        monkeypatch.setenv("VAE_SUBMITTED", "1")
+    else:
+        monkeypatch.delenv("VAE_SUBMITTED", raising=False)
+    status = module.main(["--params", str(params)])
+    name = module.__name__
+    if inside_job:  # the job runs the stage; it does not submit itself again
+        assert status == 1 and not submitted
+        assert f"{name.rsplit('.', 1)[-1]} failed: ran here" in capsys.readouterr().err
+    else:
+        assert status == 0 and submitted == [name]
+
+
+def test_run_stage_exit_statuses(capsys):
+    assert run_stage("demo", lambda: None) == 0
+    assert run_stage("demo", lambda: 3) == 3
+
+    def missing():
+        raise FileNotFoundError("data/processed/x.npy")
+
+    assert run_stage("demo", missing) == 1
+    assert "demo failed: data/processed/x.npy" in capsys.readouterr().err
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    assert run_stage("demo", interrupted, interrupted="partial files kept") == 130
+    assert "demo interrupted: partial files kept" in capsys.readouterr().err
+    with pytest.raises(KeyboardInterrupt):
+        run_stage("demo", interrupted)
+
+    def bug():
+        raise ZeroDivisionError
+
+    with pytest.raises(ZeroDivisionError):  # a bug keeps its traceback
+        run_stage("demo", bug)
