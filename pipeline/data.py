@@ -95,14 +95,6 @@ def load_manifest(processed_dir: Path | str) -> dict[str, Any]:
         raise ValueError(f"{path}: not valid JSON ({error}); {_RUN_PREPROCESS} again") from None
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(8 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def load_split(processed_dir: Path | str, split: str, mmap: bool = True, verify: bool = False) -> Split:
     """Load one split of the preprocessed arrays.
 
@@ -132,7 +124,9 @@ def load_split(processed_dir: Path | str, split: str, mmap: bool = True, verify:
             raise FileNotFoundError(f"{processed_dir / name} is missing; {_RUN_PREPROCESS} again")
     if verify:
         for name, sha256 in expected_files.items():
-            if _sha256(processed_dir / name) != sha256:
+            with open(processed_dir / name, "rb") as handle:
+                actual = hashlib.file_digest(handle, "sha256").hexdigest()
+            if actual != sha256:
                 raise ValueError(f"{processed_dir / name}: sha256 differs from the manifest (modified or "
                                  f"corrupted); {_RUN_PREPROCESS} again")
 

@@ -231,22 +231,10 @@ def read_celeba_annotations(folder: Path) -> CelebaAnnotations:
 # ---------------------------------------------------------------------------------------- file helpers
 
 
-def sha256_file(path: Path) -> str:
-    """sha256 hex digest of a file (read in 8 MiB blocks)."""
-    digest = hashlib.sha256()
+def file_hexdigest(path: Path, algorithm: str = "sha256") -> str:
+    """Hex digest of a file (``hashlib.file_digest``: read in blocks, never whole into memory)."""
     with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(8 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def md5_file(path: Path) -> str:
-    """md5 hex digest of a file (read in 8 MiB blocks)."""
-    digest = hashlib.md5()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(8 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, algorithm).hexdigest()
 
 
 class _OutputFolder:
@@ -289,7 +277,7 @@ def _manifest(folder: Path, dataset: str, image_shape: tuple[int, ...], attribut
     splits = {}
     for split in ds.SPLITS:
         files = sorted(p.name for p in folder.glob(f"{split}_*.npy"))
-        splits[split] = {"count": counts[split], "files": {name: sha256_file(folder / name) for name in files}}
+        splits[split] = {"count": counts[split], "files": {name: file_hexdigest(folder / name) for name in files}}
     return {
         "format_version": FORMAT_VERSION,
         "dataset": dataset,
@@ -316,7 +304,7 @@ def _input_checksums(paths: list[Path], record_path: Path) -> dict[str, Any]:
             record = {}
     sources = {}
     for path in paths:
-        entry: dict[str, Any] = {"md5": md5_file(path), "size": path.stat().st_size}
+        entry: dict[str, Any] = {"md5": file_hexdigest(path, "md5"), "size": path.stat().st_size}
         known = record.get(path.name)
         if isinstance(known, dict) and known.get("md5") == entry["md5"]:
             entry.update(source=known.get("source"), verified_by=known.get("verified_by"))

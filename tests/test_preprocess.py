@@ -26,10 +26,10 @@ from pipeline.data import load_manifest, load_split
 from pipeline.datasets import DataStageError
 from pipeline.preprocess import (
     center_crop_box,
+    file_hexdigest,
     main,
     preprocess_celeba,
     read_celeba_annotations,
-    sha256_file,
     transform_celeba_image,
 )
 from tests.fixtures.celeba import CelebaFixture, write_celeba_fixture
@@ -89,7 +89,7 @@ def test_splits_attributes_and_identities_line_up_with_the_annotation_files(proc
         assert entry["count"] == counts[split]
         assert set(entry["files"]) == {f"{split}_images.npy", f"{split}_attributes.npy", f"{split}_identity.npy"}
         for name, digest in entry["files"].items():
-            assert sha256_file(out / name) == digest
+            assert file_hexdigest(out / name) == digest
     assert not list(out.parent.glob(".*")), "temporary folders left beside the output"
 
 
