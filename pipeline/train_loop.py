@@ -136,31 +136,27 @@ class BatchSource:
         self.resident = torch.from_numpy(np.ascontiguousarray(images)).to(device) if on_device else None
 
     def batches(self, indices: torch.Tensor, batch_size: int, max_batches: int | None = None):
+        """Full batches in ``indices`` order (at most ``max_batches``); a ragged end is dropped (training)."""
         count = indices.numel() // batch_size
         count = min(count, max_batches) if max_batches else count
-        if self.on_device:
-            indices = indices.to(self.device)
-        for start in range(0, count * batch_size, batch_size):
-            chunk = indices[start:start + batch_size]
-            if self.resident is not None:
-                yield self.resident.index_select(0, chunk)
-            else:
-                ordered = np.sort(chunk.numpy())
-                batch = torch.from_numpy(self.host[ordered])
-                if self.device.type == "cuda":
-                    batch = batch.pin_memory().to(self.device, non_blocking=True)
-                yield batch
+        yield from self._gathered(indices, batch_size, count * batch_size)
 
     def all_batches(self, indices: torch.Tensor, batch_size: int):
         """Every index once, the last batch possibly short (evaluation)."""
+        yield from self._gathered(indices, batch_size, indices.numel())
+
+    def _gathered(self, indices: torch.Tensor, batch_size: int, stop: int):
         if self.on_device:
             indices = indices.to(self.device)
-        for start in range(0, indices.numel(), batch_size):
+        for start in range(0, stop, batch_size):
             chunk = indices[start:start + batch_size]
             if self.resident is not None:
                 yield self.resident.index_select(0, chunk)
-            else:
-                yield torch.from_numpy(self.host[np.sort(chunk.numpy())]).to(self.device)
+                continue
+            batch = torch.from_numpy(self.host[np.sort(chunk.numpy())])
+            if self.device.type == "cuda":
+                batch = batch.pin_memory().to(self.device, non_blocking=True)
+            yield batch
 
 
 # ----------------------------------------------------------------------------------------------------------

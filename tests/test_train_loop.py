@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from pipeline.config import load_params
 from pipeline.train_loop import (
+    BatchSource,
     LocalSession,
     NonFiniteLossError,
     learning_rate_factor,
@@ -102,3 +104,18 @@ def test_learning_rate_schedule():
     assert learning_rate_factor(100, 100, 10, "cosine") == pytest.approx(0.1)
     assert learning_rate_factor(55, 100, 10, "cosine") == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
     assert learning_rate_factor(55, 100, 10, "constant") == 1.0
+
+
+@pytest.mark.parametrize("on_device", [False, True])
+def test_batch_source_gathers_whole_batches_for_training_and_every_image_for_evaluation(on_device):
+    images = np.arange(10 * 1 * 2 * 2, dtype=np.uint8).reshape(10, 1, 2, 2)
+    source = BatchSource(images, torch.device("cpu"), on_device)
+    order = torch.tensor([7, 2, 9, 0, 4, 1, 8, 3, 6, 5])
+    train = list(source.batches(order, 3))
+    assert [b.shape[0] for b in train] == [3, 3, 3]  # the ragged end (one index) dropped
+    # Each batch holds the images of its indices (gathered in sorted order from a memory map when not resident).
+    assert all(sorted(b[:, 0, 0, 0].tolist()) == sorted((order[3 * i:3 * i + 3] * 4).tolist()) for i, b in enumerate(train))
+    assert len(list(source.batches(order, 3, max_batches=2))) == 2
+    evaluation = list(source.all_batches(order, 4))
+    assert [b.shape[0] for b in evaluation] == [4, 4, 2]
+    assert sorted(torch.cat(evaluation)[:, 0, 0, 0].tolist()) == [4 * i for i in range(10)]
