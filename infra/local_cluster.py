@@ -354,7 +354,7 @@ class LocalCluster:
         """Start head, workers and MLflow; wait until all nodes are alive. Idempotent: if this state dir's
         cluster is already running, report it and start nothing. On failure, stop what was started."""
         with self._lock():
-            if self.state and self.processes():
+            if self.is_up():
                 return self.status(note="already up; nothing started")
             if self.state:  # stale state of a cluster that died (reboot, kill -9): clear it first
                 self._cleanup_files(keep_logs=True)
@@ -423,13 +423,6 @@ class LocalCluster:
                 self._say(f"{name} started in {time.monotonic() - started:.1f}s")
         if failures:
             raise ClusterError("\n".join(failures))
-
-    def add_worker(self) -> str:
-        """Start one more worker node (the next free name) and return its name."""
-        taken = {int(n.split("-")[1]) for n in self.state.get("nodes", {}) if n != HEAD}
-        name = f"worker-{min(set(range(1, len(taken) + 2)) - taken)}"
-        self.start_node(name)
-        return name
 
     def _launch_node(self, name: str) -> tuple[str, subprocess.Popen, Path, float]:
         s = self.settings
