@@ -30,7 +30,7 @@ from typing import Any
 
 from pipeline.common import MODEL_DIR, StageError, atomic_write_text, run_stage, stage_argument_parser  # noqa: F401 (re-exported)
 from pipeline.config import REPO_ROOT, Params, flatten, load_params, resolve
-from pipeline.train_loop import CHECKPOINT_FILE, load_state, save_state, train_worker
+from pipeline.train_loop import CHECKPOINT_FILE, save_state, train_worker
 
 METRICS_PATH = Path("reports/train_metrics.json")
 CURVES_PATH = Path("reports/train_curves.csv")
@@ -132,8 +132,7 @@ def newest_persisted_checkpoint(filesystem, run_path: str, newer_than: int = 0) 
                       if entry.type == pafs.FileType.Directory and checkpoint_epoch(entry.path) > newer_than), reverse=True)
     for epoch, path in folders:
         try:
-            with filesystem.open_input_file(f"{path}/{CHECKPOINT_FILE}") as handle:
-                state = torch_load_bytes(handle.read())
+            state = read_persisted_state(filesystem, path)
         except Exception:  # noqa: BLE001 - an incomplete or unreadable checkpoint: try the previous one
             continue
         if int(state.get("epoch", -1)) == epoch:
@@ -141,11 +140,13 @@ def newest_persisted_checkpoint(filesystem, run_path: str, newer_than: int = 0) 
     return None
 
 
-def torch_load_bytes(data: bytes) -> dict[str, Any]:
-    """:func:`pipeline.train_loop.load_state` for the bytes of a ``state.pt`` (``weights_only=True``)."""
+def read_persisted_state(filesystem, folder: str) -> dict[str, Any]:
+    """:func:`pipeline.train_loop.load_state` for a checkpoint folder on a ``pyarrow.fs`` filesystem (local, S3,
+    ...), read straight into memory (``weights_only=True``)."""
     import torch
 
-    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    with filesystem.open_input_file(f"{folder}/{CHECKPOINT_FILE}") as handle:
+        return torch.load(io.BytesIO(handle.read()), map_location="cpu", weights_only=True)
 
 
 class RaySession:
@@ -166,10 +167,10 @@ class RaySession:
         import ray.train
 
         registered = ray.train.get_checkpoint()
+        storage = ray.train.get_context().get_storage()
         chosen: str | None = registered.path if registered is not None else None
         state = None
         if self.world_rank == 0:
-            storage = ray.train.get_context().get_storage()
             newer = newest_persisted_checkpoint(storage.storage_filesystem, storage.experiment_fs_path,
                                                 checkpoint_epoch(chosen))
             if newer is not None:
@@ -180,14 +181,7 @@ class RaySession:
             chosen = broadcast_from_rank0(chosen)
         if chosen is None:
             return None
-        if state is None:
-            if registered is not None and chosen == registered.path:
-                with registered.as_directory() as directory:
-                    return load_state(directory)
-            storage = ray.train.get_context().get_storage()
-            with storage.storage_filesystem.open_input_file(f"{chosen}/{CHECKPOINT_FILE}") as handle:
-                state = torch_load_bytes(handle.read())
-        return state
+        return state if state is not None else read_persisted_state(storage.storage_filesystem, chosen)
 
     def report(self, metrics, state, epoch):
         import ray.train
@@ -229,8 +223,7 @@ def final_state(result) -> dict[str, Any] | None:
     _remove_orphan_checkpoints(result.filesystem, result.path, keep, newest)
     if result.checkpoint is None:
         return None
-    with result.checkpoint.as_directory() as directory:
-        return load_state(directory)
+    return read_persisted_state(result.filesystem, result.checkpoint.path)
 
 
 def _remove_orphan_checkpoints(filesystem, run_path: str, keep: set[str], older_than: int) -> None:
