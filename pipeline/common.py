@@ -15,7 +15,8 @@ MODEL_DIR = Path("models/vae")  # the train stage's model output (weights + conf
 
 
 class StageError(RuntimeError):
-    """An expected failure of a stage; its ``main`` prints it without a traceback and exits 1."""
+    """An expected failure of a stage; its ``main`` prints it without a traceback and exits 1. Every stage's
+    error type derives from it (``ConfigError``, ``DataStageError``, ``SubmitError``)."""
 
 
 def project_root() -> Path:
@@ -53,20 +54,17 @@ def stage_argument_parser(module: str, doc: str | None) -> argparse.ArgumentPars
 def run_stage(name: str, body: Callable[[], int | None], interrupted: str | None = None) -> int:
     """Run a stage's ``main`` body and turn its expected failures into an exit status.
 
-    An expected failure (bad params, a stage or data error, a missing file, a failed cluster job) prints
-    "<name> failed: <message>" on stderr, without a traceback, and returns 1. Ctrl-C returns 130 after printing
-    ``interrupted`` (what was kept), when given. Anything else is a bug and propagates with its traceback.
+    An expected failure (a :class:`StageError` of any kind - bad params, a data, cluster or submission error - or
+    a missing file) prints "<name> failed: <message>" on stderr, without a traceback, and returns 1. Ctrl-C
+    returns 130 after printing ``interrupted`` (what was kept), when given. Anything else is a bug and
+    propagates with its traceback.
 
     Returns:
         The body's exit status (None counts as 0), 1 or 130.
     """
-    from pipeline.config import ConfigError
-    from pipeline.datasets import DataStageError
-    from pipeline.submit import SubmitError
-
     try:
         return body() or 0
-    except (ConfigError, StageError, DataStageError, SubmitError, FileNotFoundError) as error:
+    except (StageError, FileNotFoundError) as error:
         print(f"\n{name} failed: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -14,7 +14,7 @@ from typing import Annotated, Any, ClassVar, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
-from pipeline.common import REPO_ROOT, project_root, resolve  # noqa: F401 (re-exported)
+from pipeline.common import REPO_ROOT, StageError, project_root, resolve  # noqa: F401 (re-exported)
 from vae.schedules import SCHEDULES, CapacityAnnealing, ConstantBeta, CyclicalBeta, LinearWarmup, SigmoidBeta
 
 DEFAULT_PARAMS = REPO_ROOT / "params.yaml"
@@ -22,7 +22,7 @@ DEFAULT_PARAMS = REPO_ROOT / "params.yaml"
 DatasetName = Literal["celeba", "mnist", "fashion_mnist"]
 
 
-class ConfigError(ValueError):
+class ConfigError(StageError, ValueError):
     """params.yaml is missing, not YAML, or fails validation; the message names every bad field."""
 
 
@@ -139,6 +139,18 @@ class TrainConfig(Section):
     max_steps_per_epoch: int | None = Field(None, ge=1, description="cap steps per epoch (smoke runs)")
 
 
+# Train settings that do not change the trained weights: where and on what a run executes, how often it logs and
+# checkpoints, and exact-math-preserving speed-ups. Every other setting of data, model, beta_schedule and train
+# names the run (pipeline.train.run_name), so that re-running after a crash resumes the run - on other resources
+# or another number of workers too (the global batches do not depend on it; pipeline.data.training_indices) -
+# while a changed setting starts a new run.
+RUN_IDENTITY_EXCLUDES = frozenset({
+    "num_workers", "min_workers", "use_gpu", "cpus_per_worker", "gpus_per_worker", "data_on_device",
+    "channels_last", "compile", "checkpoint_num_to_keep", "max_failures", "storage_path", "run_name",
+    "log_every_n_steps", "use_best_params",
+})
+
+
 class EvaluateConfig(Section):
     num_importance_samples: int = Field(1000, ge=1, description="K for the importance-sampled log p(x)")
     importance_batch_size: int = Field(100, ge=1, description="samples of z evaluated at once per image")
@@ -146,6 +158,10 @@ class EvaluateConfig(Section):
     max_images: int | None = Field(None, ge=1, description="evaluate on the first N test images only")
     attributes: list[str] = ["Smiling", "Eyeglasses"]
     num_image_rows: int = Field(8, ge=1)
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="arithmetic of the test -ELBO and the "
+                                               "importance-sampled NLL, both alike; bf16 rounds the decoder's "
+                                               "outputs and biases the likelihood (the likelihood terms are fp32 "
+                                               "either way)")
 
 
 class MLflowConfig(Section):

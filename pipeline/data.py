@@ -1,18 +1,16 @@
-"""Read the preprocessed arrays (the output of the ``preprocess`` stage) and cut them into batches.
-
-numpy and the standard library only (no torch, ray, mlflow or dvc), so that it runs on the GPU machine as it is
-and inside every Ray worker.
+"""Read the preprocessed arrays (the output of the ``preprocess`` stage), share them among data-parallel ranks
+and cut them into batches: the one data path of training and evaluation.
 
 Layout read (see ``pipeline/preprocess.py``): ``data/processed/<dataset>/{split}_images.npy`` (uint8
 (N, C, H, W)), ``{split}_attributes.npy`` (CelebA, uint8 (N, 40) in {0, 1}), ``{split}_identity.npy`` (CelebA,
 int32 (N,)), ``{split}_labels.npy`` (MNIST family, uint8 (N,)), and ``manifest.json``.
 
-Typical use::
+Typical use (what the training loop does)::
 
-    split = load_split(params.data.processed_path(), "train")        # memory-mapped, nothing read yet
-    for batch in iterate_batches(split.images, 256, shuffle=True, seed=0, epoch=epoch,
-                                 rank=rank, world_size=world_size, drop_last=True):
-        x = torch.from_numpy(batch).to(device, non_blocking=True).float().div_(255)   # (B, C, H, W) in [0, 1]
+    source = BatchSource(load_images(processed_dir, "train"), device, on_device=False)
+    indices = training_indices(len(source.host), local_batch_size, epoch, seed, rank, world_size)
+    for x in source.batches(indices, local_batch_size):   # uint8 (B, C, H, W) on the device
+        ...
 """
 
 from __future__ import annotations
@@ -25,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 SPLITS = ("train", "valid", "test")
 MANIFEST = "manifest.json"
@@ -155,70 +154,92 @@ def load_split(processed_dir: Path | str, split: str, mmap: bool = True, verify:
     return result
 
 
-def _check_batching(batch_size: int, rank: int, world_size: int) -> None:
+def load_images(processed_dir: Path | str, split: str) -> np.ndarray:
+    """The memory-mapped uint8 (N, C, H, W) image array of one split (``{split}_images.npy``).
+
+    Raises:
+        FileNotFoundError: the array is missing (the message says which stage to run).
+    """
+    path = Path(processed_dir) / f"{split}_images.npy"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: run the preprocess stage first (`dvc repro preprocess`)")
+    return np.load(path, mmap_mode="r", allow_pickle=False)
+
+
+def training_indices(num_images: int, local_batch_size: int, epoch: int, seed: int, rank: int = 0,
+                     world_size: int = 1) -> np.ndarray:
+    """This rank's image indices for one training epoch, in batch order.
+
+    The epoch's order is a permutation of ``range(num_images)`` drawn from ``(seed, epoch)``, the same on every
+    rank. Global batch t is positions [t B, (t + 1) B) of it, B = ``local_batch_size * world_size``, and rank r
+    takes every ``world_size``-th position starting at r (as PyTorch's ``DistributedSampler``). So a global batch
+    holds the same images whatever the number of workers, the ranks' shares are disjoint, and every rank takes
+    the same number of steps, ``num_images // B`` (the ragged end is dropped; it differs every epoch).
+
+    Returns:
+        int64 (steps * local_batch_size,) indices: batch t of this rank is ``[t * local_batch_size, ...)``.
+    Raises:
+        ValueError: local_batch_size < 1, or rank outside [0, world_size).
+    """
+    _check_rank(local_batch_size, rank, world_size)
+    order = np.random.default_rng([seed, epoch]).permutation(num_images)
+    steps = num_images // (local_batch_size * world_size)
+    return order[: steps * local_batch_size * world_size][rank::world_size]
+
+
+def evaluation_indices(num_images: int, rank: int = 0, world_size: int = 1) -> np.ndarray:
+    """This rank's share of an evaluation split: ``rank, rank + world_size, ...``, so that the ranks together
+    see every image exactly once (shares differ in length by at most one; nothing is padded or dropped).
+
+    Raises:
+        ValueError: rank outside [0, world_size).
+    """
+    _check_rank(1, rank, world_size)
+    return np.arange(rank, num_images, world_size)
+
+
+def _check_rank(batch_size: int, rank: int, world_size: int) -> None:
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
 
 
-def batch_indices(num_items: int, batch_size: int, *, shuffle: bool, seed: int, epoch: int, rank: int = 0,
-                  world_size: int = 1, drop_last: bool) -> Iterator[np.ndarray]:
-    """Index batches of this rank's share of ``range(num_items)`` for one epoch (what
-    :func:`iterate_batches` gathers; use it to pick row-aligned labels or attributes too).
+class BatchSource:
+    """Yields uint8 batches (B, C, H, W) on ``device`` from a uint8 (N, C, H, W) array.
 
-    The order is a permutation drawn from ``(seed, epoch)`` (the same on every rank; a new one each epoch) or
-    ``0..N-1`` without shuffling. Rank ``r`` takes positions ``r, r + world_size, ...`` of it (as PyTorch's
-    ``DistributedSampler``), so the ranks' shares are disjoint and of equal length, and every rank yields the
-    same number of batches (DDP ranks step together). When ``N`` is not a multiple of ``world_size``,
-    ``drop_last=True`` drops the last ``N % world_size`` positions of the permutation (different images each
-    epoch when shuffled) and ``drop_last=False`` pads with the first positions (a few images seen twice).
-    ``drop_last`` also drops a final batch shorter than ``batch_size``. Indices within a batch are sorted
-    (faster gathers from a memory map; the batch's content is unchanged).
-
-    Yields:
-        int64 arrays of at most ``batch_size`` indices.
-    Raises:
-        ValueError: batch_size < 1, world_size < 1, or rank outside [0, world_size).
+    ``on_device=True`` copies the array to the device once; each batch is then a gather on the device (the
+    data path of GPU training: no host work per step). Otherwise each batch is gathered (sorted indices, for
+    locality) from the memory map on the CPU and, on a GPU, moved with a non-blocking copy from pinned memory.
     """
-    _check_batching(batch_size, rank, world_size)
-    if shuffle:
-        order = np.random.default_rng([seed, epoch]).permutation(num_items)
-    else:
-        order = np.arange(num_items)
-    if num_items % world_size:
-        if drop_last:
-            order = order[: num_items - num_items % world_size]
-        else:
-            pad = world_size - num_items % world_size
-            order = np.concatenate([order, np.resize(order, pad)]) if num_items else order
-    share = order[rank::world_size]
-    stop = len(share) - len(share) % batch_size if drop_last else len(share)
-    for start in range(0, stop, batch_size):
-        yield np.sort(share[start:start + batch_size])
 
+    def __init__(self, images: np.ndarray, device: torch.device, on_device: bool):
+        self.num_images = images.shape[0]
+        self.device = device
+        self.on_device = on_device
+        self.host = images
+        self.resident = torch.from_numpy(np.ascontiguousarray(images)).to(device) if on_device else None
 
-def iterate_batches(images: np.ndarray, batch_size: int, *, shuffle: bool, seed: int, epoch: int, rank: int = 0,
-                    world_size: int = 1, drop_last: bool) -> Iterator[np.ndarray]:
-    """Batches of this rank's disjoint share of ``images`` for one epoch (see :func:`batch_indices` for the
-    order, the partition across ranks and ``drop_last``).
+    def batches(self, indices: np.ndarray, batch_size: int, max_batches: int | None = None) -> Iterator[torch.Tensor]:
+        """Full batches in ``indices`` order (at most ``max_batches``); a ragged end is dropped (training)."""
+        count = len(indices) // batch_size
+        count = min(count, max_batches) if max_batches else count
+        yield from self._gathered(indices, batch_size, count * batch_size)
 
-    Args:
-        images: uint8 (N, C, H, W), typically memory-mapped (``load_split(...).images``).
-        batch_size: images per batch on this rank.
-        shuffle, seed, epoch: a fresh seeded permutation per epoch, identical on all ranks.
-        rank, world_size: this worker's index and the number of workers (DDP ranks).
-        drop_last: drop the ragged end (see :func:`batch_indices`).
-    Yields:
-        uint8 arrays (B, C, H, W), B <= batch_size, each a new in-memory array (writable, so
-        ``torch.from_numpy`` needs no copy).
-    """
-    _check_batching(batch_size, rank, world_size)
-    if not shuffle and world_size == 1:  # contiguous slices: one sequential read per batch
-        stop = len(images) - len(images) % batch_size if drop_last else len(images)
+    def all_batches(self, indices: np.ndarray, batch_size: int) -> Iterator[torch.Tensor]:
+        """Every index once, the last batch possibly short (evaluation)."""
+        yield from self._gathered(indices, batch_size, len(indices))
+
+    def _gathered(self, indices: np.ndarray, batch_size: int, stop: int) -> Iterator[torch.Tensor]:
+        indices = torch.as_tensor(np.asarray(indices), dtype=torch.long)
+        if self.resident is not None:
+            indices = indices.to(self.device)
         for start in range(0, stop, batch_size):
-            yield np.array(images[start:start + batch_size])
-        return
-    for indices in batch_indices(len(images), batch_size, shuffle=shuffle, seed=seed, epoch=epoch, rank=rank,
-                                 world_size=world_size, drop_last=drop_last):
-        yield np.asarray(images[indices])
+            chunk = indices[start:start + batch_size]
+            if self.resident is not None:
+                yield self.resident.index_select(0, chunk)
+                continue
+            batch = torch.from_numpy(self.host[np.sort(chunk.numpy())])
+            if self.device.type == "cuda":
+                batch = batch.pin_memory().to(self.device, non_blocking=True)
+            yield batch

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pipeline.common import StageError
+
 # ----------------------------------------------------------------------------------------------- CelebA
 
 CELEBA_FOLDER = "celeba"  # torchvision's CelebA.base_folder: files live in <root>/celeba/
@@ -109,7 +111,7 @@ MNIST_FAMILY_FILES = {"mnist": MNIST_FILES, "fashion_mnist": FASHION_MNIST_FILES
 SPLITS = ("train", "valid", "test")
 
 
-class DataStageError(RuntimeError):
+class DataStageError(StageError):
     """An expected failure of a data stage (no network, bad checksum, corrupt file, missing input).
 
     The message is complete for the user: it names the problem and the fix. Stage ``main()`` functions print it

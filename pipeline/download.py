@@ -45,13 +45,14 @@ import tempfile
 import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import tenacity
 from tqdm.auto import tqdm
 
 from pipeline import datasets as ds
+from pipeline.archives import UnsafeArchiveError, celeba_image_entries, check_archive_entries, make_readable  # noqa: F401 (re-exported)
 from pipeline.common import run_stage, stage_argument_parser
 from pipeline.datasets import DataStageError, RemoteFile
 
@@ -65,10 +66,6 @@ STAGING_DIR = ".downloads"  # data/raw/.downloads/<dataset>/<source>/: partial a
 _CHUNK = 4 << 20
 _ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # fixed timestamp: zips we build are byte-for-byte reproducible
 _PROGRESS_MIN_BYTES = 64 << 20  # hashing/copying progress bars only for big files
-
-
-class UnsafeArchiveError(DataStageError):
-    """An archive entry would be written outside the target folder (``../``, absolute path, link, device)."""
 
 
 class SourceError(Exception):
@@ -157,18 +154,6 @@ def _atomic_write_text(path: Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def make_readable(path: Path) -> None:
-    """Give a file made by ``tempfile`` (mode 0600) or a folder made by ``mkdtemp`` (0700) the modes of a normal
-    file or folder (0644 / 0755 under the usual umask), before it is renamed into place."""
-    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~_umask())
 
 
 def _remove(path: Path) -> None:
@@ -281,58 +266,6 @@ def _copy_with_md5(src: Path, dst: Path) -> str:
 # -------------------------------------------------------------------------------------- archive safety
 
 
-def _unsafe_reason(info: zipfile.ZipInfo) -> str | None:
-    name = info.filename
-    mode = info.external_attr >> 16
-    if "\\" in name:
-        return "contains a backslash"
-    if name.startswith("/") or re.match(r"^[A-Za-z]:", name):
-        return "is an absolute path"
-    if ".." in PurePosixPath(name).parts:
-        return "contains '..' and would be written outside the target folder"
-    if stat.S_ISLNK(mode):
-        return "is a symbolic link"
-    if mode and stat.S_IFMT(mode) and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
-        return "is a device, pipe or other special file"
-    return None
-
-
-def check_archive_entries(archive: zipfile.ZipFile, archive_name: str) -> None:
-    """Refuse an archive with any entry that could escape the extraction folder.
-
-    Raises:
-        UnsafeArchiveError: an entry with ``..``, an absolute path, a backslash, a symbolic link or a special file.
-    """
-    for info in archive.infolist():
-        reason = _unsafe_reason(info)
-        if reason:
-            raise UnsafeArchiveError(f"{archive_name}: entry {info.filename!r} {reason}; refusing to extract this "
-                                     f"archive (it is corrupt or malicious). Delete it and download it again.")
-
-
-def celeba_image_entries(archive: zipfile.ZipFile, archive_name: str, prefix: str = ds.CELEBA_IMAGE_FOLDER + "/"
-                         ) -> dict[str, zipfile.ZipInfo]:
-    """The JPEG entries directly under ``prefix`` in a CelebA-layout archive, keyed by file name (``000001.jpg``).
-
-    Raises:
-        UnsafeArchiveError: see :func:`check_archive_entries`.
-        DataStageError: duplicate entries, or an entry nested deeper than ``prefix``.
-    """
-    check_archive_entries(archive, archive_name)
-    images: dict[str, zipfile.ZipInfo] = {}
-    for info in archive.infolist():
-        if info.is_dir() or not info.filename.startswith(prefix) or not info.filename.lower().endswith(".jpg"):
-            continue
-        name = info.filename[len(prefix):]
-        if "/" in name:
-            raise DataStageError(f"{archive_name}: unexpected nested entry {info.filename!r} (expected "
-                                 f"{prefix}NNNNNN.jpg)")
-        if name in images:
-            raise DataStageError(f"{archive_name}: duplicate entry {info.filename!r}")
-        images[name] = info
-    return images
-
-
 def read_partition_names(path: Path) -> list[str]:
     """Image file names listed in ``list_eval_partition.txt`` (one ``name split`` pair per line), in order."""
     names = []
@@ -390,6 +323,10 @@ class Fetched:
     path: Path
     md5: str
     verified_by: str
+    # What a later run may trust the file on, besides an official or currently pinned md5: a zip rebuilt from a
+    # local folder ({"kind": "rebuilt"}, its image names were checked) or repacked from an archive whose pin must
+    # still be in params ({"kind": "repacked", "pin": [source, archive name, md5]}). None: nothing else.
+    basis: dict[str, Any] | None = None
 
 
 class Source:
@@ -443,8 +380,16 @@ class Source:
 def _md5_mismatch(name: str, got: str, official: str | None, pin_key: str, pinned: str | None) -> str:
     wanted = f"the official {official}" if official else "official (there is none for this file)"
     pin = f" or the pinned {pinned}" if pinned else ""
-    return (f"wrong checksum: md5 of {name} is {got}, not {wanted}{pin}; if you trust this copy, pin it in "
-            f"params.yaml as download.pinned_md5.{pin_key}.{name}: {got}")
+    return (f"wrong checksum: md5 of {name} is {got}, not {wanted}{pin}; if you trust this copy, pin it: in "
+            f"params.yaml as download.pinned_md5.{pin_key}.{name}: {got} (or for one experiment: "
+            f"{pin_override(pin_key, name, got)})")
+
+
+def pin_override(pin_key: str, name: str, md5: str) -> str:
+    """The ``dvc exp run`` option that pins one file's md5 for an experiment. File names hold dots, which DVC's
+    dotted override keys cannot, so the pin is written as a mapping merged into the source's pins (``++``: add
+    or replace, whether or not the source has pins yet)."""
+    return f"dvc exp run -S '++download.pinned_md5.{pin_key}={{{name}: {md5}}}'"
 
 
 class LocalSource(Source):
@@ -521,7 +466,7 @@ class LocalSource(Source):
         _write_celeba_zip({n: (lambda p=p: open(p, "rb")) for n, p in images.items()}, target)
         return Fetched(target, file_md5(target),
                        f"rebuilt from the local folder {folder} ({len(images)} images, names checked against "
-                       f"{ds.CELEBA_PARTITION}; the official md5 covers only the original zip)")
+                       f"{ds.CELEBA_PARTITION}; the official md5 covers only the original zip)", {"kind": "rebuilt"})
 
 
 class _HttpSource(Source):
@@ -628,7 +573,7 @@ class KaggleSource(_HttpSource):
         except DataStageError as error:
             raise SourceError(str(error)) from None
         return Fetched(target, file_md5(target), f"repacked from Kaggle's {self.archive_name}, md5 {pinned} pinned in "
-                               "download.pinned_md5.kaggle")
+                               "download.pinned_md5.kaggle", {"kind": "repacked", "pin": ["kaggle", self.archive_name, pinned]})
 
 
 class HuggingFaceSource(Source):
@@ -727,8 +672,8 @@ class MirrorSource(_HttpSource):
 
 
 class SourcesRecord:
-    """``sources.json`` beside the files: for each file its md5, the source that delivered it and how it was
-    verified. A file present with the recorded md5 is trusted on re-runs (it was verified when it arrived)."""
+    """``sources.json`` beside the files: for each file its md5, the source that delivered it, how it was
+    verified and (for a rebuilt or repacked zip) the basis a re-run may trust it on (see :func:`_present`)."""
 
     def __init__(self, path: Path, dataset: str):
         self.path = path
@@ -743,23 +688,45 @@ class SourcesRecord:
         entry = self.data["files"].get(name)
         return entry.get("md5") if isinstance(entry, dict) else None
 
-    def set(self, name: str, md5: str, source: str, verified_by: str) -> None:
+    def basis(self, name: str) -> dict[str, Any] | None:
+        entry = self.data["files"].get(name)
+        return entry.get("basis") if isinstance(entry, dict) else None
+
+    def set(self, name: str, md5: str, source: str, verified_by: str, basis: dict[str, Any] | None = None) -> None:
         self.data["files"][name] = {"md5": md5, "source": source, "verified_by": verified_by}
+        if basis:
+            self.data["files"][name]["basis"] = basis
 
     def save(self) -> None:
         _atomic_write_text(self.path, json.dumps(self.data, indent=2, sort_keys=True) + "\n")
 
 
+def _still_trusted(basis: dict[str, Any] | None, config: DownloadConfig) -> bool:
+    """Whether a recorded basis (see :class:`Fetched`) still holds under the current params."""
+    if not basis:
+        return False
+    if basis.get("kind") == "rebuilt":
+        return True
+    if basis.get("kind") == "repacked":
+        source, name, md5 = basis["pin"]
+        return config.pinned_md5.get(source, {}).get(name) == md5
+    return False
+
+
 def _present(path: Path, spec: RemoteFile, record: SourcesRecord, config: DownloadConfig) -> bool:
-    """Is a verified copy of ``spec`` already at ``path``? A file that fails the check is deleted."""
+    """Is a verified copy of ``spec`` already at ``path``? Only if its md5 is the official one or one pinned in the
+    current params (or its decompressed content is official, or it is a zip this stage rebuilt or repacked on a
+    basis that still holds): a pin taken out of params.yaml no longer vouches for the file it once let in. A
+    file that fails the check is deleted (and fetched again)."""
     if not path.is_file():
         return False
     md5 = file_md5(path, f"md5 {spec.name}")
-    accepted = {spec.md5, record.md5(spec.name)} | {pins[spec.name] for pins in config.pinned_md5.values()
-                                                    if spec.name in pins}
-    if md5 in accepted:
+    pinned = {pins[spec.name] for pins in config.pinned_md5.values() if spec.name in pins}
+    if md5 == spec.md5 or md5 in pinned:
         if record.md5(spec.name) != md5:
             record.set(spec.name, md5, "already present", "official md5" if md5 == spec.md5 else "pinned md5")
+        return True
+    if md5 == record.md5(spec.name) and _still_trusted(record.basis(spec.name), config):
         return True
     try:
         same_content = bool(spec.content_md5) and gzip_content_md5(path) == spec.content_md5
@@ -808,7 +775,7 @@ def _fetch_files(specs: list[RemoteFile], sources: list[Source], target: Path, r
                 continue
             make_readable(fetched.path)
             os.replace(fetched.path, final)
-            record.set(spec.name, fetched.md5, source.name, fetched.verified_by)
+            record.set(spec.name, fetched.md5, source.name, fetched.verified_by, fetched.basis)
             record.save()
             log.info("  %s: done (%s: %s)", spec.name, source.name, fetched.verified_by)
             break

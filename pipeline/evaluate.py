@@ -37,7 +37,8 @@ from pipeline.common import (
     run_stage,
     stage_argument_parser,
 )
-from pipeline.train_loop import BatchSource, load_images, rank_indices, use_bf16
+from pipeline.data import BatchSource, evaluation_indices, load_images
+from pipeline.train_loop import autocast_for
 from vae.latent import apply_attribute_vector, attribute_vector, interpolate_images
 from vae.model import VAE
 from vae.objectives import active_units, bits_per_dim, importance_sampled_log_likelihood
@@ -52,7 +53,7 @@ IMAGES_DIR = Path("reports/eval")
 
 @torch.no_grad()
 def test_figures(model: VAE, images: np.ndarray, num_importance_samples: int, importance_batch_size: int,
-                 batch_size: int, device: torch.device, seed: int = 0) -> dict[str, Any]:
+                 batch_size: int, device: torch.device, seed: int = 0, precision: str = "fp32") -> dict[str, Any]:
     """Negative ELBO, importance-sampled NLL, KL per dimension, active units and reconstruction MSE.
 
     Args:
@@ -60,14 +61,16 @@ def test_figures(model: VAE, images: np.ndarray, num_importance_samples: int, im
         images: uint8 (N, C, H, W) test images.
         num_importance_samples: K.
         importance_batch_size: samples of z decoded at once per image.
+        precision: "fp32" or "bf16" (autocast of the networks), the same for the ELBO and the NLL; the
+            likelihood terms are computed in fp32 either way.
     Returns:
         dict of figures; per-image figures are means over the N images, in nats unless the key says bits.
     """
     model = model.to(device).eval()
     source = BatchSource(images, device, on_device=device.type == "cuda")
-    indices = rank_indices(images.shape[0], 1, 0, 0, 0, 1, shuffle=False)
+    indices = evaluation_indices(images.shape[0])
     generator = torch.Generator(device=device).manual_seed(seed)
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16("auto", device) else None
+    autocast = autocast_for(precision, device)
     sums = {"reconstruction": 0.0, "kl": 0.0, "nll": 0.0, "squared_error": 0.0}
     kl_per_dim = torch.zeros(model.latent_dim, dtype=torch.float64, device=device)
     posterior_means = []
@@ -75,18 +78,16 @@ def test_figures(model: VAE, images: np.ndarray, num_importance_samples: int, im
     start = time.perf_counter()
     for x in source.all_batches(indices, batch_size):
         target = model.likelihood.prepare_target(x, generator)
-        terms = model.elbo_terms(x, 1, generator=generator, target=target)
+        with autocast():
+            terms = model.elbo_terms(x, 1, generator=generator, target=target)
+            log_px = importance_sampled_log_likelihood(model, x, num_importance_samples, importance_batch_size,
+                                                       target, generator)
+            reconstruction = model(x)
         sums["reconstruction"] += float(terms.reconstruction.double().sum())
         sums["kl"] += float(terms.kl.double().sum())
         kl_per_dim += terms.kl_per_dim.double().sum(dim=0)
         posterior_means.append(terms.posterior.mean.float().cpu())
-        if autocast is not None:
-            with autocast():
-                log_px = importance_sampled_log_likelihood(model, x, num_importance_samples, importance_batch_size, target, generator)
-        else:
-            log_px = importance_sampled_log_likelihood(model, x, num_importance_samples, importance_batch_size, target, generator)
         sums["nll"] += float(-log_px.double().sum())
-        reconstruction = model(x)
         sums["squared_error"] += float((reconstruction - x.float() / 255.0).pow(2).double().mean(dim=(1, 2, 3)).sum())
         count += x.shape[0]
     seconds = time.perf_counter() - start
@@ -110,6 +111,7 @@ def test_figures(model: VAE, images: np.ndarray, num_importance_samples: int, im
         "posterior_mean_variance_per_dim": variances.tolist(),
         "likelihood": model.likelihood.name,
         "likelihood_is_discrete": discrete,
+        "precision": precision,
         "evaluation_seconds": seconds,
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
     }
@@ -190,7 +192,7 @@ def _evaluate(params_json: dict[str, Any], model_bytes: bytes, processed_dir: st
     if evaluation.max_images:
         test = test[: evaluation.max_images]
     figures = test_figures(model, test, evaluation.num_importance_samples, evaluation.importance_batch_size,
-                           evaluation.batch_size, device, seed=params.train.seed)
+                           evaluation.batch_size, device, seed=params.train.seed, precision=evaluation.precision)
     attributes = attribute_sets(Path(processed_dir), evaluation.attributes) if params.data.dataset == "celeba" else {}
     pictures = test_pictures(model, test, figures["posterior_mean_variance_per_dim"], evaluation.num_image_rows, device,
                              attributes, seed=params.train.seed)

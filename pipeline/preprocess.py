@@ -256,7 +256,7 @@ class _OutputFolder:
         os.replace(tmp, self.path / name)
 
     def publish(self) -> None:
-        from pipeline.download import make_readable
+        from pipeline.archives import make_readable
 
         make_readable(self.path)
         if self.out_dir.exists():
@@ -344,7 +344,7 @@ def preprocess_celeba(raw_root: Path, out_dir: Path, *, image_size: int = 64, cr
         DataStageError: missing inputs (says to run the download stage), malformed annotations, an image listed
             in the partition file but absent from the zip, or a corrupt image (named) without ``skip_corrupt``.
     """
-    from pipeline.download import celeba_image_entries
+    from pipeline.archives import celeba_image_entries
 
     folder = raw_root / ds.CELEBA_FOLDER
     archive_path = folder / ds.CELEBA_ZIP

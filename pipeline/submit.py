@@ -22,6 +22,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from pipeline.common import StageError
 from pipeline.config import REPO_ROOT, Params, project_root, resolve
 
 # What each stage reads and writes, relative to the project root (the processed data are added per dataset).
@@ -32,7 +33,7 @@ STAGE_FILES: dict[str, tuple[list[str], list[str]]] = {
 }
 
 
-class SubmitError(RuntimeError):
+class SubmitError(StageError):
     """The job could not be submitted, or it failed on the cluster."""
 
 

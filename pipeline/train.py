@@ -15,6 +15,7 @@ reports/train_curves.csv.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -28,14 +29,18 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from pipeline.checkpoints import read_persisted_state, save_state
 from pipeline.common import MODEL_DIR, StageError, atomic_write_text, run_stage, stage_argument_parser  # noqa: F401 (re-exported)
-from pipeline.config import REPO_ROOT, Params, flatten, load_params, resolve
-from pipeline.train_loop import CHECKPOINT_FILE, save_state, train_worker
+from pipeline.config import REPO_ROOT, RUN_IDENTITY_EXCLUDES, Params, flatten, load_params, resolve
+from pipeline.train_loop import NonFiniteLossError, WorkerConfig, train_worker
 
 METRICS_PATH = Path("reports/train_metrics.json")
 CURVES_PATH = Path("reports/train_curves.csv")
 BEST_PARAMS_PATH = Path("reports/tune/best_params.yaml")
 RUN_ID_FILE = "mlflow_run_id"
+# Written into the run's storage folder by rank 0 when the loss diverged: the workers then end normally, since Ray
+# Train retries every worker exception (up to train.max_failures) and a divergence would only repeat.
+NON_FINITE_FILE = "non_finite_loss.txt"
 
 
 def git_commit() -> str:
@@ -85,10 +90,11 @@ def with_best_params(params: Params) -> Params:
 
 
 def run_name(params: Params, hashes: dict[str, str]) -> str:
-    """``train.run_name``-<8 hex>: the hash covers data, model, beta schedule and optimisation settings."""
+    """``train.run_name``-<8 hex>: the hash covers the data (their hashes and settings), the model, the beta
+    schedule and every train setting that changes the weights (all but ``config.RUN_IDENTITY_EXCLUDES``), so a
+    re-run after a crash resumes the run, on other resources too, and a changed setting starts a new one."""
     shaping = params.model_dump(mode="json", include={"data", "model", "beta_schedule"})
-    train = params.train.model_dump(mode="json", exclude={"storage_path", "run_name", "log_every_n_steps", "max_failures",
-                                                          "checkpoint_num_to_keep", "use_best_params", "compile"})
+    train = params.train.model_dump(mode="json", exclude=set(RUN_IDENTITY_EXCLUDES))
     digest = hashlib.sha256(json.dumps([shaping, train, hashes], sort_keys=True).encode()).hexdigest()[:8]
     return f"{params.train.run_name}-{digest}"
 
@@ -140,15 +146,6 @@ def newest_persisted_checkpoint(filesystem, run_path: str, newer_than: int = 0) 
     return None
 
 
-def read_persisted_state(filesystem, folder: str) -> dict[str, Any]:
-    """:func:`pipeline.train_loop.load_state` for a checkpoint folder on a ``pyarrow.fs`` filesystem (local, S3,
-    ...), read straight into memory (``weights_only=True``)."""
-    import torch
-
-    with filesystem.open_input_file(f"{folder}/{CHECKPOINT_FILE}") as handle:
-        return torch.load(io.BytesIO(handle.read()), map_location="cpu", weights_only=True)
-
-
 class RaySession:
     """:class:`pipeline.train_loop.Session` on top of ``ray.train`` (inside a TorchTrainer worker)."""
 
@@ -193,6 +190,20 @@ class RaySession:
             save_state(state, Path(directory))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
                              checkpoint_dir_name=f"checkpoint_epoch_{epoch:04d}")
+
+    def should_continue(self, epoch: int) -> bool:
+        return True
+
+    def record_non_finite(self, error: NonFiniteLossError) -> None:
+        """Rank 0 writes the divergence into the run's storage folder (:data:`NON_FINITE_FILE`), where the
+        driver finds it."""
+        if self.world_rank != 0:
+            return
+        import ray.train
+
+        storage = ray.train.get_context().get_storage()
+        with storage.storage_filesystem.open_output_stream(f"{storage.experiment_fs_path}/{NON_FINITE_FILE}") as out:
+            out.write(str(error).encode())
 
 
 def broadcast_from_rank0(value: Any) -> Any:
@@ -239,9 +250,35 @@ def _remove_orphan_checkpoints(filesystem, run_path: str, keep: set[str], older_
         print(f"[train] could not remove an unregistered old checkpoint in {run_path}: {error}", file=sys.stderr)
 
 
-def ray_train_function(config: dict[str, Any]) -> None:
-    """The function each Ray Train worker runs."""
-    train_worker(config, RaySession())
+def ray_train_function(config: dict[str, Any], session: RaySession | None = None) -> None:
+    """The function each Ray Train worker runs. A divergence (:class:`NonFiniteLossError`, raised on every rank at
+    the same step) ends the workers normally after it is recorded: Ray would retry an exception from the last
+    checkpoint, and the same data and weights would diverge again."""
+    session = session or RaySession()
+    try:
+        train_worker(config["worker"], session)
+    except NonFiniteLossError as error:
+        session.record_non_finite(error)
+
+
+def non_finite_error(filesystem, run_path: str) -> str | None:
+    """The divergence message a run's workers recorded (:data:`NON_FINITE_FILE`), or None."""
+    import pyarrow.fs as pafs
+
+    path = f"{run_path}/{NON_FINITE_FILE}"
+    if filesystem.get_file_info(path).type != pafs.FileType.File:
+        return None
+    with filesystem.open_input_stream(path) as stream:
+        return stream.readall().decode()
+
+
+def clear_non_finite(storage: str, name: str) -> None:
+    """Remove a divergence record an earlier attempt of this run left (a re-run decides afresh)."""
+    import pyarrow.fs as pafs
+
+    filesystem, root = pafs.FileSystem.from_uri(storage)
+    with contextlib.suppress(FileNotFoundError, OSError):
+        filesystem.delete_file(f"{root}/{name}/{NON_FINITE_FILE}")
 
 
 def connect_ray(params: Params) -> None:
@@ -355,12 +392,9 @@ def storage_uri(path: Path | str) -> str:
 
 
 def worker_config(params: Params, run_id: str | None, tracking: str | None, lost_path: Path | None) -> dict[str, Any]:
-    return {
-        "params": params.model_dump(mode="json"),
-        "processed_dir": str(params.data.processed_path()),
-        "mlflow": {"run_id": run_id, "tracking_uri": tracking} if run_id else None,
-        "lost_records_path": str(lost_path) if lost_path else None,
-    }
+    """The ``train_loop_config`` of a TorchTrainer: ``{"worker": WorkerConfig}``."""
+    return {"worker": WorkerConfig(params, str(params.data.processed_path()), run_id, tracking,
+                                   str(lost_path) if lost_path else None)}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -436,8 +470,8 @@ def write_outputs(state: dict[str, Any], name: str, run_id: str | None) -> dict[
     tmp = model_dir / "model.safetensors.tmp"
     save_file({k: v.contiguous() for k, v in state["model"].items()}, str(tmp))
     os.replace(tmp, model_dir / "model.safetensors")
-    atomic_write_text(model_dir / "model_config.json", json.dumps(json.loads(state["model_config"]), indent=2) + "\n")
-    atomic_write_text(model_dir / "params.json", json.dumps(json.loads(state["params"]), indent=2) + "\n")
+    atomic_write_text(model_dir / "model_config.json", json.dumps(state["model_config"], indent=2) + "\n")
+    atomic_write_text(model_dir / "params.json", json.dumps(state["params"], indent=2) + "\n")
     history = state["history"]
     final = dict(history[-1]) if history else {}
     metrics = {**final, "run_name": name, "mlflow_run_id": run_id, "epochs": state["epoch"], "steps": state["step"]}
@@ -469,14 +503,14 @@ def load_trained_model(model_dir: Path | str = MODEL_DIR):
 # ----------------------------------------------------------------------------------------------------------
 # The stage
 # ----------------------------------------------------------------------------------------------------------
-def train(params: Params, extra_config: dict[str, Any] | None = None) -> dict[str, Any]:
+def train(params: Params, train_fn=None) -> dict[str, Any]:
     """Run the whole training on Ray and write the stage outputs. Returns the final metrics.
 
-    ``extra_config`` is merged into the workers' config (test hooks: ``fault_injection``, ``record_indices_dir``).
+    ``train_fn`` replaces the workers' function (:func:`ray_train_function`); tests wrap it to inject faults.
 
     Raises:
-        StageError: the data are missing, the cluster cannot be reached or lacks resources, or training failed
-            (after ``train.max_failures`` restarts); the message says which.
+        StageError: the data are missing, the cluster cannot be reached or lacks resources, the loss diverged
+            (not retried), or training failed (after ``train.max_failures`` restarts); the message says which.
     """
     import numpy as np
 
@@ -494,7 +528,7 @@ def train(params: Params, extra_config: dict[str, Any] | None = None) -> dict[st
     check_cpu_capacity(params, use_gpu)
     run_id, uri = open_mlflow_run(params, name, run_dir, hashes)
     config = worker_config(params, run_id, uri, run_dir / "lost_mlflow_records.json" if run_dir else None)
-    config.update(extra_config or {})
+    clear_non_finite(storage, name)
     print(f"[train] run {name}: {params.train.num_workers} worker(s), {'GPU' if use_gpu else 'CPU'}, "
           f"checkpoints in {where}, MLflow run {run_id} at {uri}", flush=True)
     import mlflow
@@ -503,11 +537,15 @@ def train(params: Params, extra_config: dict[str, Any] | None = None) -> dict[st
     from ray.train import TrainingFailedError
 
     try:
-        result = make_trainer(params, config, name, use_gpu).fit()
+        result = make_trainer(params, config, name, use_gpu, train_fn=train_fn).fit()
     except TrainingFailedError as error:
         client.set_terminated(run_id, status="FAILED")
         raise StageError(f"training failed (after up to {params.train.max_failures} restarts from the last "
                          f"checkpoint): {error}\nRe-running the stage resumes from the latest checkpoint in {where}.") from None
+    diverged = non_finite_error(result.filesystem, result.path)
+    if diverged:
+        client.set_terminated(run_id, status="FAILED")
+        raise StageError(f"training diverged (not retried: it would diverge again): {diverged}")
     state = final_state(result)
     if state is None:
         raise StageError(f"training finished without a checkpoint in {where}")

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import dataclasses
 import functools
 import hashlib
 import io
@@ -59,21 +60,25 @@ import ray
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler
 
+from pipeline.checkpoints import load_state
 from pipeline.common import run_stage, stage_argument_parser
-from pipeline.config import Params, flatten, load_params, parse_params, resolve
+from pipeline.config import RUN_IDENTITY_EXCLUDES, Params, flatten, load_params, parse_params, resolve
 from pipeline.train import (
     BEST_PARAMS_PATH,
     RaySession,
     StageError,
     atomic_write_text,
+    clear_non_finite,
     connect_ray,
     data_hashes,
     git_commit,
     make_trainer,
+    non_finite_error,
+    ray_train_function,
     storage_uri,
     worker_config,
 )
-from pipeline.train_loop import load_state, say, train_worker
+from pipeline.train_loop import NonFiniteLossError, say
 
 TRIALS_PATH = Path("reports/tune/trials.csv")
 METRICS = ("val_negative_elbo", "val_bits_per_dim")
@@ -290,7 +295,7 @@ class TrialSession(RaySession):
 
 def trial_worker_function(config: dict[str, Any]) -> None:
     """The function each Train worker of a trial runs: the training loop with the waiting session."""
-    train_worker(config, TrialSession(config["scheduler_decisions"]))
+    ray_train_function(config, TrialSession(config["scheduler_decisions"]))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -446,18 +451,18 @@ def run_trial(config: dict[str, Any], sweep: dict[str, Any]) -> None:
     if run_id is None:
         say(f"[tune] trial {trial_id}: no MLflow run from the driver; training without tracking")
     local = "://" not in sweep["trials_storage"]
-    worker = worker_config(params, run_id, sweep["tracking_uri"],
+    config = worker_config(params, run_id, sweep["tracking_uri"],
                            Path(sweep["trials_storage"]) / name / "lost_mlflow_records.json" if local else None)
-    worker["processed_dir"] = sweep["processed_dir"]
-    worker["scheduler_decisions"] = {"actor": sweep["coordinator"], "trial_id": trial_id,
+    config["worker"] = dataclasses.replace(config["worker"], processed_dir=sweep["processed_dir"])
+    config["scheduler_decisions"] = {"actor": sweep["coordinator"], "trial_id": trial_id,
                                      "timeout_s": sweep["decision_timeout_s"]}
-    hooks = dict(sweep.get("extra_config") or {})
-    if hooks.get("record_indices_dir"):  # test hook: each trial records the epochs its workers start
-        hooks["record_indices_dir"] = str(Path(hooks["record_indices_dir"]) / trial_id)
-    worker.update(hooks)
-    trainer = make_trainer(params, worker, name, sweep["use_gpu"], callbacks=[TuneReportCallback()],
-                           storage_path=sweep["trials_storage"], train_fn=trial_worker_function)
+    clear_non_finite(sweep["trials_storage"], name)
+    trainer = make_trainer(params, config, name, sweep["use_gpu"], callbacks=[TuneReportCallback()],
+                           storage_path=sweep["trials_storage"], train_fn=sweep["worker_fn"] or trial_worker_function)
     result = trainer.fit()
+    diverged = non_finite_error(result.filesystem, result.path)
+    if diverged:  # the trial fails (Tune does not retry it); the sweep goes on
+        raise NonFiniteLossError(f"trial {trial_id} diverged: {diverged}")
     epochs = _epochs_of(result)
     say(f"[tune] trial {trial_id}: {epochs} of {params.train.epochs} epochs")
     _report_if_unseen(result, trial_id, epochs, sweep["coordinator"])
@@ -507,9 +512,7 @@ def sweep_name(params: Params, hashes: dict[str, str]) -> str:
                                                          "seed", "epochs", "search_space"})
     shaping = params.model_dump(mode="json", include={"data", "model"})
     shaping["model"].pop("latent_dim")
-    train = params.train.model_dump(mode="json", exclude={
-        "storage_path", "run_name", "log_every_n_steps", "max_failures", "checkpoint_num_to_keep", "use_best_params",
-        "compile", "epochs", "learning_rate", "num_workers", "cpus_per_worker", "gpus_per_worker", "use_gpu"})
+    train = params.train.model_dump(mode="json", exclude=set(RUN_IDENTITY_EXCLUDES) | {"epochs", "learning_rate"})
     digest = hashlib.sha256(json.dumps([tune, shaping, train, hashes], sort_keys=True).encode()).hexdigest()[:8]
     return f"{params.tune.experiment_name}-{digest}"
 
@@ -629,10 +632,10 @@ def trials_csv(rows: list[dict[str, Any]]) -> str:
     return buffer.getvalue()
 
 
-def tune_sweep(params: Params, extra_config: dict[str, Any] | None = None) -> dict[str, Any]:
+def tune_sweep(params: Params, worker_fn=None) -> dict[str, Any]:
     """Run (or resume) the sweep and write reports/tune/. Returns {"sweep", "rows", "best", "parent_run_id"}.
 
-    ``extra_config`` is merged into every trial's worker config (test hooks such as ``record_indices_dir``).
+    ``worker_fn`` replaces the trials' Train worker function (:func:`trial_worker_function`); tests wrap it.
 
     Raises:
         StageError: no data, no cluster or too few resources, or no trial produced a result.
@@ -660,7 +663,7 @@ def tune_sweep(params: Params, extra_config: dict[str, Any] | None = None) -> di
         "trials_storage": f"{experiment_path}/trials", "tracking_uri": uri, "experiment_id": experiment_id,
         "parent_run_id": parent_run_id, "coordinator": coordinator_name(name),
         "decision_timeout_s": params.tune.decision_timeout_s, "use_gpu": use_gpu, "hashes": hashes,
-        "git_commit": git_commit(), "extra_config": extra_config or {},
+        "git_commit": git_commit(), "worker_fn": worker_fn,
     }
     say(f"[tune] sweep {name}: {params.tune.num_samples} trials, {concurrent} at a time, "
         f"{params.tune.workers_per_trial} worker(s) per trial on {'GPU' if use_gpu else 'CPU'}; state in "

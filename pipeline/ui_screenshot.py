@@ -32,8 +32,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from pipeline.common import StageError
 from pipeline.config import ConfigError, load_params, resolve
-from pipeline.train import StageError
 
 DEFAULT_OUT = Path("infra/screenshots/mlflow_sweep.png")
 CHROMIUM_FLAGS = [

@@ -17,8 +17,8 @@ from pipeline.config import (
     parse_params,
     set_dotted,
 )
-from vae import VAE, make_schedule
-from vae.schedules import ConstantBeta, CyclicalBeta, LinearWarmup
+from vae.model import VAE
+from vae.schedules import ConstantBeta, CyclicalBeta, LinearWarmup, make_schedule
 
 LIKELIHOOD_NAMES = ("bernoulli", "gaussian_fixed", "gaussian_learned_scalar", "gaussian_learned_pixel",
                     "categorical_256", "discretized_logistic")

@@ -121,6 +121,37 @@ def test_rerun_with_everything_present_does_nothing(celeba_fixture, http_server,
     assert {p: p.stat().st_mtime_ns for p in target.rglob("*")} == before
 
 
+def test_a_file_let_in_by_a_pin_that_was_taken_back_is_fetched_again(tmp_path):
+    """A corrupt zip accepted under a pin, then the pin replaced by the md5 of a good copy in another folder: the
+    old file is no longer vouched for, so the stage fetches the good one (the md5 recorded in sources.json when
+    the bad file arrived does not count)."""
+    good = write_celeba_fixture(tmp_path / "good", (4, 1, 1), seed=3)
+    bad = write_celeba_fixture(tmp_path / "bad", (4, 1, 1), seed=3, corrupt={"000002.jpg": "truncated"})
+    assert good.md5[ds.CELEBA_ZIP] != bad.md5[ds.CELEBA_ZIP]
+    params = make_params(tmp_path, sources=["local"], local_dir=str(bad.folder), pinned_md5=bad.pins("local"))
+    download(params.data, params.download)
+    zip_path = target_of(params) / ds.CELEBA_ZIP
+    assert zip_path.read_bytes() == bad.path(ds.CELEBA_ZIP).read_bytes()
+
+    params = make_params(tmp_path, sources=["local"], local_dir=str(good.folder), pinned_md5=good.pins("local"))
+    download(params.data, params.download)
+    assert zip_path.read_bytes() == good.path(ds.CELEBA_ZIP).read_bytes()
+    record = json.loads((params.data.raw_path() / "sources.json").read_text())["files"]
+    assert record[ds.CELEBA_ZIP]["md5"] == good.md5[ds.CELEBA_ZIP]
+
+
+def test_a_zip_rebuilt_from_a_local_folder_is_kept_on_a_rerun(tmp_path):
+    """A zip this stage packed from extracted images has no official md5 and needs no pin: a re-run keeps it."""
+    fixture = write_celeba_fixture(tmp_path / "mine", (4, 1, 1), seed=2, extract=True)
+    fixture.path(ds.CELEBA_ZIP).unlink()
+    params = make_params(tmp_path, sources=["local"], local_dir=str(fixture.folder), pinned_md5=fixture.pins("local"))
+    download(params.data, params.download)
+    zip_path = target_of(params) / ds.CELEBA_ZIP
+    before = zip_path.stat().st_mtime_ns
+    download(params.data, params.download)
+    assert zip_path.stat().st_mtime_ns == before
+
+
 def test_transfer_cut_mid_file_is_resumed_with_a_range_request(http_server, tmp_path):
     # gdown writes in 512 KiB chunks: the zip must be larger than that for the cut to leave a partial file.
     fixture = write_celeba_fixture(tmp_path / "big", (60, 10, 10), seed=1)

@@ -1,6 +1,12 @@
 """infra/ for real clusters, checked without a cluster: every YAML parses; KubeRay objects use ray.io/v1 and
 its current field names; all images are the one infra/Dockerfile builds; entrypoints, volumes, ConfigMaps
-and params overrides point at things that exist; the `ray up` config passes Ray's own schema."""
+and params overrides point at things that exist; the `ray up` config passes Ray's own schema.
+
+What each check is worth: the `ray up` config is validated against the real schema that the installed Ray
+ships (``ray.autoscaler._private.util.validate_config``). The KubeRay manifests are checked against a static
+copy of the field names below, written by hand from KubeRay's Go types (no Kubernetes API server or CRD is
+available offline here): it catches typos and fields of old API versions, not a field KubeRay added or removed
+after that copy. The params overrides are validated by the project's own config model."""
 
 from __future__ import annotations
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import gzip
 import json
 import logging
-import os
 import shutil
 import subprocess
 import sys
@@ -18,10 +17,11 @@ import yaml
 
 from pipeline import datasets as ds
 from pipeline.config import REPO_ROOT, parse_params
-from pipeline.data import batch_indices, iterate_batches, load_manifest, load_split
+from pipeline.data import load_manifest, load_split
 from pipeline.datasets import DataStageError
 from pipeline.download import download
 from pipeline.preprocess import preprocess
+from tests.fixtures.repository import fresh_repository, repository_env
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 needs_fashion_mnist = pytest.mark.skipif(
@@ -155,51 +155,10 @@ def test_load_split_memory_maps_by_default(fashion):
     np.testing.assert_array_equal(mapped.images, loaded.images)
 
 
-@pytest.mark.parametrize(("num_items", "world_size", "drop_last"),
-                         [(103, 1, False), (103, 4, True), (103, 4, False), (100, 3, True), (7, 8, False)])
-def test_rank_partitions_are_disjoint_equal_and_cover_the_data(num_items, world_size, drop_last):
-    batch = 10
-    shares = [np.concatenate(list(batch_indices(num_items, batch, shuffle=True, seed=1, epoch=2, rank=r,
-                                                world_size=world_size, drop_last=drop_last)) or [np.empty(0, int)])
-              for r in range(world_size)]
-    counts = [len(list(batch_indices(num_items, batch, shuffle=True, seed=1, epoch=2, rank=r, world_size=world_size,
-                                     drop_last=drop_last))) for r in range(world_size)]
-    assert len(set(counts)) == 1, "ranks must step equally often"
-    assert len({len(s) for s in shares}) == 1
-    together = np.concatenate(shares)
-    if drop_last:
-        assert len(together) == len(set(together.tolist())), "shares overlap"
-        per_rank = num_items // world_size
-        assert len(shares[0]) == per_rank - per_rank % batch
-    else:
-        assert set(together.tolist()) == set(range(num_items)), "an image is never seen"
-        assert len(together) == world_size * -(-num_items // world_size)  # padded by at most world_size - 1
-
-
-def test_batches_are_seeded_per_epoch_and_gather_the_right_images():
-    images = np.arange(50 * 1 * 2 * 2, dtype=np.uint32).astype(np.uint8).reshape(50, 1, 2, 2)
-    images[:, 0, 0, 0] = np.arange(50)
-
-    def epoch_order(epoch, seed=0, rank=0, world_size=2):
-        return [b[:, 0, 0, 0].tolist() for b in iterate_batches(images, 8, shuffle=True, seed=seed, epoch=epoch,
-                                                                rank=rank, world_size=world_size, drop_last=True)]
-
-    assert epoch_order(0) == epoch_order(0)
-    assert epoch_order(0) != epoch_order(1) and epoch_order(0) != epoch_order(0, seed=1)
-    assert not set(sum(epoch_order(3, rank=0), [])) & set(sum(epoch_order(3, rank=1), []))
-    for batch in iterate_batches(images, 8, shuffle=True, seed=0, epoch=0, drop_last=False):
-        assert batch.dtype == np.uint8 and batch.shape[1:] == (1, 2, 2) and batch.flags.writeable
-        np.testing.assert_array_equal(batch, images[batch[:, 0, 0, 0]])
-    sequential = list(iterate_batches(images, 16, shuffle=False, seed=0, epoch=0, drop_last=False))
-    assert [len(b) for b in sequential] == [16, 16, 16, 2]
-    np.testing.assert_array_equal(np.concatenate(sequential), images)
-    assert [len(b) for b in iterate_batches(images, 16, shuffle=False, seed=0, epoch=0, drop_last=True)] == [16] * 3
-    with pytest.raises(ValueError, match="rank"):
-        next(iterate_batches(images, 8, shuffle=True, seed=0, epoch=0, rank=2, world_size=2, drop_last=True))
-
-
-def test_data_module_imports_with_numpy_only():
-    code = ("import sys, pipeline.data; bad = {'torch', 'ray', 'mlflow', 'dvc', 'pydantic'} & "
+@pytest.mark.parametrize("stage", ["pipeline.download", "pipeline.preprocess"])
+def test_data_stages_import_no_torch_ray_or_mlflow(stage):
+    """The data stages start fast and do not re-run for model code: they import none of the training stack."""
+    code = (f"import sys, {stage}; bad = {{'torch', 'ray', 'mlflow', 'dvc'}} & "
             "{m.split('.')[0] for m in sys.modules}; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, check=True, timeout=60)
 
@@ -214,29 +173,17 @@ def test_dvc_repro_preprocess_on_fashion_mnist_in_a_fresh_copy(tmp_path):
     runs both stages, then reports everything up to date and re-runs nothing."""
     if shutil.which("git") is None:
         pytest.skip("git is needed for a DVC repository")
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    for name in ("dvc.yaml", ".dvcignore", ".gitignore", "pipeline", "vae"):
-        source = REPO_ROOT / name
-        (shutil.copytree if source.is_dir() else shutil.copy)(source, repo / name)
-    (repo / ".dvc").mkdir()
-    shutil.copy(REPO_ROOT / ".dvc" / "config", repo / ".dvc" / "config")
-    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
-    params["data"]["dataset"] = "fashion_mnist"
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    bin_dir = str(Path(sys.executable).parent)
-    env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""), "VAE_PARAMS": ""}
+    repo = fresh_repository(tmp_path, {"data.dataset": "fashion_mnist"})
+    env = repository_env()
 
     def run(*command):
         return subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True, timeout=300, check=True)
 
-    run("git", "init", "-q")
-    run("git", "-c", "user.email=t@example.com", "-c", "user.name=t", "commit", "-q", "--allow-empty", "-m", "0")
-    run(os.path.join(bin_dir, "dvc"), "repro", "preprocess")
+    run(".venv/bin/dvc", "repro", "preprocess")  # as the README types it: no venv on PATH
     manifest = load_manifest(repo / "data" / "processed" / "fashion_mnist")
     assert manifest["splits"]["valid"]["count"] == 5_000
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
     assert {out["path"] for stage in lock["stages"].values() for out in stage["outs"]} == {
         "data/raw/fashion_mnist", "data/processed/fashion_mnist"}
     # so `dvc repro preprocess` re-runs nothing (the later stages have not run here)
-    assert "up to date" in run(os.path.join(bin_dir, "dvc"), "status", "preprocess").stdout
+    assert "up to date" in run(".venv/bin/dvc", "status", "preprocess").stdout

@@ -1,42 +1,50 @@
-"""The per-worker training loop without Ray: resumption, NaN handling, data partitioning, schedules."""
+"""The per-worker training loop without Ray: the objective of a step, resumption (one rank and two), data
+parallelism equal to one process on the same global batches, NaN handling, the data path."""
 
 from __future__ import annotations
 
+import copy
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from pipeline.config import load_params
+from pipeline.config import Params, load_params
+from pipeline.data import BatchSource, evaluation_indices, training_indices
 from pipeline.train_loop import (
-    BatchSource,
     LocalSession,
     NonFiniteLossError,
+    WorkerConfig,
     learning_rate_factor,
-    load_state,
-    rank_indices,
     run_local,
+    set_up,
     train_worker,
+    training_step,
 )
 from tests.fixtures.arrays import write_square_arrays
+from tests.fixtures.distributed import run_ranks
+from tests.fixtures.faults import nan_at_call
+
+TRAIN, VALID = 192, 48
 
 
-def tiny_params(**overrides):
+def tiny_params(**overrides) -> Params:
     base = {
-        "data.dataset": "fashion_mnist", "model.architecture": "mlp", "model.hidden_dims": [64, 32], "model.latent_dim": 4,
-        "model.likelihood": "bernoulli", "beta_schedule": {"name": "linear", "warmup_steps": 5},
+        "data.dataset": "fashion_mnist", "model.architecture": "mlp", "model.hidden_dims": [64, 32],
+        "model.latent_dim": 4, "model.likelihood": "bernoulli", "beta_schedule": {"name": "linear", "warmup_steps": 5},
         "train.epochs": 2, "train.batch_size": 32, "train.log_every_n_steps": 100, "train.lr_warmup_steps": 2,
         "evaluate.num_image_rows": 2,
     }
     base.update(overrides)
-    return load_params(overrides=base).model_dump(mode="json")
+    return load_params(overrides=base)
 
 
 @pytest.fixture
 def processed(tmp_path):
     """A tiny preprocessed split set (N, 1, 28, 28) uint8 in the preprocess stage's layout."""
-    return write_square_arrays(tmp_path / "processed", {"train": 192, "valid": 48, "test": 48}, 255)
+    return write_square_arrays(tmp_path / "processed", {"train": TRAIN, "valid": VALID, "test": 48}, 255)
 
 
 class CrashAfterFirstEpoch(LocalSession):
@@ -47,54 +55,215 @@ class CrashAfterFirstEpoch(LocalSession):
         raise KeyboardInterrupt("simulated crash")
 
 
+def final_state(directory: Path) -> dict:
+    return torch.load(sorted(directory.glob("checkpoint_*"))[-1] / "state.pt", weights_only=True)
+
+
+def assert_same_weights(a: dict, b: dict, atol: float = 1e-6) -> None:
+    for name, tensor in a.items():
+        torch.testing.assert_close(tensor, b[name], rtol=0, atol=atol, msg=f"parameter {name} differs")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One step
+# ----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("schedule", [{"name": "constant", "beta": 0.3},
+                                      {"name": "capacity", "gamma": 7.0, "capacity_max": 2.0, "capacity_steps": 1}])
+def test_a_step_descends_the_beta_weighted_negative_elbo(processed, tmp_path, schedule):
+    """The gradient of a step is exactly that of reconstruction + beta * KL (or gamma |KL - C|) on the batch."""
+    params = tiny_params(**{"beta_schedule": schedule, "train.grad_clip_norm": 1e9})
+    run = set_up(WorkerConfig(params, str(processed)), LocalSession(tmp_path))
+    run.step = 3  # C = capacity_max from step 1 on
+    x = next(run.train_source.batches(training_indices(TRAIN, 32, 0, 0), 32))
+    reference = copy.deepcopy(run.model)
+    rng = torch.get_rng_state()
+    stats = training_step(run, x)
+
+    torch.set_rng_state(rng)  # the same reparameterization and binarization noise
+    terms = reference.elbo_terms(x)
+    kl = terms.kl.mean()
+    penalty = 0.3 * kl if schedule["name"] == "constant" else 7.0 * (kl - 2.0).abs()
+    loss = terms.reconstruction.mean() + penalty
+    loss.backward()
+    assert float(stats[0]) == pytest.approx(loss.item(), rel=1e-6)
+    for (name, trained), (_, expected) in zip(run.model.named_parameters(), reference.named_parameters(), strict=True):
+        torch.testing.assert_close(trained.grad, expected.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_beta_shapes_what_training_learns(processed, tmp_path):
+    """beta = 0 leaves the KL free (it grows); a large beta squeezes it: the schedule reaches the optimiser."""
+    kls = {}
+    for beta in (0.0, 4.0):
+        params = tiny_params(**{"beta_schedule": {"name": "constant", "beta": beta}, "train.epochs": 3,
+                                "train.learning_rate": 3e-3})
+        result, _ = run_local(WorkerConfig(params, str(processed)), tmp_path / str(beta))
+        kls[beta] = result["history"][-1]["val_kl"]
+    assert kls[0.0] > 3 * kls[4.0], kls
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Resumption
+# ----------------------------------------------------------------------------------------------------------
 def test_resumed_training_equals_straight_training(processed, tmp_path):
-    config = {"params": tiny_params(), "processed_dir": str(processed)}
+    config = WorkerConfig(tiny_params(), str(processed))
     straight, _ = run_local(config, tmp_path / "straight")
     with pytest.raises(KeyboardInterrupt):
         train_worker(config, CrashAfterFirstEpoch(tmp_path / "split"))
     assert [c.name for c in (tmp_path / "split").glob("checkpoint_*")] == ["checkpoint_000001"]
     resumed, _ = run_local(config, tmp_path / "split")
-    assert resumed["step"] == straight["step"] == 2 * (192 // 32)
-    a = load_state(tmp_path / "straight" / "checkpoint_000002")
-    b = load_state(tmp_path / "split" / "checkpoint_000002")
+    assert resumed["step"] == straight["step"] == 2 * (TRAIN // 32)
+    a, b = final_state(tmp_path / "straight"), final_state(tmp_path / "split")
     assert a["step"] == b["step"]
-    for name, tensor in a["model"].items():
-        torch.testing.assert_close(tensor, b["model"][name], rtol=0, atol=1e-6, msg=f"parameter {name} differs")
-    assert [round(h["val_negative_elbo"], 4) for h in a["history"]] == [round(h["val_negative_elbo"], 4) for h in b["history"]]
+    assert_same_weights(a["model"], b["model"])
+    assert [round(h["val_negative_elbo"], 4) for h in a["history"]] == [
+        round(h["val_negative_elbo"], 4) for h in b["history"]]
 
 
-def test_training_lowers_the_negative_elbo(processed, tmp_path):
-    result, _ = run_local({"params": tiny_params(**{"train.epochs": 4, "train.learning_rate": 3e-3}), "processed_dir": str(processed)}, tmp_path)
-    history = result["history"]
-    assert history[-1]["val_negative_elbo"] < history[0]["val_negative_elbo"] - 10
+def train_ranks(rank: int, world_size: int, processed: str, directory: str, params: Params, crash: bool = False,
+                noise_free: bool = False) -> dict:
+    """One rank of a gloo-connected training run on a shared checkpoint folder (see run_ranks)."""
+    if noise_free:  # z = the posterior mean: runs that differ only in their noise streams become comparable
+        from vae.distributions import DiagonalGaussian
+
+        DiagonalGaussian.rsample = lambda self, num_samples=1, generator=None: self.mean.expand(
+            num_samples, *self.mean.shape)
+    session_type = CrashAfterFirstEpoch if crash else LocalSession
+    session = session_type(directory, world_rank=rank, world_size=world_size)
+    try:
+        result = train_worker(WorkerConfig(params, processed), session)
+    except KeyboardInterrupt:
+        return {"crashed": True}
+    return {"history": result["history"], "model": {k: v.clone() for k, v in
+                                                    _model_state(directory).items()} if rank == 0 else None,
+            "rng": torch.get_rng_state()}
 
 
+def _model_state(directory: str) -> dict:
+    return final_state(Path(directory))["model"]
+
+
+def test_two_ranks_resume_with_their_own_random_state(processed, tmp_path):
+    """2 workers: a crash after epoch 1 and a resume give the weights and every rank's noise of the straight run."""
+    params = tiny_params(**{"train.epochs": 2, "train.batch_size": 16})
+    straight = run_ranks(train_ranks, 2, str(processed), str(tmp_path / "straight"), params)
+    run_ranks(train_ranks, 2, str(processed), str(tmp_path / "split"), params, True)
+    resumed = run_ranks(train_ranks, 2, str(processed), str(tmp_path / "split"), params)
+    assert_same_weights(straight[0]["model"], resumed[0]["model"])
+    for rank in (0, 1):  # each rank's generator is where it would have been without the crash
+        assert torch.equal(straight[rank]["rng"], resumed[rank]["rng"]), f"rank {rank}'s noise differs"
+    assert not torch.equal(straight[0]["rng"], straight[1]["rng"]), "the ranks must draw different noise"
+    saved = final_state(tmp_path / "split")["rng"]
+    assert saved["world_size"] == 2 and len(saved["ranks"]) == 2
+
+
+def test_a_resume_on_another_number_of_workers_derives_fresh_random_states(processed, tmp_path, capsys):
+    """Elastic training: the checkpoint of 2 ranks resumed on 1 draws new, deterministic noise and says so."""
+    params = tiny_params(**{"train.epochs": 2, "train.batch_size": 16})
+    run_ranks(train_ranks, 2, str(processed), str(tmp_path / "two"), params, True)
+    for copy_name in ("a", "b"):
+        (tmp_path / copy_name).mkdir()
+        checkpoint = next((tmp_path / "two").glob("checkpoint_*"))
+        (tmp_path / copy_name / checkpoint.name).mkdir()
+        (tmp_path / copy_name / checkpoint.name / "state.pt").write_bytes((checkpoint / "state.pt").read_bytes())
+        run_local(WorkerConfig(params, str(processed)), tmp_path / copy_name)
+    assert "world size 1 differs from the checkpoint's 2" in capsys.readouterr().out
+    assert_same_weights(final_state(tmp_path / "a")["model"], final_state(tmp_path / "b")["model"], atol=0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data parallelism
+# ----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("schedule", [{"name": "linear", "warmup_steps": 5}, "capacity"])
+def test_two_ranks_equal_one_process_on_the_same_global_batches(processed, tmp_path, monkeypatch, schedule):
+    """DDP: both ranks hold identical weights after every step, equal (to float rounding) to one process
+    training on the whole global batches. Noise-free (z = posterior mean, a likelihood without target noise),
+    so that only the data split and the gradient averaging can differ. Capacity annealing's |KL - C| is not
+    linear in the batch: with C at the median KL of the first images and one image per rank, the ranks' signs
+    differ on many steps, and only the global batch's KL gives one process's gradient."""
+    overrides = {"model.likelihood": "discretized_logistic", "train.epochs": 1, "train.grad_clip_norm": None}
+    if schedule == "capacity":
+        overrides.update({"train.batch_size": 2, "train.max_steps_per_epoch": 24})
+        probe = set_up(WorkerConfig(tiny_params(**overrides), str(processed)), LocalSession(tmp_path / "probe"))
+        x = torch.from_numpy(np.load(processed / "train_images.npy")[:64])
+        median_kl = float(probe.model.encode(x).kl_divergence().median().detach())
+        schedule = {"name": "capacity", "gamma": 5.0, "capacity_max": median_kl, "capacity_steps": 1}
+    params = tiny_params(beta_schedule=schedule, **overrides)
+    ranks = run_ranks(train_ranks, 2, str(processed), str(tmp_path / "two"), params, False, True)
+
+    from vae.distributions import DiagonalGaussian
+
+    monkeypatch.setattr(DiagonalGaussian, "rsample", lambda self, num_samples=1, generator=None: self.mean.expand(
+        num_samples, *self.mean.shape))
+    single, _ = run_local(WorkerConfig(params, str(processed)), tmp_path / "one")
+    two = final_state(tmp_path / "two")["model"]
+    assert_same_weights(two, final_state(tmp_path / "one")["model"], atol=2e-5)
+    assert ranks[0]["history"][-1]["step"] == single["step"]
+    assert ranks[0]["history"][-1]["val_negative_elbo"] == pytest.approx(
+        single["history"][-1]["val_negative_elbo"], rel=1e-4)
+
+
+def identical_ranks(rank: int, world_size: int, processed: str, directory: str, params: Params) -> dict:
+    """The parameters of this rank's model after an epoch (not only rank 0's checkpoint). BatchNorm's running
+    statistics are per rank (each rank normalises its own part of the batch; DDP copies rank 0's buffers to the
+    others at the start of each forward pass), so they are not compared."""
+    from pipeline.train_loop import set_up as make_run
+    from pipeline.train_loop import train_one_epoch
+
+    run = make_run(WorkerConfig(params, processed), LocalSession(directory, world_rank=rank, world_size=world_size))
+    train_one_epoch(run, 0)
+    return {name: tensor.detach().clone() for name, tensor in run.model.named_parameters()}
+
+
+def test_ddp_ranks_hold_identical_weights_after_training(processed, tmp_path):
+    params = tiny_params(**{"train.batch_size": 16, "model.architecture": "conv", "model.hidden_dims": [8, 16]})
+    ranks = run_ranks(identical_ranks, 2, str(processed), str(tmp_path), params)
+    assert_same_weights(ranks[0], ranks[1], atol=0)
+
+
+def test_training_indices_are_disjoint_whole_batches_and_independent_of_the_world_size():
+    shares = [training_indices(1000, 16, epoch=0, seed=3, rank=r, world_size=3) for r in range(3)]
+    assert {len(s) for s in shares} == {(1000 // 48) * 16}
+    flat = np.concatenate(shares)
+    assert len(np.unique(flat)) == len(flat)
+    np.testing.assert_array_equal(training_indices(1000, 16, 0, 3, 1, 3), shares[1])
+    assert not np.array_equal(training_indices(1000, 16, epoch=1, seed=3, rank=1, world_size=3), shares[1])
+    # Global batch t holds the same images on 1, 2 or 4 workers.
+    one = training_indices(1000, 32, 5, 7)
+    for world_size in (2, 4):
+        local = 32 // world_size
+        parts = [training_indices(1000, local, 5, 7, r, world_size) for r in range(world_size)]
+        for t in range(1000 // 32):
+            together = np.concatenate([p[t * local:(t + 1) * local] for p in parts])
+            assert set(together.tolist()) == set(one[t * 32:(t + 1) * 32].tolist())
+    with pytest.raises(ValueError, match="rank"):
+        training_indices(10, 2, 0, 0, rank=2, world_size=2)
+
+
+def test_evaluation_indices_cover_every_image_once():
+    for num_images, world_size in ((10, 1), (10, 3), (7, 8)):
+        shares = [evaluation_indices(num_images, r, world_size) for r in range(world_size)]
+        assert sorted(np.concatenate(shares).tolist()) == list(range(num_images))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Failures
+# ----------------------------------------------------------------------------------------------------------
 def test_nan_loss_stops_with_error_and_last_checkpoint_is_finite(processed, tmp_path):
     params = tiny_params(**{"train.epochs": 3})
-    steps_per_epoch = 192 // 32
-    session = LocalSession(tmp_path)
-    with pytest.raises(NonFiniteLossError, match=rf"step {steps_per_epoch + 2} \(epoch 1\)"):
-        train_worker({"params": params, "processed_dir": str(processed),
-                      "fault_injection": {"nan_at_step": steps_per_epoch + 2}}, session)
+    steps_per_epoch = TRAIN // 32
+    with nan_at_call(steps_per_epoch + 2), pytest.raises(NonFiniteLossError) as raised:
+        train_worker(WorkerConfig(params, str(processed)), LocalSession(tmp_path))
+    message = str(raised.value)
+    assert f"epoch 2, step {steps_per_epoch + 2}: loss=nan" in message and "train.learning_rate" in message
     checkpoints = sorted(tmp_path.glob("checkpoint_*"))
     assert [c.name for c in checkpoints] == ["checkpoint_000001"]
-    state = load_state(checkpoints[0])
+    state = torch.load(checkpoints[0] / "state.pt", weights_only=True)
     assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
 
 
 def test_missing_data_names_the_stage(tmp_path):
     with pytest.raises(FileNotFoundError, match="dvc repro preprocess"):
-        run_local({"params": tiny_params(), "processed_dir": str(tmp_path / "nothing")}, tmp_path / "ck")
-
-
-def test_rank_indices_are_disjoint_equal_and_reshuffled():
-    shares = [rank_indices(1000, 16, epoch=0, seed=3, rank=r, world_size=3) for r in range(3)]
-    assert len({s.numel() for s in shares}) == 1 and shares[0].numel() % 16 == 0
-    flat = torch.cat(shares)
-    assert flat.unique().numel() == flat.numel()
-    again = rank_indices(1000, 16, epoch=0, seed=3, rank=1, world_size=3)
-    assert torch.equal(again, shares[1])
-    assert not torch.equal(rank_indices(1000, 16, epoch=1, seed=3, rank=1, world_size=3), shares[1])
+        run_local(WorkerConfig(tiny_params(), str(tmp_path / "nothing")), tmp_path / "ck")
 
 
 def test_learning_rate_schedule():
@@ -110,11 +279,12 @@ def test_learning_rate_schedule():
 def test_batch_source_gathers_whole_batches_for_training_and_every_image_for_evaluation(on_device):
     images = np.arange(10 * 1 * 2 * 2, dtype=np.uint8).reshape(10, 1, 2, 2)
     source = BatchSource(images, torch.device("cpu"), on_device)
-    order = torch.tensor([7, 2, 9, 0, 4, 1, 8, 3, 6, 5])
+    order = np.array([7, 2, 9, 0, 4, 1, 8, 3, 6, 5])
     train = list(source.batches(order, 3))
     assert [b.shape[0] for b in train] == [3, 3, 3]  # the ragged end (one index) dropped
     # Each batch holds the images of its indices (gathered in sorted order from a memory map when not resident).
-    assert all(sorted(b[:, 0, 0, 0].tolist()) == sorted((order[3 * i:3 * i + 3] * 4).tolist()) for i, b in enumerate(train))
+    assert all(sorted(b[:, 0, 0, 0].tolist()) == sorted((order[3 * i:3 * i + 3] * 4).tolist())
+               for i, b in enumerate(train))
     assert len(list(source.batches(order, 3, max_batches=2))) == 2
     evaluation = list(source.all_batches(order, 4))
     assert [b.shape[0] for b in evaluation] == [4, 4, 2]

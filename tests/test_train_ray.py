@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 from pathlib import Path
@@ -15,10 +16,13 @@ from pipeline import evaluate as evaluate_stage
 from pipeline import train as train_stage
 from pipeline.config import load_params
 from tests.fixtures.arrays import write_square_arrays
+from tests.fixtures.faults import faulty_train_function
 
 pytestmark = pytest.mark.slow
 
-TRAIN, VALID, TEST = 256, 64, 64
+# The test split differs from the validation split in size and content: a stage that read the wrong one fails.
+TRAIN, VALID, TEST = 256, 64, 40
+BRIGHTNESS = {"train": 200, "valid": 200, "test": 120}
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +40,8 @@ def workspace(tmp_path, monkeypatch):
     monkeypatch.setenv("VAE_PROJECT_ROOT", str(tmp_path))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    write_square_arrays(tmp_path / "data" / "processed" / "fashion_mnist", {"train": TRAIN, "valid": VALID, "test": TEST})
+    write_square_arrays(tmp_path / "data" / "processed" / "fashion_mnist", {"train": TRAIN, "valid": VALID, "test": TEST},
+                        BRIGHTNESS)
     return tmp_path
 
 
@@ -55,14 +60,7 @@ def params_for(workspace, **overrides):
 
 def test_two_worker_run_tracks_everything_and_evaluates(ray_instance, workspace):
     params = params_for(workspace)
-    metrics = train_stage.train(params, {"record_indices_dir": str(workspace / "indices")})
-
-    # Both DDP ranks trained on disjoint halves of the split, the same number of images each.
-    for epoch in range(2):
-        rank0 = np.load(workspace / "indices" / f"rank0_epoch{epoch}.npy")
-        rank1 = np.load(workspace / "indices" / f"rank1_epoch{epoch}.npy")
-        assert len(rank0) == len(rank1) == TRAIN // 2
-        assert not set(rank0) & set(rank1)
+    metrics = train_stage.train(params)
 
     # DVC outputs.
     assert (workspace / "models/vae/model.safetensors").is_file()
@@ -91,6 +89,11 @@ def test_two_worker_run_tracks_everything_and_evaluates(ray_instance, workspace)
     figures = evaluate_stage.evaluate(params)
     saved = json.loads((workspace / "reports/metrics.json").read_text())
     assert saved["num_test_images"] == TEST and saved["num_importance_samples"] == 64
+    test_images = np.load(workspace / "data/processed/fashion_mnist/test_images.npy")
+    direct = evaluate_stage.test_figures(train_stage.load_trained_model(), test_images, 64, 32, 256, torch.device("cpu"),
+                                         seed=params.train.seed)
+    for key in ("test_negative_elbo", "test_nll", "test_reconstruction_mse"):  # computed on the test split
+        assert saved[key] == pytest.approx(direct[key], rel=1e-5), key
     assert saved["test_nll"] <= saved["test_negative_elbo"] + 1e-3  # IWAE-64 bound is tighter than the ELBO
     assert figures["test_nll_bits_per_dim"] == pytest.approx(figures["test_nll"] / (784 * np.log(2)))
     for name in ("samples", "reconstructions", "interpolations", "traversals"):
@@ -99,11 +102,15 @@ def test_two_worker_run_tracks_everything_and_evaluates(ray_instance, workspace)
     assert history and history[0].value == pytest.approx(saved["test_nll"], rel=1e-6)
 
 
-def test_nan_stops_the_run_and_a_rerun_resumes(ray_instance, workspace):
-    params = params_for(workspace, **{"train.num_workers": 1, "train.epochs": 3})
+def test_nan_stops_the_run_at_once_and_a_rerun_resumes(ray_instance, workspace):
+    """A divergence is not retried, whatever train.max_failures (here its default, 2): it would only repeat."""
+    params = params_for(workspace, **{"train.num_workers": 1, "train.epochs": 3, "train.max_failures": 2})
     steps_per_epoch = TRAIN // 32
-    with pytest.raises(train_stage.StageError, match="NonFiniteLossError|not finite|loss=nan"):
-        train_stage.train(params, {"fault_injection": {"nan_at_step": steps_per_epoch + 1}})
+    starts = workspace / "starts"
+    with pytest.raises(train_stage.StageError, match=rf"diverged .*epoch 2, step {steps_per_epoch + 1}: loss=nan"):
+        train_stage.train(params, functools.partial(faulty_train_function, starts_dir=str(starts),
+                                                    nan_call=steps_per_epoch + 1))
+    assert len(list(starts.iterdir())) == 1, "the diverged worker was started again"
     run_dirs = list((workspace / "runs").iterdir())
     assert len(run_dirs) == 1
     checkpoints = sorted(p.name for p in run_dirs[0].glob("checkpoint_epoch_*"))
@@ -120,12 +127,34 @@ def test_nan_stops_the_run_and_a_rerun_resumes(ray_instance, workspace):
     assert sorted(epochs_logged) == [steps_per_epoch * e for e in (1, 2, 3)]  # epoch 1 was not trained again
 
 
-def test_changed_config_starts_a_new_run(workspace):
-    a = params_for(workspace)
-    b = params_for(workspace, **{"model.latent_dim": 8})
-    assert train_stage.run_name(a, {}) != train_stage.run_name(b, {})
-    c = params_for(workspace, **{"train.log_every_n_steps": 7})  # logging does not shape the weights
-    assert train_stage.run_name(a, {}) == train_stage.run_name(c, {})
+# Another valid value for every train setting (a new setting must be added here, and so classified).
+OTHER_TRAIN_VALUES = {
+    "epochs": 5, "batch_size": 64, "optimizer": "adam", "learning_rate": 2e-3, "weight_decay": 0.1,
+    "lr_schedule": "constant", "lr_warmup_steps": 7, "grad_clip_norm": 5.0, "num_mc_samples": 2, "seed": 3,
+    "precision": "bf16", "num_workers": 4, "min_workers": 1, "use_gpu": False, "cpus_per_worker": 3.0,
+    "gpus_per_worker": 0.5, "data_on_device": "never", "channels_last": False, "compile": True,
+    "checkpoint_num_to_keep": 5, "max_failures": 3, "storage_path": "elsewhere", "run_name": "other",
+    "log_every_n_steps": 7, "use_best_params": True, "max_steps_per_epoch": 3,
+}
+
+
+def test_run_name_changes_exactly_with_what_changes_the_weights(workspace):
+    """Re-running after a crash on other resources (or another number of workers) resumes the same run; a
+    setting that changes the weights starts a new one."""
+    from pipeline.config import RUN_IDENTITY_EXCLUDES, TrainConfig
+
+    def digest(params, hashes=None) -> str:
+        return train_stage.run_name(params, hashes or {}).rsplit("-", 1)[1]
+
+    assert set(OTHER_TRAIN_VALUES) == set(TrainConfig.model_fields)
+    base_params = params_for(workspace)
+    base = digest(base_params)
+    for field, value in OTHER_TRAIN_VALUES.items():
+        assert getattr(base_params.train, field) != value, field
+        changed = digest(params_for(workspace, **{f"train.{field}": value})) != base
+        assert changed == (field not in RUN_IDENTITY_EXCLUDES), field
+    assert digest(params_for(workspace, **{"model.latent_dim": 8})) != base
+    assert digest(base_params, {"data.sha256.train_images.npy": "x"}) != base
 
 
 def test_crash_right_after_a_checkpoint_resumes_from_that_checkpoint(ray_instance, workspace):
@@ -133,7 +162,7 @@ def test_crash_right_after_a_checkpoint_resumes_from_that_checkpoint(ray_instanc
     it (it polls every ~2 s): the restarted worker still resumes from epoch 1, not from scratch."""
     params = params_for(workspace, **{"train.num_workers": 1, "train.epochs": 3, "train.max_failures": 1})
     steps_per_epoch = TRAIN // 32
-    metrics = train_stage.train(params, {"fault_injection": {"exit_after_epoch": 1}})
+    metrics = train_stage.train(params, functools.partial(faulty_train_function, exit_after_epoch=1))
     assert metrics["epochs"] == 3 and metrics["steps"] == 3 * steps_per_epoch
     client = mlflow.MlflowClient(f"sqlite:///{workspace / 'mlflow.db'}")
     history = client.get_metric_history(metrics["mlflow_run_id"], "val_negative_elbo")

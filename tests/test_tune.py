@@ -3,6 +3,7 @@ trials, ASHA stopping trials at the epoch boundary, and a sweep resumed after it
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -20,6 +21,7 @@ from pipeline import train as train_stage
 from pipeline import tune as tune_stage
 from pipeline.config import load_params
 from tests.fixtures.arrays import write_square_arrays
+from tests.fixtures.faults import epoch_recording_trial_function
 
 pytestmark = pytest.mark.slow
 
@@ -64,8 +66,8 @@ def read_trials(root: Path) -> list[dict]:
 
 
 def started_epochs(root: Path, trial_id: str) -> list[int]:
-    """Epochs the trial's workers started (the train loop's record_indices_dir hook writes a file per epoch)."""
-    return sorted(int(p.stem.split("epoch")[1]) + 1 for p in (root / "epochs" / trial_id).glob("rank0_epoch*.npy"))
+    """Epochs the trial's rank-0 worker started (recorded by tests.fixtures.faults.epoch_recording_trial_function)."""
+    return sorted(int(p.name.removeprefix("epoch")) for p in (root / "epochs" / trial_id).glob("epoch*"))
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +94,8 @@ def sweep(ray_instance, tmp_path_factory):
         patch.delenv("RAY_ADDRESS", raising=False)
         params = load_params(overrides=sweep_values())
         started = time.perf_counter()
-        summary = tune_stage.tune_sweep(params, {"record_indices_dir": str(root / "epochs")})
+        summary = tune_stage.tune_sweep(params, functools.partial(epoch_recording_trial_function,
+                                                                  directory=str(root / "epochs")))
         print(f"\nsweep of 4 trials took {time.perf_counter() - started:.0f}s")
         client = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
         yield {"root": root, "params": params, "summary": summary, "client": client, "rows": read_trials(root)}

@@ -14,7 +14,8 @@ import pytest
 import torch
 from torch.distributions import Normal, kl_divergence
 
-from vae import VAE, DiagonalGaussian, standard_normal_log_prob
+from vae.distributions import DiagonalGaussian, standard_normal_log_prob
+from vae.model import VAE
 
 NUM_MC = 200_000
 MC_SIGMAS = 5.0

@@ -8,7 +8,6 @@ import math
 import pytest
 import torch
 
-from vae import VAE, active_units
 from vae.latent import (
     apply_attribute_vector,
     attribute_vector,
@@ -18,6 +17,8 @@ from vae.latent import (
     sample_prior,
     traverse,
 )
+from vae.model import VAE
+from vae.objectives import active_units
 
 LATENT_DIM = 5
 IMAGE_SHAPE = (1, 8, 8)

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch.distributions import Normal
 
-from vae import LIKELIHOODS, bits_per_dim, make_likelihood
-from vae.likelihoods import DiscretizedLogistic
+from vae.likelihoods import LIKELIHOODS, DiscretizedLogistic, make_likelihood
+from vae.objectives import bits_per_dim
 
 SUM_TO_ONE_TOL = 1e-5
 LEVELS = torch.arange(256)
@@ -86,7 +86,7 @@ def test_discretized_logistic_sums_to_one_for_extreme_parameters():
     bin_centres = LEVELS.float() / 127.5 - 1.0
     means = torch.cat([torch.tensor([-1e4, -50.0, -3.0, -1.0, 0.0, 1.0, 3.0, 50.0, 1e4]),
                        bin_centres[::5], bin_centres[::5] + 1.0 / 255.0, bin_centres[::7] + 0.4 / 255.0])
-    log_scales = torch.tensor([-30.0, -7.0, -6.0, -4.5, -2.0, 0.0, 3.0, 10.0, 30.0])
+    log_scales = torch.tensor([-1e3, -30.0, -7.0, -6.0, -4.5, -2.0, 0.0, 3.0, 10.0, 30.0, 90.0, 1e3])
     params = _logistic_params(means, log_scales)
     log_mass = _log_mass_of_all_values(likelihood, params, LEVELS)
     assert torch.isfinite(log_mass).all() or (log_mass[~torch.isfinite(log_mass)] == -math.inf).all()
@@ -124,12 +124,16 @@ def test_discretized_logistic_matches_a_float64_reference():
 
 
 def test_discretized_logistic_gradients_are_finite_for_extreme_parameters():
+    """log s is bounded on both sides: below, the bins' masses underflow; above (log s >= ~88), 1/s underflows in
+    float32 and a middle bin's log-mass and its gradient would be -inf / NaN."""
     likelihood = make_likelihood("discretized_logistic")
-    params = _logistic_params([-1e3, -1.0, 0.0, 1.0, 1e3], [-30.0, -7.0, 0.0, 30.0]).view(-1, 2, 1, 1)
+    params = _logistic_params([-1e3, -1.0, 0.0, 1.0, 1e3],
+                              [-1e3, -90.0, -30.0, -7.0, 0.0, 7.0, 30.0, 88.0, 90.0, 1e3]).view(-1, 2, 1, 1)
     params = params.repeat(3, 1, 1, 1).requires_grad_(True)
     x = torch.tensor([0, 128, 255]).repeat_interleave(params.shape[0] // 3).to(torch.uint8).view(-1, 1, 1, 1)
-    likelihood.log_prob(params, likelihood.prepare_target(x)).sum().backward()
-    assert torch.isfinite(params.grad).all()
+    log_prob = likelihood.log_prob(params, likelihood.prepare_target(x))
+    log_prob.sum().backward()
+    assert torch.isfinite(log_prob).all() and torch.isfinite(params.grad).all()
 
 
 @pytest.mark.parametrize("logit_scale", [1.0, 30.0])

@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from vae import LIKELIHOODS, VAE
+from vae.likelihoods import LIKELIHOODS
+from vae.model import VAE
 from vae.networks import ARCHITECTURES, ResidualBlock, make_networks
 
 IMAGE_SHAPES = [(1, 28, 28), (3, 32, 32), (3, 64, 64), (3, 128, 128)]

@@ -27,8 +27,8 @@ import pytest
 import torch
 from torch.distributions import MultivariateNormal
 
-from vae import VAE, bits_per_dim, importance_sampled_log_likelihood, iwae_bound
-from vae.objectives import log_importance_weights
+from vae.model import VAE
+from vae.objectives import bits_per_dim, importance_sampled_log_likelihood, iwae_bound, log_importance_weights
 
 IMAGE_SHAPE = (1, 4, 4)
 DATA_DIM = 16

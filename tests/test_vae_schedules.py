@@ -8,8 +8,16 @@ import math
 import pytest
 import torch
 
-from vae import SCHEDULES, kl_penalty, make_schedule
-from vae.schedules import CapacityAnnealing, ConstantBeta, CyclicalBeta, LinearWarmup, SigmoidBeta
+from vae.schedules import (
+    SCHEDULES,
+    CapacityAnnealing,
+    ConstantBeta,
+    CyclicalBeta,
+    LinearWarmup,
+    SigmoidBeta,
+    kl_penalty,
+    make_schedule,
+)
 
 
 def test_constant_beta():
@@ -96,6 +104,19 @@ def test_capacity_annealing():
     kl = torch.tensor([3.0, 9.0], requires_grad=True)
     kl_penalty(schedule, kl, 500).backward()  # d/dKL_i of gamma * |mean - C| with mean < C: -gamma / B
     torch.testing.assert_close(kl.grad, torch.tensor([-50.0, -50.0]))
+
+
+def test_capacity_penalty_on_the_global_batch_mean():
+    """Under data parallelism each rank passes the all-reduced batch mean: the penalty takes its value and sign,
+    and the gradient flows through the rank's own KLs, so the ranks' averaged gradient is the global one."""
+    schedule = CapacityAnnealing(gamma=10.0, capacity_max=5.0, capacity_steps=1)
+    kl = torch.tensor([3.0, 4.0], requires_grad=True)  # this rank: mean 3.5 < C = 5
+    penalty = kl_penalty(schedule, kl, 1, batch_mean_kl=torch.tensor(7.0))  # the global mean 7 > C
+    assert penalty.item() == pytest.approx(10.0 * 2.0)
+    penalty.backward()
+    torch.testing.assert_close(kl.grad, torch.tensor([5.0, 5.0]))  # + gamma / B: the global sign
+    beta = kl_penalty(ConstantBeta(beta=0.5), torch.tensor([1.0, 2.0]), 0, batch_mean_kl=torch.tensor(9.0))
+    assert beta.item() == pytest.approx(0.75)  # linear in the batch: the local mean is exact
 
 
 def test_kl_penalty_is_beta_times_the_batch_mean():

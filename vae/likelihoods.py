@@ -186,9 +186,13 @@ class DiscretizedLogistic(Likelihood):
     x in {0..255} is scaled to c = x / 127.5 - 1 in [-1, 1]; P(x) = sigmoid((c + 1/255 - mu) / s) -
     sigmoid((c - 1/255 - mu) / s), with the lower edge at -inf for x = 0 and the upper at +inf for x = 255, so
     the 256 probabilities sum to exactly 1 (to ~1e-7 in float32, for any mu and s). params: (B, 2C, H, W) =
-    (mu, log s), log s clamped at -7. ``target`` must lie on the grid of :meth:`prepare_target` (it is rounded
-    to the nearest of the 256 levels).
+    (mu, log s), log s clamped to [-7, 7] (:data:`LOG_SCALE_RANGE`): below, a bin's mass underflows (PixelCNN++
+    clamps at -7 too); above, 1/s underflows in float32 (at log s >= ~88) and the log-mass of a middle bin and its
+    gradient become -inf/NaN. Outside the range the gradient of log s is zero. ``target`` must lie on the grid
+    of :meth:`prepare_target` (it is rounded to the nearest of the 256 levels).
     """
+
+    LOG_SCALE_RANGE = (-7.0, 7.0)
 
     name = "discretized_logistic"
     discrete = True
@@ -201,7 +205,7 @@ class DiscretizedLogistic(Likelihood):
 
     def log_prob(self, params, target):
         mean, log_scale = params.float().chunk(2, dim=1)
-        inv_scale = torch.exp(-log_scale.clamp(min=-7.0))
+        inv_scale = torch.exp(-log_scale.clamp(*self.LOG_SCALE_RANGE))
         # Bin edges from the integer level, so that the upper edge of bin x and the lower edge of bin x + 1 are
         # the same float: the 256 masses then telescope to 1 up to rounding (~1e-7) even for tiny scales, where
         # edges computed as target +- 1/255 disagree by an ulp and the sum drifts by ~1e-5.

@@ -18,9 +18,10 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Literal, Union
+from typing import TYPE_CHECKING, Literal, Union
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 # pydantic reads this attribute on stdlib dataclasses; a plain dict keeps vae/ free of a pydantic import.
 _STRICT = {"extra": "forbid"}
@@ -191,18 +192,24 @@ def make_schedule(config: dict) -> ConstantBeta | LinearWarmup | CyclicalBeta | 
     return cls(name=name, **config)
 
 
-def kl_penalty(schedule, kl_per_image: torch.Tensor, step: int) -> torch.Tensor:
+def kl_penalty(schedule, kl_per_image: torch.Tensor, step: int, batch_mean_kl: torch.Tensor | None = None) -> torch.Tensor:
     """The KL part of the loss, averaged over the batch.
 
     Args:
         schedule: one of the schedule classes above.
         kl_per_image: (B,) KL(q(z|x) || p(z)) in nats per image.
         step: the optimisation step (0-based).
+        batch_mean_kl: the mean KL of the whole (global) batch, without gradient, when ``kl_per_image`` is one
+            data-parallel rank's part of it (the all-reduced mean); None: the mean of ``kl_per_image``.
     Returns:
         scalar tensor in nats per image: ``beta * mean(KL)``, or ``gamma * |mean(KL) - C|`` for capacity
-        annealing (Burgess et al. 2018 apply the absolute value to the batch-mean KL).
+        annealing (Burgess et al. 2018 apply the absolute value to the batch-mean KL). With ``batch_mean_kl``
+        the capacity penalty takes the global mean's value and sign, and its gradient flows through this
+        rank's mean: averaged over the ranks (as DDP does) it is the gradient of the global-batch objective.
     """
     kl = kl_per_image.mean()
     if isinstance(schedule, CapacityAnnealing):
+        if batch_mean_kl is not None:
+            kl = kl + (batch_mean_kl - kl).detach()
         return schedule.gamma * (kl - schedule.capacity_at(step)).abs()
     return schedule.beta_at(step) * kl
