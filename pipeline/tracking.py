@@ -1,10 +1,6 @@
-"""MLflow helpers: the tracking URI, runs opened on the driver, and a non-blocking logger for workers.
-
-Training must never wait on (or die with) the tracking server, so workers log through :class:`RunLogger`: a
-background thread sends metrics and images with ``MlflowClient`` and keeps what failed, retrying with backoff.
-What is still unsent when the run closes is written to ``lost_records.json`` beside the checkpoints and, if the
-server is back by then, noted on the run as the tag ``mlflow.lost_records``.
-"""
+"""Everything MLflow for training runs: the tracking URI, runs opened and closed on the driver, the final
+model, and :class:`RunLogger`, the non-blocking logger of workers (training never waits on, or dies with, the
+tracking server). Sweeps' parent and trial runs are in ``pipeline.tune.tracking``."""
 
 from __future__ import annotations
 
@@ -12,6 +8,7 @@ import json
 import logging
 import os
 import queue
+import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
@@ -20,7 +17,10 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.common import resolve
+from pipeline.common import REPO_ROOT, resolve
+from pipeline.config import Params, flatten
+
+RUN_ID_FILE = "mlflow_run_id"  # in a run's checkpoint folder: the MLflow run a resumed run logs to again
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,8 @@ def tracking_uri(configured: str | None) -> str:
 
 
 def image_grid(images: np.ndarray, rows: int | None = None) -> np.ndarray:
-    """Tile float images (N, C, H, W) in [0, 1] into one uint8 (rows*H, cols*W, C) picture (C = 1 squeezed)."""
+    """Tile float images (N, C, H, W) in [0, 1] into one uint8 (rows*H, cols*W, C) picture (C = 1
+    squeezed)."""
     images = np.clip(np.asarray(images, dtype=np.float32), 0.0, 1.0)
     n, c, h, w = images.shape
     cols = int(np.ceil(n / rows)) if rows else int(np.ceil(np.sqrt(n)))
@@ -48,7 +49,9 @@ def image_grid(images: np.ndarray, rows: int | None = None) -> np.ndarray:
     grid = np.zeros((rows * h, cols * w, c), dtype=np.uint8)
     for index in range(n):
         r, col = divmod(index, cols)
-        grid[r * h:(r + 1) * h, col * w:(col + 1) * w] = (images[index].transpose(1, 2, 0) * 255 + 0.5).astype(np.uint8)
+        grid[r * h : (r + 1) * h, col * w : (col + 1) * w] = (
+            images[index].transpose(1, 2, 0) * 255 + 0.5
+        ).astype(np.uint8)
     return grid[..., 0] if c == 1 else grid
 
 
@@ -131,18 +134,36 @@ class RunLogger:
                 pending.append(item)
         summary = {"sent_all": not pending, "lost_records": len(pending), "errors": self._errors[:5]}
         if pending:
-            lost = [{"kind": r.kind, "step": r.step, "key": r.key,
-                     "payload": r.payload if r.kind == "metrics" else f"image {getattr(r.payload, 'shape', '')}"}
-                    for r in pending]
+            lost = [
+                {
+                    "kind": r.kind,
+                    "step": r.step,
+                    "key": r.key,
+                    "payload": r.payload
+                    if r.kind == "metrics"
+                    else f"image {getattr(r.payload, 'shape', '')}",
+                }
+                for r in pending
+            ]
             if self.lost_path is not None:
                 self.lost_path.parent.mkdir(parents=True, exist_ok=True)
-                self.lost_path.write_text(json.dumps({"run_id": self.run_id, "errors": self._errors[:20], "records": lost}, indent=1))
+                self.lost_path.write_text(
+                    json.dumps(
+                        {"run_id": self.run_id, "errors": self._errors[:20], "records": lost}, indent=1
+                    )
+                )
             try:
-                self._client().set_tag(self.run_id, "mlflow.lost_records", f"{len(pending)} records, see {self.lost_path}")
+                self._client().set_tag(
+                    self.run_id, "mlflow.lost_records", f"{len(pending)} records, see {self.lost_path}"
+                )
             except Exception:  # noqa: BLE001 - the server is still away; the file says it
                 pass
-            log.warning("MLflow: %d records could not be logged (%s); listed in %s", len(pending),
-                        "; ".join(self._errors[:2]), self.lost_path)
+            log.warning(
+                "MLflow: %d records could not be logged (%s); listed in %s",
+                len(pending),
+                "; ".join(self._errors[:2]),
+                self.lost_path,
+            )
         return summary
 
     # -- background thread ---------------------------------------------------------------------------------
@@ -157,8 +178,11 @@ class RunLogger:
             from mlflow.entities import Metric
 
             now = int(time.time() * 1000)
-            client.log_batch(self.run_id, metrics=[Metric(k, v, now, record.step) for k, v in record.payload.items()],
-                             synchronous=True)
+            client.log_batch(
+                self.run_id,
+                metrics=[Metric(k, v, now, record.step) for k, v in record.payload.items()],
+                synchronous=True,
+            )
         elif record.kind == "image":
             client.log_image(self.run_id, record.payload, key=record.key, step=record.step, synchronous=True)
 
@@ -196,7 +220,7 @@ class RunLogger:
             retry, self._failed = self._failed, []
             for index, old in enumerate(retry):
                 if not self._send_or_keep(old):
-                    self._failed.extend(retry[index + 1:])
+                    self._failed.extend(retry[index + 1 :])
                     break
             backoff = 1.0 if not self._failed else min(backoff * 2, 30.0)
         if isinstance(record, _Record):
@@ -205,3 +229,115 @@ class RunLogger:
             else:
                 self._send_or_keep(record)
         return backoff
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Runs opened on the driver
+# ----------------------------------------------------------------------------------------------------------
+def git_commit() -> str:
+    """The repository's commit (the lineage tag of runs), or "unknown" outside a git checkout."""
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def git_dirty() -> bool | None:
+    """Whether tracked files differ from the commit (None outside a git checkout)."""
+    try:
+        return bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+                                   capture_output=True, text=True, timeout=10, check=True).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def open_training_run(
+    params: Params,
+    name: str,
+    run_dir: Path | None,
+    hashes: dict[str, str],
+    tags: dict[str, str] | None = None,
+) -> tuple[str, str]:
+    """Start (or, when resuming, reopen) this training run's MLflow run; returns (run_id, tracking URI).
+
+    ``run_dir`` is the run's checkpoint folder, where the run id is kept so a resumed run logs to the same
+    MLflow run; None for object-store storage (a resumed run then opens a new MLflow run)."""
+    import mlflow
+    import ray
+    import torch
+
+    uri = tracking_uri(params.mlflow.tracking_uri)
+    mlflow.set_tracking_uri(uri)
+    client = mlflow.MlflowClient(uri)
+    experiment = client.get_experiment_by_name(params.mlflow.experiment_name)
+    experiment_id = (
+        experiment.experiment_id if experiment else client.create_experiment(params.mlflow.experiment_name)
+    )
+    id_file = run_dir / RUN_ID_FILE if run_dir is not None else None
+    if id_file is not None and id_file.is_file():
+        run_id = id_file.read_text().strip()
+        try:
+            client.get_run(run_id)
+            client.update_run(run_id, status="RUNNING")
+            return run_id, uri
+        except Exception:  # noqa: BLE001 - the old run is gone (another tracking store): start a new one
+            pass
+    run = client.create_run(
+        experiment_id,
+        run_name=name,
+        tags={
+            "git_commit": git_commit(),
+            "torch_version": torch.__version__,
+            "ray_version": ray.__version__,
+            "ray_train_run_name": name,
+            "dataset": params.data.dataset,
+            **hashes,
+            **(tags or {}),
+        },
+    )
+    for key, value in flatten(params).items():
+        client.log_param(run.info.run_id, key, str(value)[:6000])
+    if run_dir is not None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / RUN_ID_FILE).write_text(run.info.run_id)
+    return run.info.run_id, uri
+
+
+def log_final_model(params: Params, run_id: str, uri: str, model, example) -> None:
+    """Log the trained model with ``mlflow.pytorch.log_model`` (input example + inferred signature: uint8
+    images in, reconstructions in [0, 1] out) and register it under ``mlflow.registered_model_name``.
+
+    The pickle format with ``code_paths=["vae"]`` keeps the whole VAE interface (``sample``, ``encode``,
+    ``decode``) after ``mlflow.pytorch.load_model``; torch.export's format would keep only ``forward``."""
+    import mlflow
+    import mlflow.pytorch
+    import torch
+
+    model = model.cpu().eval()
+    with mlflow.start_run(run_id=run_id):
+        with torch.no_grad():
+            prediction = model(torch.from_numpy(example)).numpy()
+        signature = mlflow.models.infer_signature(example, prediction)
+        mlflow.pytorch.log_model(
+            model,
+            name="model",
+            input_example=example,
+            signature=signature,
+            serialization_format="pickle",
+            code_paths=[str(REPO_ROOT / "vae")],
+            registered_model_name=params.mlflow.registered_model_name,
+        )
+
+
+def end_run(uri: str, run_id: str, status: str) -> None:
+    """Close a run: FINISHED, FAILED or KILLED."""
+    from mlflow import MlflowClient
+
+    MlflowClient(uri).set_terminated(run_id, status=status)
+
+
+def log_artifact(uri: str, run_id: str, path: Path) -> None:
+    from mlflow import MlflowClient
+
+    MlflowClient(uri).log_artifact(run_id, str(path))

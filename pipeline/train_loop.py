@@ -1,127 +1,41 @@
 """The per-worker training loop: plain PyTorch, readable top to bottom.
 
 Ray Train runs :func:`train_worker` on every worker (``pipeline.ray_runtime`` adapts Ray's context to a
-:class:`Session`); tests and benchmarks run it with :class:`LocalSession`. The loop is three functions, each
-one screen: :func:`set_up` (device, data, model, optimiser, resume), :func:`train_one_epoch` and
-:func:`end_of_epoch` (validation, tracking, checkpoint).
+``pipeline.sessions.Session``); tests and benchmarks run it with ``LocalSession``. The loop is three
+functions, each one screen: :func:`set_up` (device, data, model, optimiser, resume),
+:func:`train_one_epoch` and :func:`end_of_epoch` (validation, tracking, checkpoint).
 """
 
 from __future__ import annotations
 
 import math
-import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from pipeline.checkpoints import load_state, save_state
+from pipeline.common import say
 from pipeline.config import ModelConfig, Params, TrainConfig
 from pipeline.data import BatchSource, evaluation_indices, load_images, training_indices
+from pipeline.distributed import all_reduce_sum, pick_device, rank_seed, restore_rng_states, rng_states
+from pipeline.figures import autocast_for, epoch_images, evaluate_elbo
+from pipeline.sessions import LocalSession, NonFiniteLossError, Session, WorkerConfig
 from pipeline.tracking import RunLogger, image_grid
 from vae.model import VAE, ELBOObjective
 from vae.objectives import bits_per_dim
 from vae.schedules import BetaSchedule, CapacityAnnealing, CyclicalBeta, kl_penalty
 
 
-class NonFiniteLossError(RuntimeError):
-    """The loss or the gradient norm became NaN or infinite; training stops before the weights are touched.
-
-    Deterministic (the same data and weights diverge again), so runners must not retry it."""
-
-
-@dataclass(frozen=True)
-class WorkerConfig:
-    """What every training worker receives.
-
-    Attributes:
-        params: the validated configuration (a trial's own, inside a Tune sweep).
-        processed_dir: absolute path of the preprocessed arrays.
-        mlflow_run_id: the MLflow run rank 0 logs into (opened by the driver); None: no tracking.
-        tracking_uri: where that run lives.
-        lost_records_path: where MLflow records that never got through are listed.
-    """
-
-    params: Params
-    processed_dir: str
-    mlflow_run_id: str | None = None
-    tracking_uri: str | None = None
-    lost_records_path: str | None = None
-
-
-class Session(Protocol):
-    """What the loop needs from its runner (Ray Train, a Tune trial, or a local folder)."""
-
-    world_rank: int
-    world_size: int
-    local_rank: int
-
-    def load_checkpoint(self) -> dict[str, Any] | None: ...
-
-    def report(self, metrics: dict[str, float], state: dict[str, Any] | None, epoch: int) -> None: ...
-
-    def should_continue(self, epoch: int) -> bool: ...
-
-
-class LocalSession:
-    """Runs the loop without Ray: checkpoints in ``directory``/checkpoint_<epoch>/ (the newest ``num_to_keep``
-    kept), reported metrics in :attr:`reports`. With ``world_size > 1`` every rank of an initialised
-    ``torch.distributed`` group makes its own session on the same folder; rank 0 writes."""
-
-    local_rank = 0
-
-    def __init__(self, directory: Path | str, num_to_keep: int = 2, world_rank: int = 0, world_size: int = 1):
-        self.directory = Path(directory)
-        self.num_to_keep = num_to_keep
-        self.world_rank, self.world_size = world_rank, world_size
-        self.reports: list[dict[str, float]] = []
-
-    def _checkpoints(self) -> list[Path]:
-        return sorted(self.directory.glob("checkpoint_*"))
-
-    def load_checkpoint(self) -> dict[str, Any] | None:
-        checkpoints = [c for c in self._checkpoints() if (c / "state.pt").is_file()]
-        return load_state(checkpoints[-1]) if checkpoints else None
-
-    def report(self, metrics: dict[str, float], state: dict[str, Any] | None, epoch: int) -> None:
-        self.reports.append(dict(metrics))
-        if state is not None and self.world_rank == 0:
-            save_state(state, self.directory / f"checkpoint_{epoch:06d}")
-            for old in self._checkpoints()[: -self.num_to_keep]:
-                shutil.rmtree(old, ignore_errors=True)
-        if self.world_size > 1:
-            dist.barrier()
-
-    def should_continue(self, epoch: int) -> bool:
-        return True
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Pieces
 # ----------------------------------------------------------------------------------------------------------
-def pick_device(use_gpu: bool | str, local_rank: int = 0) -> torch.device:
-    """cuda:<local_rank> when GPUs are wanted ("auto": when present), else the CPU.
-
-    Raises:
-        RuntimeError: use_gpu is true but torch sees no GPU.
-    """
-    if use_gpu is True or (use_gpu == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise RuntimeError("train.use_gpu is true but no CUDA GPU is visible to this worker; "
-                               "set train.use_gpu: auto or false to train on CPUs")
-        return torch.device("cuda", local_rank % torch.cuda.device_count())
-    return torch.device("cpu")
-
-
 def build_model(model: ModelConfig, image_shape: tuple[int, int, int]) -> VAE:
     """The VAE of params' ``model`` section for images of ``image_shape`` (C, H, W)."""
     return VAE(model.architecture, image_shape, model.latent_dim, model.hidden_dims, model.likelihood,
@@ -140,121 +54,15 @@ def learning_rate_factor(step: int, total_steps: int, warmup_steps: int, schedul
 
 
 def make_optimizer(model: nn.Module, train: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
-    """Adam or AdamW; the fused CUDA kernel on GPUs."""
+    """Adam or AdamW with PyTorch's fused kernel, on GPUs and CPUs alike (on a 2-core CPU the fused AdamW step
+    of the MLP VAE takes 0.5 ms, the default multi-tensor one 5.3 ms: benchmarks/RESULTS.md)."""
     cls = torch.optim.AdamW if train.optimizer == "adamw" else torch.optim.Adam
-    kwargs: dict[str, Any] = {"lr": train.learning_rate, "weight_decay": train.weight_decay}
-    if device.type == "cuda":
-        kwargs["fused"] = True
-    return cls(model.parameters(), **kwargs)
-
-
-def autocast_for(precision: str, device: torch.device) -> Callable[[], AbstractContextManager]:
-    """A factory of the autocast context for ``precision``: "bf16" (or "auto" on a GPU) -> bf16 autocast on
-    ``device`` (CPU autocast supports bf16 too), else no autocast (fp32)."""
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
-        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
-    return nullcontext
-
-
-def all_reduce_sum(values: torch.Tensor, world_size: int) -> torch.Tensor:
-    """Sum ``values`` over the ranks in place (a no-op for one rank)."""
-    if world_size > 1 and dist.is_available() and dist.is_initialized():
-        dist.all_reduce(values, op=dist.ReduceOp.SUM)
-    return values
-
-
-@torch.no_grad()
-def evaluate_elbo(model: VAE, source: BatchSource, indices: np.ndarray, batch_size: int, world_size: int,
-                  autocast: Callable[[], AbstractContextManager], seed: int = 1234) -> dict[str, float]:
-    """Mean negative ELBO, reconstruction and KL (nats per image) and ELBO bits/dim over this rank's
-    ``indices``, summed across ranks. The likelihood's noise (dequantization / binarization) and the posterior
-    samples are seeded, so epochs compare."""
-    was_training = model.training
-    model.eval()
-    generator = torch.Generator(device=source.device).manual_seed(seed)
-    sums = torch.zeros(3, dtype=torch.float64, device=source.device)
-    for x in source.all_batches(indices, batch_size):
-        target = model.likelihood.prepare_target(x, generator)
-        with autocast():
-            terms = model.elbo_terms(x, 1, generator=generator, target=target)
-        sums += torch.stack([terms.reconstruction.double().sum(), terms.kl.double().sum(),
-                             torch.tensor(float(x.shape[0]), dtype=torch.float64, device=sums.device)])
-    sums = all_reduce_sum(sums, world_size)
-    model.train(was_training)
-    count = max(1.0, float(sums[2]))
-    reconstruction, kl = float(sums[0]) / count, float(sums[1]) / count
-    return {"negative_elbo": reconstruction + kl, "reconstruction": reconstruction, "kl": kl,
-            "bits_per_dim": float(bits_per_dim(reconstruction + kl, model.num_dims, model.likelihood.discrete))}
-
-
-@torch.no_grad()
-def epoch_images(model: VAE, validation: torch.Tensor, fixed_z: torch.Tensor, rows: int) -> dict[str, np.ndarray]:
-    """Pictures for the tracking UI: prior samples (fixed z), validation originals over reconstructions, and
-    traversals of the latent dimensions with the largest posterior-mean variance. Float (N, C, H, W) in [0, 1]."""
-    was_training = model.training
-    model.eval()
-    samples = model.likelihood.mean(model.decode(fixed_z))
-    originals = validation.float() / 255.0
-    pairs = torch.stack([originals, model(validation)], dim=1).flatten(0, 1)
-    means = model.encode(validation).mean
-    top = torch.argsort(means.var(dim=0), descending=True)[: min(rows, model.latent_dim)]
-    codes = means[0].repeat(top.numel(), rows, 1)
-    for row, dim in enumerate(top.tolist()):
-        codes[row, :, dim] = torch.linspace(-3, 3, rows, device=fixed_z.device)
-    traversal = model.likelihood.mean(model.decode(codes.flatten(0, 1)))
-    model.train(was_training)
-    return {"samples": samples.cpu().numpy(), "reconstructions": pairs.cpu().numpy(),
-            "traversals": traversal.cpu().numpy()}
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Random state: every rank draws its own reparameterization / dequantization / binarization noise
-# ----------------------------------------------------------------------------------------------------------
-def rank_seed(seed: int, rank: int, step: int = 0) -> int:
-    """The seed of rank ``rank``'s generators: at the start (step 0) and when a resumed run's world size
-    differs from its checkpoint's (then per step, so each resumption draws new noise)."""
-    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0])
-
-
-def rng_states(device: torch.device, world_size: int) -> dict[str, Any]:
-    """Every rank's random state (gathered from all ranks; call it on every rank): {"world_size": W, "ranks":
-    [{"torch": CPU state, "cuda": CUDA state (GPU only)} per rank]}."""
-    state = {"torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    states = [state]
-    if world_size > 1:
-        states = [None] * world_size
-        dist.all_gather_object(states, state)
-    return {"world_size": world_size, "ranks": states}
-
-
-def restore_rng_states(saved: dict[str, Any], rank: int, world_size: int, seed: int, step: int,
-                       device: torch.device) -> str | None:
-    """Set this rank's random state from a checkpoint's :func:`rng_states`. When the world size changed since
-    (elastic training), each rank's state is derived afresh from (seed, rank, step) instead, deterministically;
-    returns a line saying so (None when the saved states were restored)."""
-    if saved.get("world_size") != world_size:
-        torch.manual_seed(rank_seed(seed, rank, step))
-        return (f"world size {world_size} differs from the checkpoint's {saved.get('world_size')}: per-rank random "
-                f"states derived afresh from (train.seed, rank, step {step})")
-    state = saved["ranks"][rank]
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-    return None
+    return cls(model.parameters(), lr=train.learning_rate, weight_decay=train.weight_decay, fused=True)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # The loop
 # ----------------------------------------------------------------------------------------------------------
-def say(message: str) -> None:
-    """One progress line on stdout. (Ray Train patches ``print`` into its logger and also tees it, which
-    doubles every line; writing to the stream directly gives each line once.)"""
-    sys.stdout.write(message + "\n")
-    sys.stdout.flush()
-
-
 def _format_seconds(seconds: float) -> str:
     seconds = int(max(0, seconds))
     hours, rest = divmod(seconds, 3600)
@@ -323,34 +131,52 @@ def set_up(config: WorkerConfig, session: Session) -> TrainingRun:
 
     local_batch = train.batch_size // world_size
     if local_batch < 1:
-        raise ValueError(f"train.batch_size ({train.batch_size}) must be >= the number of workers ({world_size})")
+        raise ValueError(
+            f"train.batch_size ({train.batch_size}) must be >= the number of workers ({world_size})"
+        )
     steps_per_epoch = train_images.shape[0] // (local_batch * world_size)
     if train.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, train.max_steps_per_epoch)
     if steps_per_epoch < 1:
-        raise ValueError(f"the training split ({train_images.shape[0]} images) is smaller than one batch of "
-                         f"{local_batch * world_size}; lower train.batch_size")
+        raise ValueError(
+            f"the training split ({train_images.shape[0]} images) is smaller than one batch of "
+            f"{local_batch * world_size}; lower train.batch_size"
+        )
     total_steps = train.epochs * steps_per_epoch
     schedule = params.beta_schedule
     if isinstance(schedule, CyclicalBeta):
         schedule = schedule.with_total_steps(total_steps)
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: learning_rate_factor(s, total_steps, train.lr_warmup_steps, train.lr_schedule))
+        optimizer, lambda s: learning_rate_factor(s, total_steps, train.lr_warmup_steps, train.lr_schedule)
+    )
 
     rows = params.evaluate.num_image_rows
     run = TrainingRun(
-        params=params, rank=rank, world_size=world_size, device=device, model=model, objective=objective,
-        optimizer=optimizer, lr_scheduler=lr_scheduler, schedule=schedule,
+        params=params,
+        rank=rank,
+        world_size=world_size,
+        device=device,
+        model=model,
+        objective=objective,
+        optimizer=optimizer,
+        lr_scheduler=lr_scheduler,
+        schedule=schedule,
         autocast=autocast_for(train.precision, device),
         train_source=BatchSource(train_images, device, on_device),
         valid_source=BatchSource(valid_images, device, on_device),
         valid_indices=evaluation_indices(valid_images.shape[0], rank, world_size),
-        local_batch=local_batch, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+        local_batch=local_batch,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
         picture_batch=torch.from_numpy(np.array(valid_images[: rows * 2])).to(device),
-        fixed_z=torch.randn(rows * rows, model.latent_dim,
-                            generator=torch.Generator().manual_seed(train.seed)).to(device),
-        logger=RunLogger(config.mlflow_run_id if rank == 0 else None, config.tracking_uri or "",
-                         Path(config.lost_records_path) if config.lost_records_path else None),
+        fixed_z=torch.randn(
+            rows * rows, model.latent_dim, generator=torch.Generator().manual_seed(train.seed)
+        ).to(device),
+        logger=RunLogger(
+            config.mlflow_run_id if rank == 0 else None,
+            config.tracking_uri or "",
+            Path(config.lost_records_path) if config.lost_records_path else None,
+        ),
     )
     torch.manual_seed(rank_seed(train.seed, rank))  # each rank its own noise from here on
     state = session.load_checkpoint()
@@ -358,11 +184,17 @@ def set_up(config: WorkerConfig, session: Session) -> TrainingRun:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         lr_scheduler.load_state_dict(state["lr_scheduler"])
-        run.start_epoch, run.step, run.history = int(state["epoch"]), int(state["step"]), list(state["history"])
+        run.start_epoch, run.step, run.history = (
+            int(state["epoch"]),
+            int(state["step"]),
+            list(state["history"]),
+        )
         note = restore_rng_states(state["rng"], rank, world_size, train.seed, run.step, device)
         if rank == 0:
-            say(f"[train] resumed from the checkpoint of epoch {run.start_epoch} (step {run.step})"
-                + (f"; {note}" if note else ""))
+            say(
+                f"[train] resumed from the checkpoint of epoch {run.start_epoch} (step {run.step})"
+                + (f"; {note}" if note else "")
+            )
     run.steps_at_start = run.step
     return run
 
@@ -380,7 +212,7 @@ def training_step(run: TrainingRun, x: torch.Tensor) -> torch.Tensor:
     optimiser and learning-rate steps.
 
     Returns:
-        float64 (4,) on the device: loss, mean reconstruction, mean KL (nats per image), gradient norm.
+        (loss, mean reconstruction, mean KL (nats per image), gradient norm before clipping) as floats.
     Raises:
         NonFiniteLossError: the loss or the (all-reduced) gradient norm is NaN/inf; the weights are unchanged.
             Every rank sees the same gradient norm, so every rank raises at the same step.
@@ -390,24 +222,34 @@ def training_step(run: TrainingRun, x: torch.Tensor) -> torch.Tensor:
         reconstruction, kl_per_dim = run.objective(x, train.num_mc_samples)
     reconstruction, kl = reconstruction.float(), kl_per_dim.float().sum(dim=-1)
     # Capacity annealing's |KL - C| is not linear in the batch: take it on the global batch's mean KL.
-    global_kl = _global_mean(kl.mean(), run.world_size) if isinstance(run.schedule, CapacityAnnealing) else None
+    global_kl = (
+        _global_mean(kl.mean(), run.world_size) if isinstance(run.schedule, CapacityAnnealing) else None
+    )
     loss = reconstruction.mean() + kl_penalty(run.schedule, kl, run.step, batch_mean_kl=global_kl)
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), train.grad_clip_norm or float("inf"))
-    stats = torch.stack([loss.detach(), reconstruction.detach().mean(), kl.detach().mean(),
-                         grad_norm.detach().float()]).double()
-    if not bool(torch.isfinite(stats).all()):  # one host sync per step, before the weights are touched
-        loss_value, rec_value, kl_value, norm_value = stats.tolist()
+    parameters = [p for p in run.model.parameters() if p.grad is not None]
+    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in parameters])
+    stats = torch.stack(
+        [loss.detach(), reconstruction.detach().mean(), kl.detach().mean(), grad_norm.detach().float()]
+    ).double()
+    loss_value, rec_value, kl_value, norm_value = stats.tolist()  # one host sync per step, before the update
+    if train.grad_clip_norm and norm_value > train.grad_clip_norm:
+        torch.nn.utils.clip_grads_with_norm_(parameters, train.grad_clip_norm, grad_norm)
+    if not math.isfinite(loss_value) or not math.isfinite(norm_value):
         raise NonFiniteLossError(
-            f"step {run.step}: loss={loss_value} grad_norm={norm_value} reconstruction={rec_value} kl={kl_value} "
-            f"beta={run.schedule.beta_at(run.step):g}. The weights were not updated and no checkpoint of this "
-            "state was written. Try a lower train.learning_rate, a train.grad_clip_norm (or a lower one), another "
-            "model.likelihood (a learned Gaussian variance can collapse), or check the data.")
+            f"step {run.step}: loss={loss_value} grad_norm={norm_value} "
+            f"reconstruction={rec_value} kl={kl_value} "
+            f"beta={run.schedule.beta_at(run.step):g}. The "
+            "weights were not updated and no checkpoint of this "
+            "state was written. Try a lower train.learning_rate, "
+            "a train.grad_clip_norm (or a lower one), another "
+            "model.likelihood (a learned Gaussian variance can collapse), or check the data."
+        )
     run.optimizer.step()
     run.lr_scheduler.step()
     run.step += 1
-    return stats
+    return loss_value, rec_value, kl_value, norm_value
 
 
 def train_one_epoch(run: TrainingRun, epoch: int) -> tuple[float, float, float]:
@@ -415,42 +257,71 @@ def train_one_epoch(run: TrainingRun, epoch: int) -> tuple[float, float, float]:
     ``train.log_every_n_steps``. Returns the epoch's mean (reconstruction, KL, images) over all ranks."""
     train = run.params.train
     run.model.train()
-    epoch_sums = torch.zeros(3, dtype=torch.float64, device=run.device)  # reconstruction, KL, images
-    window = torch.zeros(4, dtype=torch.float64, device=run.device)
+    epoch_sums = [0.0, 0.0, 0.0]  # reconstruction, KL, images
+    window = [0.0, 0.0, 0.0, 0.0]  # loss, reconstruction, KL, gradient norm summed since the last log line
     window_steps, window_start = 0, time.perf_counter()
-    indices = training_indices(run.train_source.num_images, run.local_batch, epoch, train.seed, run.rank,
-                               run.world_size)
+    indices = training_indices(
+        run.train_source.num_images, run.local_batch, epoch, train.seed, run.rank, run.world_size
+    )
     for x in run.train_source.batches(indices, run.local_batch, run.steps_per_epoch):
         try:
             stats = training_step(run, x)
         except NonFiniteLossError as error:
             raise NonFiniteLossError(f"epoch {epoch + 1}, {error}") from None
-        window += stats
+        window = [total + value for total, value in zip(window, stats, strict=True)]
         window_steps += 1
-        epoch_sums[:2] += stats[1:3] * x.shape[0]
-        epoch_sums[2] += x.shape[0]
+        epoch_sums = [
+            epoch_sums[0] + stats[1] * x.shape[0],
+            epoch_sums[1] + stats[2] * x.shape[0],
+            epoch_sums[2] + x.shape[0],
+        ]
         if run.step % train.log_every_n_steps == 0 and run.rank == 0:
-            loss, reconstruction, kl, grad_norm = (window / window_steps).tolist()
-            images_per_s = window_steps * run.local_batch * run.world_size / max(time.perf_counter() - window_start,
-                                                                                  1e-9)
+            loss, reconstruction, kl, grad_norm = (total / window_steps for total in window)
+            images_per_s = (
+                window_steps
+                * run.local_batch
+                * run.world_size
+                / max(time.perf_counter() - window_start, 1e-9)
+            )
             beta = run.schedule.beta_at(run.step - 1)
-            run.logger.log_metrics({
-                "loss": loss, "negative_elbo": reconstruction + kl, "reconstruction": reconstruction, "kl": kl,
-                "beta": beta, "learning_rate": run.optimizer.param_groups[0]["lr"], "grad_norm": grad_norm,
-                "images_per_s": images_per_s}, run.step)
-            eta = (run.total_steps - run.step) * (time.perf_counter() - run.started) / max(
-                1, run.step - run.steps_at_start)
-            say(f"[train]   step {run.step}/{run.total_steps} loss {loss:.2f} (rec {reconstruction:.2f} + KL "
-                f"{kl:.2f}) beta {beta:.3g} {images_per_s:.0f} img/s ETA {_format_seconds(eta)}")
-            window.zero_()
+            run.logger.log_metrics(
+                {
+                    "loss": loss,
+                    "negative_elbo": reconstruction + kl,
+                    "reconstruction": reconstruction,
+                    "kl": kl,
+                    "beta": beta,
+                    "learning_rate": run.optimizer.param_groups[0]["lr"],
+                    "grad_norm": grad_norm,
+                    "images_per_s": images_per_s,
+                },
+                run.step,
+            )
+            eta = (
+                (run.total_steps - run.step)
+                * (time.perf_counter() - run.started)
+                / max(1, run.step - run.steps_at_start)
+            )
+            say(
+                f"[train]   step {run.step}/{run.total_steps} loss {loss:.2f} (rec {reconstruction:.2f} + KL "
+                f"{kl:.2f}) beta {beta:.3g} {images_per_s:.0f} img/s ETA {_format_seconds(eta)}"
+            )
+            window = [0.0, 0.0, 0.0, 0.0]
             window_steps, window_start = 0, time.perf_counter()
-    epoch_sums = all_reduce_sum(epoch_sums, run.world_size)
+    epoch_sums = all_reduce_sum(
+        torch.tensor(epoch_sums, dtype=torch.float64, device=run.device), run.world_size
+    )
     count = max(1.0, float(epoch_sums[2]))
     return float(epoch_sums[0]) / count, float(epoch_sums[1]) / count, count
 
 
-def end_of_epoch(run: TrainingRun, session: Session, epoch: int, train_terms: tuple[float, float, float],
-                 epoch_seconds: float) -> dict[str, float]:
+def end_of_epoch(
+    run: TrainingRun,
+    session: Session,
+    epoch: int,
+    train_terms: tuple[float, float, float],
+    epoch_seconds: float,
+) -> dict[str, float]:
     """Validation, the epoch's metrics and pictures (rank 0 logs them), and the checkpoint, reported through
     the session. Returns the epoch's metrics.
 
@@ -459,15 +330,25 @@ def end_of_epoch(run: TrainingRun, session: Session, epoch: int, train_terms: tu
     """
     params, model = run.params, run.model
     reconstruction, kl, count = train_terms
-    validation = evaluate_elbo(model, run.valid_source, run.valid_indices, params.evaluate.batch_size,
-                               run.world_size, run.autocast)
+    validation = evaluate_elbo(
+        model, run.valid_source, run.valid_indices, params.evaluate.batch_size, run.world_size, run.autocast
+    )
     metrics = {
-        "epoch": epoch + 1, "step": run.step, "beta": run.schedule.beta_at(run.step),
-        "train_negative_elbo": reconstruction + kl, "train_reconstruction": reconstruction, "train_kl": kl,
-        "train_bits_per_dim": float(bits_per_dim(reconstruction + kl, model.num_dims, model.likelihood.discrete)),
-        "val_negative_elbo": validation["negative_elbo"], "val_reconstruction": validation["reconstruction"],
-        "val_kl": validation["kl"], "val_bits_per_dim": validation["bits_per_dim"],
-        "epoch_seconds": epoch_seconds, "images_per_s": count / epoch_seconds,
+        "epoch": epoch + 1,
+        "step": run.step,
+        "beta": run.schedule.beta_at(run.step),
+        "train_negative_elbo": reconstruction + kl,
+        "train_reconstruction": reconstruction,
+        "train_kl": kl,
+        "train_bits_per_dim": float(
+            bits_per_dim(reconstruction + kl, model.num_dims, model.likelihood.discrete)
+        ),
+        "val_negative_elbo": validation["negative_elbo"],
+        "val_reconstruction": validation["reconstruction"],
+        "val_kl": validation["kl"],
+        "val_bits_per_dim": validation["bits_per_dim"],
+        "epoch_seconds": epoch_seconds,
+        "images_per_s": count / epoch_seconds,
     }
     if isinstance(run.schedule, CapacityAnnealing):
         metrics["capacity"] = run.schedule.capacity_at(run.step)
@@ -484,19 +365,30 @@ def end_of_epoch(run: TrainingRun, session: Session, epoch: int, train_terms: tu
             with run.autocast():
                 pictures = epoch_images(model, run.picture_batch, run.fixed_z, params.evaluate.num_image_rows)
             for key, images in pictures.items():
-                run.logger.log_image(image_grid(images, params.evaluate.num_image_rows), key=key, step=epoch + 1)
+                run.logger.log_image(
+                    image_grid(images, params.evaluate.num_image_rows), key=key, step=epoch + 1
+                )
         eta = (epochs - epoch - 1) * (time.perf_counter() - run.started) / max(1, epoch + 1 - run.start_epoch)
-        say(f"[train] epoch {epoch + 1}/{epochs} | -ELBO {metrics['train_negative_elbo']:.2f} "
+        say(
+            f"[train] epoch {epoch + 1}/{epochs} | -ELBO {metrics['train_negative_elbo']:.2f} "
             f"(rec {reconstruction:.2f} + KL {kl:.2f}) | beta {metrics['beta']:.3g} | "
             f"val -ELBO {validation['negative_elbo']:.2f} ({validation['bits_per_dim']:.3f} bits/dim) | "
-            f"{metrics['images_per_s']:.0f} img/s | {epoch_seconds:.1f}s | ETA {_format_seconds(eta)}")
+            f"{metrics['images_per_s']:.0f} img/s | {epoch_seconds:.1f}s | ETA {_format_seconds(eta)}"
+        )
         state = {
-            "model": model.state_dict(), "optimizer": run.optimizer.state_dict(),
-            "lr_scheduler": run.lr_scheduler.state_dict(), "epoch": epoch + 1, "step": run.step,
-            "history": run.history, "rng": rng, "model_config": model.config,
+            "model": model.state_dict(),
+            "optimizer": run.optimizer.state_dict(),
+            "lr_scheduler": run.lr_scheduler.state_dict(),
+            "epoch": epoch + 1,
+            "step": run.step,
+            "history": run.history,
+            "rng": rng,
+            "model_config": model.config,
             "params": params.model_dump(mode="json"),
         }
-        run.logger.drain(timeout_s=2.0)  # the epoch's records leave before its checkpoint (slow server: <= 2 s)
+        run.logger.drain(
+            timeout_s=2.0
+        )  # the epoch's records leave before its checkpoint (slow server: <= 2 s)
     session.report(metrics, state, epoch + 1)
     return metrics
 
@@ -517,8 +409,8 @@ def train_worker(config: WorkerConfig, session: Session) -> dict[str, Any]:
             started = time.perf_counter()
             train_terms = train_one_epoch(run, epoch)
             end_of_epoch(run, session, epoch, train_terms, time.perf_counter() - started)
-            # A runner may end training at an epoch boundary (Ray Tune's scheduler stopping a trial). Every rank
-            # asks and gets the same answer, so all ranks stop after the same epoch.
+            # A runner may end training at an epoch boundary (Ray Tune's scheduler stopping a trial). Every
+            # rank asks and gets the same answer, so all ranks stop after the same epoch.
             if epoch + 1 < epochs and not session.should_continue(epoch + 1):
                 if run.rank == 0:
                     say(f"[train] stopped after epoch {epoch + 1}/{epochs} by the runner (early stopping)")
@@ -530,8 +422,11 @@ def train_worker(config: WorkerConfig, session: Session) -> dict[str, Any]:
     return {"history": run.history, "step": run.step, "epoch": len(run.history)}
 
 
-def run_local(config: WorkerConfig, directory: Path | str | None = None) -> tuple[dict[str, Any], LocalSession]:
-    """Run :func:`train_worker` in this process with checkpoints in ``directory`` (a temporary folder if None)."""
+def run_local(
+    config: WorkerConfig, directory: Path | str | None = None
+) -> tuple[dict[str, Any], LocalSession]:
+    """Run :func:`train_worker` in this process with checkpoints in ``directory`` (a temporary folder if
+    None)."""
     directory = Path(directory or tempfile.mkdtemp(prefix="vae-train-"))
     session = LocalSession(directory, config.params.train.checkpoint_num_to_keep)
     return train_worker(config, session), session

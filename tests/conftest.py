@@ -11,7 +11,7 @@ _REPO_ROOT = str(Path(__file__).resolve().parent.parent)
 if _REPO_ROOT not in sys.path:  # `tests.fixtures` importable however pytest is started
     sys.path.insert(0, _REPO_ROOT)
 
-from tests.fixtures.celeba import CelebaFixture, write_celeba_fixture  # noqa: E402
+from benchmarks.celeba_layout import CelebaFixture, write_celeba_fixture  # noqa: E402
 from tests.fixtures.http_server import FileServer  # noqa: E402
 
 

@@ -72,11 +72,39 @@ def test_repository_model_and_schedule_build(raw):
     model = params.model
     size = params.data.image_size if params.data.dataset == "celeba" else 28
     channels = 3 if params.data.dataset == "celeba" else 1
-    vae = VAE(model.architecture, (channels, size, size), model.latent_dim, model.hidden_dims, model.likelihood,
-              model.gaussian_std)
+    vae = VAE(
+        model.architecture,
+        (channels, size, size),
+        model.latent_dim,
+        model.hidden_dims,
+        model.likelihood,
+        model.gaussian_std,
+    )
     assert vae.latent_dim == model.latent_dim
     # the pipeline hands model_dump()["beta_schedule"] to make_schedule: it must give the same schedule back
     assert make_schedule(params.model_dump()["beta_schedule"]) == params.beta_schedule
+
+
+def test_params_yaml_is_the_code_defaults_written_out():
+    """The defaults exist once, in pipeline/config.py (and the schedule and search-space classes it uses);
+    params.yaml lists every setting with exactly those values, so neither can drift from the other."""
+    assert load_params(DEFAULT_PARAMS) == Params()
+    written = yaml.safe_load(DEFAULT_PARAMS.read_text())
+    code = Params().model_dump(mode="json")
+    missing = []
+
+    def walk(prefix: str, expected, given) -> None:
+        if prefix == "tune.search_space":  # searched values: a family's unnamed parameters keep its defaults
+            return
+        if isinstance(expected, dict):
+            for key, value in expected.items():
+                if not isinstance(given, dict) or key not in given:
+                    missing.append(f"{prefix}.{key}".lstrip("."))
+                else:
+                    walk(f"{prefix}.{key}".lstrip("."), value, given[key])
+
+    walk("", code, written)
+    assert not missing, f"params.yaml does not list {missing}"
 
 
 def test_empty_file_gives_the_defaults(tmp_path):
@@ -101,8 +129,14 @@ def test_params_are_frozen():
 
 
 def test_overrides_with_dotted_keys(raw):
-    params = load_params(overrides={"train.epochs": 2, "model.hidden_dims": [8, 16], "model.latent_dim": 4,
-                                    "beta_schedule": {"name": "constant", "beta": 4.0}})
+    params = load_params(
+        overrides={
+            "train.epochs": 2,
+            "model.hidden_dims": [8, 16],
+            "model.latent_dim": 4,
+            "beta_schedule": {"name": "constant", "beta": 4.0},
+        }
+    )
     assert params.train.epochs == 2 and params.model.hidden_dims == [8, 16] and params.model.latent_dim == 4
     assert params.beta_schedule == ConstantBeta(beta=4.0)
     assert params.train.batch_size == raw["train"]["batch_size"]  # everything else as in the file
@@ -110,8 +144,13 @@ def test_overrides_with_dotted_keys(raw):
 
 
 def test_dotted_override_inside_the_schedule():
-    params = load_params(overrides={"beta_schedule": {"name": "cyclical"}, "beta_schedule.num_cycles": 3,
-                                    "beta_schedule.ratio": 0.25})
+    params = load_params(
+        overrides={
+            "beta_schedule": {"name": "cyclical"},
+            "beta_schedule.num_cycles": 3,
+            "beta_schedule.ratio": 0.25,
+        }
+    )
     assert params.beta_schedule == CyclicalBeta(num_cycles=3, ratio=0.25)
 
 
@@ -120,10 +159,19 @@ def test_overrides_are_validated_too():
         load_params(overrides={"train.epochs": 0})
 
 
-@pytest.mark.parametrize(("spec", "message"), [
-    ({"low": 1.0e-3, "high": 1.0e-4, "log": True}, r"tune\.search_space\.learning_rate.*low \(0\.001\) must be < high"),
-    ({"low": 0.0, "high": 1.0e-3, "log": True}, r"tune\.search_space\.learning_rate.*log range needs low > 0"),
-])
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        (
+            {"low": 1.0e-3, "high": 1.0e-4, "log": True},
+            r"tune\.search_space\.learning_rate.*low \(0\.001\) must be < high",
+        ),
+        (
+            {"low": 0.0, "high": 1.0e-3, "log": True},
+            r"tune\.search_space\.learning_rate.*log range needs low > 0",
+        ),
+    ],
+)
 def test_search_ranges_are_checked(spec, message):
     with pytest.raises(ConfigError, match=message):
         load_params(overrides={"tune.search_space.learning_rate": spec})
@@ -163,15 +211,18 @@ def test_bad_choice_names_the_field_and_the_allowed_values(raw, tmp_path):
     assert "model.architecture" in message and all(name in message for name in ("mlp", "conv", "resnet"))
 
 
-@pytest.mark.parametrize("dotted, value, expected", [
-    ("train.batch_size", 1, "greater than or equal to 2"),
-    ("train.learning_rate", 0.0, "greater than 0"),
-    ("model.latent_dim", "many", "valid integer"),
-    ("model.hidden_dims", [], "at least 1"),
-    ("model.gaussian_std", -0.1, "greater than 0"),
-    ("evaluate.num_importance_samples", 0, "greater than or equal to 1"),
-    ("data.dataset", "imagenet", "'celeba', 'mnist' or 'fashion_mnist'"),
-])
+@pytest.mark.parametrize(
+    "dotted, value, expected",
+    [
+        ("train.batch_size", 1, "greater than or equal to 2"),
+        ("train.learning_rate", 0.0, "greater than 0"),
+        ("model.latent_dim", "many", "valid integer"),
+        ("model.hidden_dims", [], "at least 1"),
+        ("model.gaussian_std", -0.1, "greater than 0"),
+        ("evaluate.num_importance_samples", 0, "greater than or equal to 1"),
+        ("data.dataset", "imagenet", "'celeba', 'mnist' or 'fashion_mnist'"),
+    ],
+)
 def test_bad_value_names_the_field(tmp_path, raw, dotted, value, expected):
     message = _error(raw, tmp_path, {dotted: value})
     assert dotted in message and expected in message, message
@@ -190,14 +241,17 @@ def test_unknown_schedule_lists_the_allowed_names(raw, tmp_path):
         assert name in message
 
 
-@pytest.mark.parametrize("schedule, field", [
-    ({"name": "cyclical", "ratio": 1.5}, "ratio"),
-    ({"name": "cyclical", "num_cycles": 0}, "num_cycles"),
-    ({"name": "constant", "beta": -1.0}, "beta"),
-    ({"name": "linear", "warmup_steps": 0}, "warmup_steps"),
-    ({"name": "capacity", "capacity_steps": 0}, "capacity_steps"),
-    ({"name": "sigmoid", "steepness": -1.0}, "steepness"),
-])
+@pytest.mark.parametrize(
+    "schedule, field",
+    [
+        ({"name": "cyclical", "ratio": 1.5}, "ratio"),
+        ({"name": "cyclical", "num_cycles": 0}, "num_cycles"),
+        ({"name": "constant", "beta": -1.0}, "beta"),
+        ({"name": "linear", "warmup_steps": 0}, "warmup_steps"),
+        ({"name": "capacity", "capacity_steps": 0}, "capacity_steps"),
+        ({"name": "sigmoid", "steepness": -1.0}, "steepness"),
+    ],
+)
 def test_bad_schedule_value_names_the_field(raw, tmp_path, schedule, field):
     message = _error(raw, tmp_path, {"beta_schedule": schedule})
     assert f"beta_schedule.{field}" in message, message
@@ -232,7 +286,9 @@ def test_parse_params_names_the_source():
 
 
 def test_flatten_gives_dotted_scalar_keys():
-    params = load_params(overrides={"model.hidden_dims": [8, 16], "beta_schedule": {"name": "constant", "beta": 2.0}})
+    params = load_params(
+        overrides={"model.hidden_dims": [8, 16], "beta_schedule": {"name": "constant", "beta": 2.0}}
+    )
     flat = flatten(params)
     assert flat["model.latent_dim"] == params.model.latent_dim
     assert flat["model.hidden_dims"] == [8, 16]

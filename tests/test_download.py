@@ -1,7 +1,7 @@
 """The download stage against a local HTTP server serving CelebA-layout fixture data: the real download code
-(gdown, huggingface_hub, our verification and extraction), pointed at 127.0.0.1 through the URL settings of the
-``download`` section. The fixture's md5 sums differ from the official ones, so each test pins them for the source
-that serves them (``download.pinned_md5``), the mechanism a user has for a mirror."""
+(gdown, huggingface_hub, our verification and extraction), pointed at 127.0.0.1 through the URL settings of
+the ``download`` section. The fixture's md5 sums differ from the official ones, so each test pins them for the
+source that serves them (``download.pinned_md5``), the mechanism a user has for a mirror."""
 
 from __future__ import annotations
 
@@ -15,33 +15,59 @@ from pathlib import Path
 import pytest
 import yaml
 
+from benchmarks.celeba_layout import (
+    CelebaFixture,
+    write_celeba_fixture,
+    write_kaggle_archive,
+    write_unsafe_zip,
+)
 from pipeline import datasets as ds
 from pipeline.config import REPO_ROOT, parse_params
 from pipeline.datasets import DataStageError
 from pipeline.download import describe_html, download, main
-from tests.fixtures.celeba import CelebaFixture, write_celeba_fixture, write_kaggle_archive, write_unsafe_zip
 from tests.fixtures.http_server import LOGIN_PAGE, QUOTA_PAGE, VIRUS_SCAN_PAGE, FileServer
 
 HF_REPO = "someone/celeba-mirror"
 
 
 def make_params(tmp_path: Path, server: FileServer | None = None, **download_section):
-    section = {"sources": ["gdrive"], "local_dir": None, "retries": 1, "retry_backoff_s": 0.01, "timeout_s": 5,
-               "huggingface_repo": HF_REPO}
+    section = {
+        "sources": ["gdrive"],
+        "local_dir": None,
+        "retries": 1,
+        "retry_backoff_s": 0.01,
+        "timeout_s": 5,
+        "huggingface_repo": HF_REPO,
+    }
     if server is not None:
-        section.update(gdrive_url=server.url + "/gdrive/uc?id={file_id}", huggingface_endpoint=server.hf_endpoint(),
-                       kaggle_url=server.url + "/kaggle/{dataset}")
+        section.update(
+            gdrive_url=server.url + "/gdrive/uc?id={file_id}",
+            huggingface_endpoint=server.hf_endpoint(),
+            kaggle_url=server.url + "/kaggle/{dataset}",
+        )
     section.update(download_section)
-    return parse_params({"data": {"dataset": "celeba", "raw_dir": str(tmp_path / "raw"),
-                                  "processed_dir": str(tmp_path / "processed")},
-                         "download": section})
+    return parse_params(
+        {
+            "data": {
+                "dataset": "celeba",
+                "raw_dir": str(tmp_path / "raw"),
+                "processed_dir": str(tmp_path / "processed"),
+            },
+            "download": section,
+        }
+    )
 
 
-def serve_drive(server: FileServer, fixture: CelebaFixture, skip: tuple[str, ...] = (), **zip_options) -> None:
+def serve_drive(
+    server: FileServer, fixture: CelebaFixture, skip: tuple[str, ...] = (), **zip_options
+) -> None:
     for name, spec in ds.CELEBA_FILES.items():
         if name not in skip:
-            server.add(f"/gdrive/uc?id={spec.gdrive_id}", fixture.path(name),
-                       **(zip_options if name == ds.CELEBA_ZIP else {}))
+            server.add(
+                f"/gdrive/uc?id={spec.gdrive_id}",
+                fixture.path(name),
+                **(zip_options if name == ds.CELEBA_ZIP else {}),
+            )
 
 
 def serve_hub(server: FileServer, fixture: CelebaFixture, skip: tuple[str, ...] = ()) -> None:
@@ -55,10 +81,14 @@ def target_of(params) -> Path:
 
 
 def assert_nothing_half_written(params) -> None:
-    """Only verified files (and sources.json) in data/raw/celeba; no temporary or partial file anywhere in it."""
+    """Only verified files (and sources.json) in data/raw/celeba; no temporary or partial file anywhere in
+    it."""
     raw_root = params.data.raw_path()
-    record = json.loads((raw_root / "sources.json").read_text())["files"] if (raw_root / "sources.json").exists() \
+    record = (
+        json.loads((raw_root / "sources.json").read_text())["files"]
+        if (raw_root / "sources.json").exists()
         else {}
+    )
     for path in raw_root.rglob("*"):
         relative = path.relative_to(raw_root)
         if path.name != ".source-md5":  # the marker of a completed extraction
@@ -69,7 +99,9 @@ def assert_nothing_half_written(params) -> None:
     for path in staged.rglob("*") if staged.exists() else []:
         if path.is_file():
             assert path.suffix == ".part" or ".cache" in path.parts, f"unverified download left: {path}"
-            assert not path.read_bytes().lstrip().lower().startswith(b"<!doctype html"), f"HTML page kept: {path}"
+            assert not path.read_bytes().lstrip().lower().startswith(b"<!doctype html"), (
+                f"HTML page kept: {path}"
+            )
 
 
 def test_clean_download_gives_torchvision_layout(celeba_fixture, http_server, tmp_path):
@@ -80,22 +112,29 @@ def test_clean_download_gives_torchvision_layout(celeba_fixture, http_server, tm
 
     target = target_of(params)
     for name, md5 in celeba_fixture.md5.items():
-        assert ds.CELEBA_FILES[name] and (target / name).read_bytes() == celeba_fixture.path(name).read_bytes(), md5
+        assert (
+            ds.CELEBA_FILES[name] and (target / name).read_bytes() == celeba_fixture.path(name).read_bytes()
+        ), md5
     images = sorted(p.name for p in (target / ds.CELEBA_IMAGE_FOLDER).glob("*.jpg"))
     assert images == celeba_fixture.names
     with zipfile.ZipFile(celeba_fixture.path(ds.CELEBA_ZIP)) as archive:
-        assert (target / ds.CELEBA_IMAGE_FOLDER / "000007.jpg").read_bytes() == \
-            archive.read("img_align_celeba/000007.jpg")
+        assert (target / ds.CELEBA_IMAGE_FOLDER / "000007.jpg").read_bytes() == archive.read(
+            "img_align_celeba/000007.jpg"
+        )
     record = json.loads((params.data.raw_path() / "sources.json").read_text())["files"]
     assert {entry["source"] for entry in record.values()} == {"gdrive"}
-    assert not (params.data.raw_path().parent / ".downloads" / "celeba").exists(), "staging folder not cleaned"
+    assert not (params.data.raw_path().parent / ".downloads" / "celeba").exists(), (
+        "staging folder not cleaned"
+    )
     assert_nothing_half_written(params)
 
     # torchvision reads the result as it is (its own md5 check of the .txt files, given the fixture's sums).
     import torchvision
 
     class FixtureCelebA(torchvision.datasets.CelebA):
-        file_list = [(i, celeba_fixture.md5[name], name) for i, _, name in torchvision.datasets.CelebA.file_list]
+        file_list = [
+            (i, celeba_fixture.md5[name], name) for i, _, name in torchvision.datasets.CelebA.file_list
+        ]
 
     dataset = FixtureCelebA(str(params.data.raw_path()), split="valid", target_type=["attr", "identity"])
     assert len(dataset) == 5
@@ -122,9 +161,9 @@ def test_rerun_with_everything_present_does_nothing(celeba_fixture, http_server,
 
 
 def test_a_file_let_in_by_a_pin_that_was_taken_back_is_fetched_again(tmp_path):
-    """A corrupt zip accepted under a pin, then the pin replaced by the md5 of a good copy in another folder: the
-    old file is no longer vouched for, so the stage fetches the good one (the md5 recorded in sources.json when
-    the bad file arrived does not count)."""
+    """A corrupt zip accepted under a pin, then the pin replaced by the md5 of a good copy in another folder:
+    the old file is no longer vouched for, so the stage fetches the good one (the md5 recorded in sources.json
+    when the bad file arrived does not count)."""
     good = write_celeba_fixture(tmp_path / "good", (4, 1, 1), seed=3)
     bad = write_celeba_fixture(tmp_path / "bad", (4, 1, 1), seed=3, corrupt={"000002.jpg": "truncated"})
     assert good.md5[ds.CELEBA_ZIP] != bad.md5[ds.CELEBA_ZIP]
@@ -133,7 +172,9 @@ def test_a_file_let_in_by_a_pin_that_was_taken_back_is_fetched_again(tmp_path):
     zip_path = target_of(params) / ds.CELEBA_ZIP
     assert zip_path.read_bytes() == bad.path(ds.CELEBA_ZIP).read_bytes()
 
-    params = make_params(tmp_path, sources=["local"], local_dir=str(good.folder), pinned_md5=good.pins("local"))
+    params = make_params(
+        tmp_path, sources=["local"], local_dir=str(good.folder), pinned_md5=good.pins("local")
+    )
     download(params.data, params.download)
     assert zip_path.read_bytes() == good.path(ds.CELEBA_ZIP).read_bytes()
     record = json.loads((params.data.raw_path() / "sources.json").read_text())["files"]
@@ -141,10 +182,13 @@ def test_a_file_let_in_by_a_pin_that_was_taken_back_is_fetched_again(tmp_path):
 
 
 def test_a_zip_rebuilt_from_a_local_folder_is_kept_on_a_rerun(tmp_path):
-    """A zip this stage packed from extracted images has no official md5 and needs no pin: a re-run keeps it."""
+    """A zip this stage packed from extracted images has no official md5 and needs no pin: a re-run keeps
+    it."""
     fixture = write_celeba_fixture(tmp_path / "mine", (4, 1, 1), seed=2, extract=True)
     fixture.path(ds.CELEBA_ZIP).unlink()
-    params = make_params(tmp_path, sources=["local"], local_dir=str(fixture.folder), pinned_md5=fixture.pins("local"))
+    params = make_params(
+        tmp_path, sources=["local"], local_dir=str(fixture.folder), pinned_md5=fixture.pins("local")
+    )
     download(params.data, params.download)
     zip_path = target_of(params) / ds.CELEBA_ZIP
     before = zip_path.stat().st_mtime_ns
@@ -162,8 +206,10 @@ def test_transfer_cut_mid_file_is_resumed_with_a_range_request(http_server, tmp_
 
     download(params.data, params.download)
 
-    ranges = [r.headers.get("Range") for r in http_server.requests_for(
-        f"/gdrive/uc?id={ds.CELEBA_FILES[ds.CELEBA_ZIP].gdrive_id}")]
+    ranges = [
+        r.headers.get("Range")
+        for r in http_server.requests_for(f"/gdrive/uc?id={ds.CELEBA_FILES[ds.CELEBA_ZIP].gdrive_id}")
+    ]
     assert "bytes=524288-" in ranges, ranges  # resumed after the first complete chunk, not restarted
     assert (target_of(params) / ds.CELEBA_ZIP).read_bytes() == fixture.path(ds.CELEBA_ZIP).read_bytes()
     assert_nothing_half_written(params)
@@ -186,12 +232,17 @@ def test_interrupted_run_leaves_a_partial_file_that_the_next_run_resumes(http_se
     assert (target_of(params) / ds.CELEBA_ZIP).read_bytes() == fixture.path(ds.CELEBA_ZIP).read_bytes()
 
 
-@pytest.mark.parametrize(("page", "expected"), [
-    (QUOTA_PAGE, "download quota exceeded"),
-    (VIRUS_SCAN_PAGE, "virus-scan warning page"),
-    (LOGIN_PAGE, "login or access-denied page"),
-])
-def test_html_page_instead_of_the_zip_is_reported_as_such(celeba_fixture, http_server, tmp_path, page, expected):
+@pytest.mark.parametrize(
+    ("page", "expected"),
+    [
+        (QUOTA_PAGE, "download quota exceeded"),
+        (VIRUS_SCAN_PAGE, "virus-scan warning page"),
+        (LOGIN_PAGE, "login or access-denied page"),
+    ],
+)
+def test_html_page_instead_of_the_zip_is_reported_as_such(
+    celeba_fixture, http_server, tmp_path, page, expected
+):
     serve_drive(http_server, celeba_fixture, skip=(ds.CELEBA_ZIP,))
     http_server.add_html(f"/gdrive/uc?id={ds.CELEBA_FILES[ds.CELEBA_ZIP].gdrive_id}", page)
     params = make_params(tmp_path, http_server, pinned_md5=celeba_fixture.pins("gdrive"))
@@ -208,13 +259,18 @@ def test_html_page_instead_of_the_zip_is_reported_as_such(celeba_fixture, http_s
     assert_nothing_half_written(params)
 
 
-def test_failed_source_falls_through_to_the_hub_mirror_with_a_one_line_reason(celeba_fixture, http_server,
-                                                                              tmp_path, caplog):
+def test_failed_source_falls_through_to_the_hub_mirror_with_a_one_line_reason(
+    celeba_fixture, http_server, tmp_path, caplog
+):
     serve_drive(http_server, celeba_fixture, skip=(ds.CELEBA_ZIP,))
     http_server.add_html(f"/gdrive/uc?id={ds.CELEBA_FILES[ds.CELEBA_ZIP].gdrive_id}", QUOTA_PAGE)
     serve_hub(http_server, celeba_fixture)
-    params = make_params(tmp_path, http_server, sources=["gdrive", "huggingface"],
-                         pinned_md5=celeba_fixture.pins("gdrive", "huggingface"))
+    params = make_params(
+        tmp_path,
+        http_server,
+        sources=["gdrive", "huggingface"],
+        pinned_md5=celeba_fixture.pins("gdrive", "huggingface"),
+    )
 
     with caplog.at_level(logging.INFO, logger="pipeline.download"):
         download(params.data, params.download)
@@ -268,8 +324,12 @@ def test_zip_entries_escaping_the_target_are_refused(celeba_fixture, http_server
 def test_missing_annotation_file_names_it_and_what_was_tried(celeba_fixture, http_server, tmp_path):
     serve_drive(http_server, celeba_fixture, skip=(ds.CELEBA_IDENTITY,))
     serve_hub(http_server, celeba_fixture, skip=(ds.CELEBA_IDENTITY,))
-    params = make_params(tmp_path, http_server, sources=["gdrive", "huggingface"],
-                         pinned_md5=celeba_fixture.pins("gdrive", "huggingface"))
+    params = make_params(
+        tmp_path,
+        http_server,
+        sources=["gdrive", "huggingface"],
+        pinned_md5=celeba_fixture.pins("gdrive", "huggingface"),
+    )
 
     with pytest.raises(DataStageError) as raised:
         download(params.data, params.download)
@@ -286,17 +346,25 @@ def test_missing_annotation_file_names_it_and_what_was_tried(celeba_fixture, htt
 
 def test_no_network_lists_every_source_tried_and_how_to_provide_a_local_copy(tmp_path):
     dead = "http://127.0.0.1:9"  # discard port: connection refused
-    params = make_params(tmp_path, sources=["local", "gdrive", "huggingface", "kaggle"],
-                         gdrive_url=dead + "/uc?id={file_id}", huggingface_endpoint=dead,
-                         kaggle_url=dead + "/{dataset}")
+    params = make_params(
+        tmp_path,
+        sources=["local", "gdrive", "huggingface", "kaggle"],
+        gdrive_url=dead + "/uc?id={file_id}",
+        huggingface_endpoint=dead,
+        kaggle_url=dead + "/{dataset}",
+    )
 
     with pytest.raises(DataStageError) as raised:
         download(params.data, params.download)
 
     message = str(raised.value)
     assert "could not get 6 CelebA file(s)" in message
-    for reason in ("download.local_dir is not set", "cannot connect to 127.0.0.1:9", "cannot reach " + dead,
-                   "skipped, cannot connect"):
+    for reason in (
+        "download.local_dir is not set",
+        "cannot connect to 127.0.0.1:9",
+        "cannot reach " + dead,
+        "skipped, cannot connect",
+    ):
         assert reason in message, reason
     assert "set download.local_dir to that folder" in message and ds.CELEBA_DRIVE_FOLDER in message
     assert not any(params.data.raw_path().rglob("*.zip"))
@@ -312,13 +380,19 @@ def test_flaky_server_is_retried(celeba_fixture, http_server, tmp_path):
 
 
 def test_local_copy_in_torchvision_layout(celeba_fixture, tmp_path):
-    params = make_params(tmp_path, sources=["local"], local_dir=str(celeba_fixture.root),
-                         pinned_md5=celeba_fixture.pins("local"))
+    params = make_params(
+        tmp_path,
+        sources=["local"],
+        local_dir=str(celeba_fixture.root),
+        pinned_md5=celeba_fixture.pins("local"),
+    )
 
     download(params.data, params.download)
 
-    assert sorted(p.name for p in (target_of(params) / ds.CELEBA_IMAGE_FOLDER).iterdir() if p.suffix == ".jpg") \
+    assert (
+        sorted(p.name for p in (target_of(params) / ds.CELEBA_IMAGE_FOLDER).iterdir() if p.suffix == ".jpg")
         == celeba_fixture.names
+    )
     record = json.loads((params.data.raw_path() / "sources.json").read_text())["files"]
     assert record[ds.CELEBA_ZIP]["source"] == "local"
 
@@ -326,8 +400,9 @@ def test_local_copy_in_torchvision_layout(celeba_fixture, tmp_path):
 def test_local_folder_with_extracted_images_only_is_packed_into_the_zip(tmp_path):
     fixture = write_celeba_fixture(tmp_path / "mine", (4, 1, 1), seed=2, extract=True)
     fixture.path(ds.CELEBA_ZIP).unlink()
-    params = make_params(tmp_path, sources=["local"], local_dir=str(fixture.folder),
-                         pinned_md5=fixture.pins("local"))
+    params = make_params(
+        tmp_path, sources=["local"], local_dir=str(fixture.folder), pinned_md5=fixture.pins("local")
+    )
 
     download(params.data, params.download)
 
@@ -335,8 +410,9 @@ def test_local_folder_with_extracted_images_only_is_packed_into_the_zip(tmp_path
     with zipfile.ZipFile(target / ds.CELEBA_ZIP) as archive:
         assert sorted(archive.namelist())[1:] == [f"img_align_celeba/{n}" for n in fixture.names]
     for name in fixture.names:
-        assert (target / ds.CELEBA_IMAGE_FOLDER / name).read_bytes() == \
-            (fixture.folder / ds.CELEBA_IMAGE_FOLDER / name).read_bytes()
+        assert (target / ds.CELEBA_IMAGE_FOLDER / name).read_bytes() == (
+            fixture.folder / ds.CELEBA_IMAGE_FOLDER / name
+        ).read_bytes()
 
 
 def test_kaggle_archive_supplies_the_images_only_when_pinned(celeba_fixture, http_server, tmp_path):
@@ -347,8 +423,9 @@ def test_kaggle_archive_supplies_the_images_only_when_pinned(celeba_fixture, htt
     for name in ds.CELEBA_ANNOTATIONS:
         shutil.copy(celeba_fixture.path(name), annotations / name)
     pins = celeba_fixture.pins("local")
-    params = make_params(tmp_path, http_server, sources=["kaggle", "local"], local_dir=str(annotations),
-                         pinned_md5=pins)
+    params = make_params(
+        tmp_path, http_server, sources=["kaggle", "local"], local_dir=str(annotations), pinned_md5=pins
+    )
 
     with pytest.raises(DataStageError) as raised:  # Kaggle publishes no checksum: a pin is required
         download(params.data, params.download)
@@ -357,15 +434,18 @@ def test_kaggle_archive_supplies_the_images_only_when_pinned(celeba_fixture, htt
     assert "the Kaggle archive has no list_attr_celeba.txt" not in str(raised.value)  # those came from local
 
     pins["kaggle"] = {"celeba-dataset.zip": archive_md5}
-    params = make_params(tmp_path, http_server, sources=["kaggle", "local"], local_dir=str(annotations),
-                         pinned_md5=pins)
+    params = make_params(
+        tmp_path, http_server, sources=["kaggle", "local"], local_dir=str(annotations), pinned_md5=pins
+    )
     download(params.data, params.download)
 
     target = target_of(params)
     record = json.loads((params.data.raw_path() / "sources.json").read_text())["files"]
     assert record[ds.CELEBA_ZIP]["source"] == "kaggle" and record[ds.CELEBA_PARTITION]["source"] == "local"
-    with zipfile.ZipFile(target / ds.CELEBA_ZIP) as repacked, \
-            zipfile.ZipFile(celeba_fixture.path(ds.CELEBA_ZIP)) as original:
+    with (
+        zipfile.ZipFile(target / ds.CELEBA_ZIP) as repacked,
+        zipfile.ZipFile(celeba_fixture.path(ds.CELEBA_ZIP)) as original,
+    ):
         for name in celeba_fixture.names:
             assert repacked.read(f"img_align_celeba/{name}") == original.read(f"img_align_celeba/{name}")
     assert len(list((target / ds.CELEBA_IMAGE_FOLDER).glob("*.jpg"))) == len(celeba_fixture.names)
@@ -375,10 +455,13 @@ def test_describe_html_tells_pages_from_files(celeba_fixture):
     assert describe_html(QUOTA_PAGE.encode()).startswith("Google Drive's 'download quota exceeded' page")
     assert "virus-scan" in describe_html(VIRUS_SCAN_PAGE.encode())
     assert "login" in describe_html(LOGIN_PAGE.encode())
-    assert describe_html(b"<html><head><title>502 Bad Gateway</title></head></html>") == \
-        "an HTML page titled '502 bad gateway'"
+    assert (
+        describe_html(b"<html><head><title>502 Bad Gateway</title></head></html>")
+        == "an HTML page titled '502 bad gateway'"
+    )
     assert "AccessDenied".lower() in describe_html(
-        b'<?xml version="1.0"?><Error><Code>AccessDenied</Code></Error>')
+        b'<?xml version="1.0"?><Error><Code>AccessDenied</Code></Error>'
+    )
     for name in ds.CELEBA_FILES:
         assert describe_html(celeba_fixture.path(name).read_bytes()[:65536]) is None, name
 
@@ -386,11 +469,17 @@ def test_describe_html_tells_pages_from_files(celeba_fixture):
 def test_stage_exits_nonzero_with_a_clear_message_and_no_traceback(tmp_path, capsys):
     params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
     params["data"].update(raw_dir=str(tmp_path / "raw"), processed_dir=str(tmp_path / "processed"))
-    params["download"].update(sources=["local", "gdrive"], local_dir=str(tmp_path / "nothing-here"),
-                              gdrive_url="http://127.0.0.1:9/uc?id={file_id}", retries=0)
+    params["download"].update(
+        sources=["local", "gdrive"],
+        local_dir=str(tmp_path / "nothing-here"),
+        gdrive_url="http://127.0.0.1:9/uc?id={file_id}",
+        retries=0,
+    )
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
 
-    assert main(["--params", str(tmp_path / "params.yaml")]) == 1  # `python -m` runs: see test_mnist_data's dvc test
+    assert (
+        main(["--params", str(tmp_path / "params.yaml")]) == 1
+    )  # `python -m` runs: see test_mnist_data's dvc test
 
     error = capsys.readouterr().err
     assert "Traceback" not in error

@@ -29,8 +29,8 @@ def module_file(module: str) -> Path | None:
 
 
 def imported_modules(path: Path) -> set[str]:
-    """Every module an ``import`` statement anywhere in the file names (``from a import b`` names ``a`` and, when
-    it is a submodule, ``a.b``), plus the packages above each."""
+    """Every module an ``import`` statement anywhere in the file names (``from a import b`` names ``a`` and,
+    when it is a submodule, ``a.b``), plus the packages above each."""
     names: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
@@ -44,7 +44,7 @@ def imported_modules(path: Path) -> set[str]:
 def import_closure(module: str) -> set[Path]:
     """The project files that running ``python -m <module>`` imports, followed transitively."""
     found: set[Path] = set()
-    pending = [module]
+    pending = [module, f"{module}.__main__"]  # `python -m package` runs its __main__ too
     while pending:
         path = module_file(pending.pop())
         if path is None or path in found:

@@ -1,5 +1,6 @@
-"""`dvc repro` end to end in a fresh git + DVC copy of the repository: download -> preprocess -> tune (skipped)
--> train -> evaluate, on the CelebA-layout fixture and on the real Fashion-MNIST from Debian's package."""
+"""`dvc repro` end to end in a fresh git + DVC copy of the repository: download -> preprocess -> tune
+(skipped) -> train -> evaluate, on the CelebA-layout fixture and on the real Fashion-MNIST from Debian's
+package."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from tests.fixtures.celeba import write_celeba_fixture
+from benchmarks.celeba_layout import write_celeba_fixture
 from tests.fixtures.repository import fresh_repository, repository_env
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -21,9 +22,13 @@ pytestmark = pytest.mark.slow
 
 
 def run(repo: Path, *command: str, timeout: float = 900, check: bool = True) -> subprocess.CompletedProcess:
-    done = subprocess.run(command, cwd=repo, env=repository_env(), capture_output=True, text=True, timeout=timeout)
+    done = subprocess.run(
+        command, cwd=repo, env=repository_env(), capture_output=True, text=True, timeout=timeout
+    )
     if check:
-        assert done.returncode == 0, f"{' '.join(command)} failed:\n{done.stdout[-5000:]}\n{done.stderr[-5000:]}"
+        assert done.returncode == 0, (
+            f"{' '.join(command)} failed:\n{done.stdout[-5000:]}\n{done.stderr[-5000:]}"
+        )
     return done
 
 
@@ -36,13 +41,24 @@ def test_dvc_repro_end_to_end_on_the_celeba_fixture(tmp_path):
     meets it: `dvc repro` stops at the download naming each file's md5 and the `dvc exp run` option that pins
     it; the options pasted as printed run the pipeline to the end."""
     fixture = write_celeba_fixture(tmp_path / "celeba-copy", (48, 12, 12), seed=1)
-    repo = fresh_repository(tmp_path, {
-        "download.sources": ["local"], "download.local_dir": str(fixture.folder), "data.image_size": 32,
-        "model.hidden_dims": [8, 16, 16, 32], "model.latent_dim": 8,
-        "beta_schedule": {"name": "cyclical", "num_cycles": 2}, "train.epochs": 2, "train.batch_size": 16,
-        "train.log_every_n_steps": 1, "evaluate.num_importance_samples": 8, "evaluate.importance_batch_size": 4,
-        "evaluate.num_image_rows": 3, "mlflow.registered_model_name": "fixture-vae",
-    })
+    repo = fresh_repository(
+        tmp_path,
+        {
+            "download.sources": ["local"],
+            "download.local_dir": str(fixture.folder),
+            "data.image_size": 32,
+            "model.hidden_dims": [8, 16, 16, 32],
+            "model.latent_dim": 8,
+            "beta_schedule": {"name": "cyclical", "num_cycles": 2},
+            "train.epochs": 2,
+            "train.batch_size": 16,
+            "train.log_every_n_steps": 1,
+            "evaluate.num_importance_samples": 8,
+            "evaluate.importance_batch_size": 4,
+            "evaluate.num_image_rows": 3,
+            "mlflow.registered_model_name": "fixture-vae",
+        },
+    )
     refused = run(repo, DVC, "repro", check=False)
     assert refused.returncode != 0 and "wrong checksum" in refused.stdout + refused.stderr
     # (each refusal is logged when it happens and again in the stage's summary)
@@ -53,11 +69,19 @@ def test_dvc_repro_end_to_end_on_the_celeba_fixture(tmp_path):
         assert f"Running stage '{stage}'" in output, stage
     metrics = json.loads((repo / "reports/metrics.json").read_text())
     assert metrics["num_test_images"] == 12 and metrics["likelihood"] == "discretized_logistic"
-    # Two epochs on 48 noise-like images leave the model barely trained (about 9 bits/dim); what matters here is
-    # that every stage ran on real files and the importance-sampled bound is finite and tighter than the ELBO.
+    # Two epochs on 48 noise-like images leave the model barely trained (about 9 bits/dim); what matters here
+    # is that every stage ran on real files and the importance-sampled bound is finite and tighter than the
+    # ELBO.
     assert 0 < metrics["test_nll_bits_per_dim"] < 16
     assert metrics["test_nll"] <= metrics["test_negative_elbo"] + 1.0
-    for picture in ("samples", "reconstructions", "interpolations", "traversals", "attribute_Smiling", "attribute_Eyeglasses"):
+    for picture in (
+        "samples",
+        "reconstructions",
+        "interpolations",
+        "traversals",
+        "attribute_Smiling",
+        "attribute_Eyeglasses",
+    ):
         assert (repo / "reports/eval" / f"{picture}.png").is_file(), picture
     train_metrics = json.loads((repo / "reports/train_metrics.json").read_text())
     client = mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
@@ -73,24 +97,40 @@ def test_dvc_repro_end_to_end_on_the_celeba_fixture(tmp_path):
 # was set from measured runs (see the README) with a margin: a broken likelihood, objective or data path lands
 # far above it (an untrained model scores about 8 bits/dim).
 FASHION_MNIST_CI = {
-    "data.dataset": "fashion_mnist", "model.architecture": "mlp", "model.hidden_dims": [512, 256], "model.latent_dim": 32,
-    "model.likelihood": "discretized_logistic", "beta_schedule": {"name": "linear", "warmup_steps": 500},
-    "train.epochs": 3, "train.batch_size": 128, "train.learning_rate": 0.001, "train.lr_warmup_steps": 100,
-    "train.cpus_per_worker": 2, "train.log_every_n_steps": 100, "evaluate.num_importance_samples": 100,
-    "evaluate.importance_batch_size": 50, "evaluate.max_images": 1000, "mlflow.experiment_name": "vae-fashion-mnist",
+    "data.dataset": "fashion_mnist",
+    "model.architecture": "mlp",
+    "model.hidden_dims": [512, 256],
+    "model.latent_dim": 32,
+    "model.likelihood": "discretized_logistic",
+    "beta_schedule": {"name": "linear", "warmup_steps": 500},
+    "train.epochs": 3,
+    "train.batch_size": 128,
+    "train.learning_rate": 0.001,
+    "train.lr_warmup_steps": 100,
+    "train.cpus_per_worker": 2,
+    "train.log_every_n_steps": 100,
+    "evaluate.num_importance_samples": 100,
+    "evaluate.importance_batch_size": 50,
+    "evaluate.max_images": 1000,
+    "mlflow.experiment_name": "vae-fashion-mnist",
     "mlflow.registered_model_name": "vae-fashion-mnist",
 }
 FASHION_MNIST_CI_BOUND_BITS_PER_DIM = 4.0
 
 
-@pytest.mark.skipif(not FASHION_MNIST.is_dir(), reason="needs Debian's dataset-fashion-mnist (make system-deps installs it)")
+@pytest.mark.skipif(
+    not FASHION_MNIST.is_dir(), reason="needs Debian's dataset-fashion-mnist (make system-deps installs it)"
+)
 def test_dvc_repro_on_real_fashion_mnist_reaches_the_stated_nll(tmp_path):
     repo = fresh_repository(tmp_path, FASHION_MNIST_CI)
     dvc_repro(repo)
     metrics = json.loads((repo / "reports/metrics.json").read_text())
-    print(f"\nFashion-MNIST (CI budget): test NLL {metrics['test_nll']:.1f} nats = {metrics['test_nll_bits_per_dim']:.3f} "
-          f"bits/dim (K={metrics['num_importance_samples']}, {metrics['num_test_images']} images), "
-          f"-ELBO {metrics['test_negative_elbo']:.1f}, {metrics['active_units']} active units")
+    print(
+        f"\nFashion-MNIST (CI budget): test NLL {metrics['test_nll']:.1f} "
+        f"nats = {metrics['test_nll_bits_per_dim']:.3f} "
+        f"bits/dim (K={metrics['num_importance_samples']}, {metrics['num_test_images']} images), "
+        f"-ELBO {metrics['test_negative_elbo']:.1f}, {metrics['active_units']} active units"
+    )
     assert metrics["num_test_images"] == 1000
     assert metrics["test_nll_bits_per_dim"] < FASHION_MNIST_CI_BOUND_BITS_PER_DIM
     assert metrics["test_nll"] <= metrics["test_negative_elbo"] + 1.0

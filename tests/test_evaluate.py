@@ -1,5 +1,5 @@
-"""The evaluate stage's figures (pipeline.evaluate.test_figures, the code the stage runs) against a model whose
-log-likelihood is known in closed form, and in both precisions."""
+"""The evaluate stage's figures (pipeline.evaluate.test_figures, the code the stage runs) against a model
+whose log-likelihood is known in closed form, and in both precisions."""
 
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ DEQUANTIZATION_VARIANCE = 1.0 / (12 * 256**2)  # Var(u / 256), u ~ U(0, 1)
 def linear_gaussian_vae(seed: int = 0) -> tuple[VAE, torch.Tensor, torch.Tensor]:
     """Probabilistic PCA as a VAE (Tipping & Bishop 1999): z ~ N(0, I_2), y | z ~ N(W z + b, sigma^2 I_16), so
     p(y) = N(b, W W^T + sigma^2 I). W has orthogonal columns, so the exact posterior is a diagonal Gaussian,
-    N(M^-1 W^T (y - b), sigma^2 M^-1) with M = W^T W + sigma^2 I, and the encoder is set to it (for the bin centre
-    y = (x + 1/2) / 256 of the 8-bit image it sees). Returns (model, W, b)."""
+    N(M^-1 W^T (y - b), sigma^2 M^-1) with M = W^T W + sigma^2 I, and the encoder is set to it (for the bin
+    centre y = (x + 1/2) / 256 of the 8-bit image it sees). Returns (model, W, b)."""
     generator = torch.Generator().manual_seed(seed)
     basis, _ = torch.linalg.qr(torch.randn(D, 2, generator=generator))
     weight = basis * SCALES
@@ -42,9 +42,11 @@ def linear_gaussian_vae(seed: int = 0) -> tuple[VAE, torch.Tensor, torch.Tensor]
     return model, weight, bias
 
 
-def exact_expected_log_likelihood(images: np.ndarray, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """E_u[log p(y)] per image for y = (x + u) / 256, u ~ U(0, 1)^D, in closed form: the Gaussian's log-density
-    at the bin centre minus tr(Sigma^-1) Var(u / 256) / 2. Float64, (N,) nats."""
+def exact_expected_log_likelihood(
+    images: np.ndarray, weight: torch.Tensor, bias: torch.Tensor
+) -> torch.Tensor:
+    """E_u[log p(y)] per image for y = (x + u) / 256, u ~ U(0, 1)^D, in closed form: the Gaussian's
+    log-density at the bin centre minus tr(Sigma^-1) Var(u / 256) / 2. Float64, (N,) nats."""
     covariance = (weight @ weight.T + SIGMA**2 * torch.eye(D)).double()
     centre = (torch.from_numpy(images).double().reshape(len(images), D) + 0.5) / 256
     gaussian = torch.distributions.MultivariateNormal(bias.double(), covariance)
@@ -56,14 +58,16 @@ def ppca():
     model, weight, bias = linear_gaussian_vae()
     with torch.no_grad():  # images drawn from the model itself, quantised to 8 bits
         y = model.sample(300, torch.Generator().manual_seed(1)) + SIGMA * torch.randn(
-            300, *SHAPE, generator=torch.Generator().manual_seed(2))
+            300, *SHAPE, generator=torch.Generator().manual_seed(2)
+        )
     images = (y.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
     return model, images, exact_expected_log_likelihood(images, weight, bias)
 
 
 def test_importance_sampled_nll_equals_the_exact_log_likelihood(ppca):
-    """With the exact posterior as the proposal, every importance weight is p(y): the stage's NLL is exact up to
-    the spread of the dequantization noise (one draw per image: 0.13 nats per image, 0.01 over 300 images)."""
+    """With the exact posterior as the proposal, every importance weight is p(y): the stage's NLL is exact up
+    to the spread of the dequantization noise (one draw per image: 0.13 nats per image, 0.01 over 300
+    images)."""
     model, images, exact = ppca
     figures = evaluate_figures(model, images, 64, 16, 100, torch.device("cpu"))
     assert figures["num_test_images"] == 300
@@ -72,12 +76,14 @@ def test_importance_sampled_nll_equals_the_exact_log_likelihood(ppca):
     assert figures["test_nll"] <= figures["test_negative_elbo"] + 1e-3
     assert figures["test_negative_elbo"] == pytest.approx(-float(exact.mean()), abs=0.1)
     assert figures["test_nll_bits_per_dim"] == pytest.approx(
-        (figures["test_nll"] + D * math.log(256)) / (D * math.log(2)))
+        (figures["test_nll"] + D * math.log(256)) / (D * math.log(2))
+    )
     assert figures["precision"] == "fp32"
 
 
 def test_the_exact_value_tells_a_slightly_different_model(ppca):
-    """The tolerance above is tight enough to fail: a decoder mean off by 0.05 (half of sigma) moves the NLL by
+    """The tolerance above is tight enough to fail: a decoder mean off by 0.05 (half of sigma) moves the NLL
+    by
     more than 10 times the tolerance."""
     model, images, exact = ppca
     with torch.no_grad():

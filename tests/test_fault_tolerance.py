@@ -17,8 +17,11 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import psutil
+import pyarrow.fs as pafs
 import pytest
-from cluster_helpers import (
+
+from pipeline.checkpoints import newest_persisted_checkpoint
+from tests.cluster_helpers import (
     REPO_ROOT,
     job_info,
     job_logs,
@@ -28,7 +31,6 @@ from cluster_helpers import (
     wait_for_job,
     write_params,
 )
-
 from tests.fixtures.arrays import write_square_arrays
 
 pytestmark = pytest.mark.slow
@@ -49,16 +51,27 @@ def workspace(cluster):
     """The project root the jobs use (VAE_PROJECT_ROOT), on the cluster's shared storage, with tiny
     structured 28x28 arrays in the preprocess stage's layout."""
     root = Path(cluster.shared_storage) / "workspace"
-    write_square_arrays(root / "data" / "processed" / "fashion_mnist", {"train": TRAIN, "valid": VALID, "test": TEST}, 220)
+    write_square_arrays(
+        root / "data" / "processed" / "fashion_mnist", {"train": TRAIN, "valid": VALID, "test": TEST}, 220
+    )
     return root
 
 
 def job_params(cluster, workspace, name: str, **overrides) -> Path:
     values = {
-        "data.dataset": "fashion_mnist", "model.architecture": "conv", "model.hidden_dims": [32, 64, 128],
-        "model.latent_dim": 16, "model.likelihood": "bernoulli", "train.epochs": 4, "train.batch_size": BATCH,
-        "train.num_workers": 2, "train.log_every_n_steps": 1, "train.max_failures": 3, "train.run_name": name,
-        "mlflow.experiment_name": "fault-tolerance", "mlflow.registered_model_name": None,
+        "data.dataset": "fashion_mnist",
+        "model.architecture": "conv",
+        "model.hidden_dims": [32, 64, 128],
+        "model.latent_dim": 16,
+        "model.likelihood": "bernoulli",
+        "train.epochs": 4,
+        "train.batch_size": BATCH,
+        "train.num_workers": 2,
+        "train.log_every_n_steps": 1,
+        "train.max_failures": 3,
+        "train.run_name": name,
+        "mlflow.experiment_name": "fault-tolerance",
+        "mlflow.registered_model_name": None,
         "evaluate.num_image_rows": 2,
     }
     values.update(overrides)
@@ -66,13 +79,24 @@ def job_params(cluster, workspace, name: str, **overrides) -> Path:
 
 
 def runtime_env(cluster, workspace) -> dict:
-    return {"env_vars": {"VAE_PROJECT_ROOT": str(workspace), "MLFLOW_TRACKING_URI": cluster.mlflow_url,
-                         "RAY_CHDIR_TO_TRIAL_DIR": "0"}}
+    return {
+        "env_vars": {
+            "VAE_PROJECT_ROOT": str(workspace),
+            "MLFLOW_TRACKING_URI": cluster.mlflow_url,
+            "RAY_CHDIR_TO_TRIAL_DIR": "0",
+        }
+    }
 
 
 def start_training(cluster, workspace, params: Path, submission_id: str) -> str:
-    result = submit_job(cluster, ["python", "-m", "pipeline.train", "--params", str(params)], working_dir=REPO_ROOT,
-                        runtime_env=runtime_env(cluster, workspace), submission_id=submission_id, no_wait=True)
+    result = submit_job(
+        cluster,
+        ["python", "-m", "pipeline.train", "--params", str(params)],
+        working_dir=REPO_ROOT,
+        runtime_env=runtime_env(cluster, workspace),
+        submission_id=submission_id,
+        no_wait=True,
+    )
     assert result.returncode == 0, result.output
     return submission_id
 
@@ -85,7 +109,10 @@ def wait_for_log(cluster, submission_id: str, pattern: str, timeout_s: float = 3
             return found
         status = job_info(cluster, submission_id)["status"]
         if status in ("SUCCEEDED", "FAILED", "STOPPED"):
-            raise AssertionError(f"job {submission_id} ended ({status}) before {pattern!r}:\n{job_logs(cluster, submission_id)[-3000:]}")
+            raise AssertionError(
+                f"job {submission_id} ended ({status}) before "
+                f"{pattern!r}:\n{job_logs(cluster, submission_id)[-3000:]}"
+            )
         time.sleep(0.5)
     raise TimeoutError(f"{pattern!r} not in the logs of {submission_id} after {timeout_s}s")
 
@@ -115,9 +142,11 @@ def train_worker_processes(cluster, logs: str, node: str | None = None) -> list[
 def test_killed_train_worker_restarts_from_last_checkpoint(cluster, workspace):
     params = job_params(cluster, workspace, "kill-worker", **{"train.epochs": 3})
     job = start_training(cluster, workspace, params, "ft-kill-worker")
-    # Early in epoch 2, right after epoch 1's checkpoint was written: Ray's controller may not have registered it
-    # yet (it polls every ~2 s); the run must resume from it all the same.
-    found = wait_for_log(cluster, job, rf"\(RayTrainWorker pid=(\d+)[^\n]*\[train\]   step {STEPS_PER_EPOCH + 2}/")
+    # Early in epoch 2, right after epoch 1's checkpoint was written: Ray's controller may not have registered
+    # it yet (it polls every ~2 s); the run must resume from it all the same.
+    found = wait_for_log(
+        cluster, job, rf"\(RayTrainWorker pid=(\d+)[^\n]*\[train\]   step {STEPS_PER_EPOCH + 2}/"
+    )
     victim = psutil.Process(int(found.group(1)))  # rank 0, which prints the step lines
     assert victim in cluster.processes(), f"pid {victim.pid} is not a process of the local cluster"
     victim.kill()
@@ -127,8 +156,11 @@ def test_killed_train_worker_restarts_from_last_checkpoint(cluster, workspace):
     assert resumed, logs[-3000:]
     steps = steps_logged(logs)
     repeated = len(steps) - len(set(steps))
-    print(f"\n[fault 1] killed a Train worker early in epoch 2: resumed at epoch {resumed[-1][0]}, {repeated} steps "
-          f"repeated (checkpoint interval {STEPS_PER_EPOCH} steps)")
+    print(
+        "\n[fault 1] killed a Train worker early in epoch 2: "
+        f"resumed at epoch {resumed[-1][0]}, {repeated} steps "
+        f"repeated (checkpoint interval {STEPS_PER_EPOCH} steps)"
+    )
     assert [int(epoch) for epoch, _ in resumed] == [1]  # the last checkpoint, not a restart from scratch
     assert 0 < repeated <= STEPS_PER_EPOCH
     assert max(steps) == 3 * STEPS_PER_EPOCH and sorted(set(epochs_logged(logs))) == [1, 2, 3]
@@ -140,10 +172,14 @@ def test_killed_worker_node_training_goes_on_elastically(cluster, workspace):
     params = job_params(cluster, workspace, "kill-node", **{"train.min_workers": 1, "train.epochs": 3})
     job = start_training(cluster, workspace, params, "ft-kill-node")
     wait_for_log(cluster, job, rf"\[train\]   step {STEPS_PER_EPOCH + STEPS_PER_EPOCH // 2}/")
-    # A worker node that trains this job now (the head has 1 CPU, so one of the two workers is on a worker node;
-    # its pid shows in the logs once that rank has logged a line, by the end of epoch 1 at the latest).
+    # A worker node that trains this job now (the head has 1 CPU, so one of the two workers is on a worker
+    # node; its pid shows in the logs once that rank has logged a line, by the end of epoch 1 at the latest).
     deadline = time.monotonic() + 60
-    while not (nodes := [n for n in ("worker-1", "worker-2") if train_worker_processes(cluster, job_logs(cluster, job), n)]):
+    while not (
+        nodes := [
+            n for n in ("worker-1", "worker-2") if train_worker_processes(cluster, job_logs(cluster, job), n)
+        ]
+    ):
         assert time.monotonic() < deadline, f"no Train worker of {job} found on a worker node"
         time.sleep(1)
     node = nodes[0]
@@ -153,7 +189,9 @@ def test_killed_worker_node_training_goes_on_elastically(cluster, workspace):
     finally:
         cluster.start_node(node)
         cluster.wait_for_nodes(3)
-    resumed = [int(e) for e, _ in re.findall(r"resumed from the checkpoint of epoch (\d+) \(step (\d+)\)", logs)]
+    resumed = [
+        int(e) for e, _ in re.findall(r"resumed from the checkpoint of epoch (\d+) \(step (\d+)\)", logs)
+    ]
     print(f"\n[fault 2] killed node {node} mid-epoch 2: resumed from epoch {resumed}, run completed")
     assert resumed and resumed[-1] >= 1  # nothing before the last checkpoint was lost
     metrics = json.loads((workspace / "reports/train_metrics.json").read_text())
@@ -167,14 +205,23 @@ def test_stopped_job_driver_resubmitted_resumes_without_retraining(cluster, work
     stop_job(cluster, first)
     wait_for_job(cluster, first, timeout_s=120)
     finished_before = epochs_logged(job_logs(cluster, first))
+    # An epoch's log line comes before its checkpoint is written: the stop can land in between, and that
+    # epoch must then be trained again. What counts is the newest complete checkpoint on storage.
+    run_dir = next((workspace / "runs").glob("kill-driver-*"))
+    persisted = newest_persisted_checkpoint(pafs.LocalFileSystem(), str(run_dir))
+    assert persisted is not None, f"no complete checkpoint in {run_dir} after epochs {finished_before}"
+    checkpointed = int(persisted[1]["epoch"])
     second = start_training(cluster, workspace, params, "ft-driver-2")
     logs = finished_ok(cluster, second)
     resumed = re.findall(r"resumed from the checkpoint of epoch (\d+)", logs)
-    print(f"\n[fault 3] stopped the job driver after epochs {sorted(set(finished_before))}; the new job resumed from "
-          f"epoch {resumed} and trained epochs {sorted(set(epochs_logged(logs)))}")
-    assert resumed and int(resumed[0]) == max(finished_before)
-    assert not set(epochs_logged(logs)) & set(finished_before)  # no finished epoch trained again
-    assert sorted(set(finished_before) | set(epochs_logged(logs))) == [1, 2, 3]
+    print(
+        "\n[fault 3] stopped the job driver after epochs "
+        f"{sorted(set(finished_before))} (checkpoint of epoch {checkpointed} on storage); "
+        f"the new job resumed from epoch {resumed} and trained epochs {sorted(set(epochs_logged(logs)))}"
+    )
+    assert checkpointed >= 1  # stopped in epoch 2 or later
+    assert resumed and int(resumed[0]) == checkpointed
+    assert sorted(set(epochs_logged(logs))) == list(range(checkpointed + 1, 4))  # no checkpointed epoch again
 
 
 def test_mlflow_outage_does_not_stop_training_and_metrics_arrive_later(cluster, workspace):
@@ -183,7 +230,9 @@ def test_mlflow_outage_does_not_stop_training_and_metrics_arrive_later(cluster, 
     wait_for_log(cluster, job, r"\[train\]   step 3/")
     cluster.stop_mlflow()
     try:
-        wait_for_log(cluster, job, rf"\[train\]   step {STEPS_PER_EPOCH + 5}/")  # an epoch passed in the outage
+        wait_for_log(
+            cluster, job, rf"\[train\]   step {STEPS_PER_EPOCH + 5}/"
+        )  # an epoch passed in the outage
     finally:
         cluster.start_mlflow()
     logs = finished_ok(cluster, job)
@@ -192,21 +241,31 @@ def test_mlflow_outage_does_not_stop_training_and_metrics_arrive_later(cluster, 
     history = client.get_metric_history(run_id, "val_negative_elbo")
     lost_file = next(Path(workspace / "runs").glob("mlflow-outage-*/lost_mlflow_records.json"), None)
     lost = json.loads(lost_file.read_text())["records"] if lost_file else []
-    print(f"\n[fault 4] MLflow server down during epoch 1-2: {len(history)} of 3 epoch records logged, "
-          f"{len(lost)} recorded as lost")
+    print(
+        f"\n[fault 4] MLflow server down during epoch 1-2: {len(history)} of 3 epoch records logged, "
+        f"{len(lost)} recorded as lost"
+    )
     assert len(history) + sum(1 for r in lost if "val_negative_elbo" in (r["payload"] or {})) == 3
     assert client.get_run(run_id).info.status == "FINISHED"
 
 
-@pytest.mark.parametrize("overrides, expected", [
-    ({"train.use_gpu": True}, r"GPU"),
-    ({"train.storage_path": "/proc/vae-runs"}, r"storage_path .* not writable"),
-])
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        ({"train.use_gpu": True}, r"GPU"),
+        ({"train.storage_path": "/proc/vae-runs"}, r"storage_path .* not writable"),
+    ],
+)
 def test_bad_configuration_fails_fast_on_the_cluster(cluster, workspace, overrides, expected):
     params = job_params(cluster, workspace, "bad-config", **overrides)
     started = time.monotonic()
-    result = submit_job(cluster, ["python", "-m", "pipeline.train", "--params", str(params)], working_dir=REPO_ROOT,
-                        runtime_env=runtime_env(cluster, workspace), timeout_s=180)
+    result = submit_job(
+        cluster,
+        ["python", "-m", "pipeline.train", "--params", str(params)],
+        working_dir=REPO_ROOT,
+        runtime_env=runtime_env(cluster, workspace),
+        timeout_s=180,
+    )
     seconds = time.monotonic() - started
     print(f"\n[fault 6] {overrides}: failed in {seconds:.0f}s")
     assert result.returncode != 0
@@ -214,12 +273,20 @@ def test_bad_configuration_fails_fast_on_the_cluster(cluster, workspace, overrid
 
 
 def test_unreachable_cluster_address_fails_fast(tmp_path):
-    params = write_params(tmp_path / "params.yaml", {"cluster.address": "127.0.0.1:9", "data.processed_dir": str(tmp_path)})
+    params = write_params(
+        tmp_path / "params.yaml", {"cluster.address": "127.0.0.1:9", "data.processed_dir": str(tmp_path)}
+    )
     (tmp_path / "celeba").mkdir()
     np.save(tmp_path / "celeba" / "train_images.npy", np.zeros((4, 3, 64, 64), np.uint8))
     started = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", "pipeline.train", "--params", str(params)], capture_output=True,
-                          text=True, timeout=120, cwd=REPO_ROOT, env={"PATH": "/usr/bin:/bin", "VAE_PROJECT_ROOT": str(tmp_path)})
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline.train", "--params", str(params)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO_ROOT,
+        env={"PATH": "/usr/bin:/bin", "VAE_PROJECT_ROOT": str(tmp_path)},
+    )
     seconds = time.monotonic() - started
     print(f"\n[fault 6] unreachable address: exit {done.returncode} in {seconds:.0f}s")
     assert done.returncode == 1 and seconds < 60
@@ -233,14 +300,35 @@ def test_stages_with_cluster_submit_run_as_jobs_and_bring_outputs_back(cluster, 
     data = local / "data" / "processed" / "fashion_mnist"
     data.mkdir(parents=True)
     for split in ("train", "valid", "test"):
-        np.save(data / f"{split}_images.npy", np.load(workspace / "data/processed/fashion_mnist" / f"{split}_images.npy")[:256])
-    params = job_params(cluster, workspace, "submitted", **{
-        "train.epochs": 1, "cluster.submit": True, "cluster.shared_dir": str(Path(cluster.shared_storage) / "dvc"),
-        "evaluate.num_importance_samples": 4, "evaluate.importance_batch_size": 4})
+        np.save(
+            data / f"{split}_images.npy",
+            np.load(workspace / "data/processed/fashion_mnist" / f"{split}_images.npy")[:256],
+        )
+    params = job_params(
+        cluster,
+        workspace,
+        "submitted",
+        **{
+            "train.epochs": 1,
+            "cluster.submit": True,
+            "cluster.shared_dir": str(Path(cluster.shared_storage) / "dvc"),
+            "evaluate.num_importance_samples": 4,
+            "evaluate.importance_batch_size": 4,
+        },
+    )
     env = {**cluster.subprocess_env(), "VAE_PROJECT_ROOT": str(local)}
-    for stage, output in (("pipeline.train", "models/vae/model.safetensors"), ("pipeline.evaluate", "reports/metrics.json")):
-        done = subprocess.run([sys.executable, "-m", stage, "--params", str(params)], env=env, cwd=REPO_ROOT,
-                              capture_output=True, text=True, timeout=600)
+    for stage, output in (
+        ("pipeline.train", "models/vae/model.safetensors"),
+        ("pipeline.evaluate", "reports/metrics.json"),
+    ):
+        done = subprocess.run(
+            [sys.executable, "-m", stage, "--params", str(params)],
+            env=env,
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         assert "job succeeded" in done.stdout and (local / output).is_file(), stage
     assert json.loads((local / "reports/metrics.json").read_text())["num_test_images"] == TEST

@@ -78,15 +78,21 @@ def pod_templates() -> list[tuple[str, dict[str, Any]]]:
     pods = []
     for label, spec in cluster_specs():
         pods.append((f"{label}:head", spec["headGroupSpec"]["template"]["spec"]))
-        pods += [(f"{label}:{g['groupName']}", g["template"]["spec"]) for g in spec.get("workerGroupSpecs", [])]
-    pods += [(f"{p.name}:{doc['metadata']['name']}", doc["spec"]["template"]["spec"])
-             for p, doc in objects_of("Deployment")]
+        pods += [
+            (f"{label}:{g['groupName']}", g["template"]["spec"]) for g in spec.get("workerGroupSpecs", [])
+        ]
+    pods += [
+        (f"{p.name}:{doc['metadata']['name']}", doc["spec"]["template"]["spec"])
+        for p, doc in objects_of("Deployment")
+    ]
     return pods
 
 
 def dockerfile_image() -> str:
     found = re.search(r'org\.opencontainers\.image\.ref\.name="([^"]+)"', (INFRA / "Dockerfile").read_text())
-    assert found, "infra/Dockerfile must name the image it builds in the org.opencontainers.image.ref.name label"
+    assert found, (
+        "infra/Dockerfile must name the image it builds in the org.opencontainers.image.ref.name label"
+    )
     return found.group(1)
 
 
@@ -102,9 +108,20 @@ def test_yaml_parses(path):
 
 
 def test_expected_files_exist():
-    for name in ("Dockerfile", "README.md", "local-cluster.sh", "local_cluster.py", "cluster_params.py",
-                 "kuberay/raycluster.yaml", "kuberay/rayjob-train.yaml", "kuberay/rayjob-tune.yaml",
-                 "kuberay/mlflow.yaml", "kuberay/storage.yaml", "kuberay/config.yaml", "ray-up/aws-gpu.yaml"):
+    for name in (
+        "Dockerfile",
+        "README.md",
+        "local-cluster.sh",
+        "local_cluster.py",
+        "cluster_params.py",
+        "kuberay/raycluster.yaml",
+        "kuberay/rayjob-train.yaml",
+        "kuberay/rayjob-tune.yaml",
+        "kuberay/mlflow.yaml",
+        "kuberay/storage.yaml",
+        "kuberay/config.yaml",
+        "ray-up/aws-gpu.yaml",
+    ):
         assert (INFRA / name).is_file(), name
     assert os.access(INFRA / "local-cluster.sh", os.X_OK)
 
@@ -128,7 +145,9 @@ def test_rayjob_fields_are_current(path):
     assert spec.get("submissionMode", "K8sJobMode") in SUBMISSION_MODES
     assert isinstance(spec.get("shutdownAfterJobFinishes"), bool)
     if spec.get("ttlSecondsAfterFinished") is not None:
-        assert spec["shutdownAfterJobFinishes"], "ttlSecondsAfterFinished only acts with shutdownAfterJobFinishes"
+        assert spec["shutdownAfterJobFinishes"], (
+            "ttlSecondsAfterFinished only acts with shutdownAfterJobFinishes"
+        )
         assert isinstance(spec["ttlSecondsAfterFinished"], int) and spec["ttlSecondsAfterFinished"] >= 0
     if "runtimeEnvYAML" in spec:
         assert isinstance(yaml.safe_load(spec["runtimeEnvYAML"]), dict)
@@ -229,9 +248,14 @@ STAGE_MODULES = sorted({m for _, command in entrypoint_commands() for m in _entr
 
 @pytest.mark.parametrize("module", STAGE_MODULES)
 def test_entrypoint_modules_exist(module):
-    """pipeline/train.py and pipeline/tune.py: each stage module a RayJob runs must exist in the repo."""
-    path = REPO_ROOT / (module.replace(".", "/") + ".py")
-    assert path.is_file(), f"{module}: no {path.relative_to(REPO_ROOT)} (a RayJob runs `python -m {module}`)"
+    """Each stage module a RayJob runs (`python -m pipeline.train`, `python -m pipeline.tune`) exists: a
+    module
+    file, or a package with a __main__.py."""
+    path = REPO_ROOT / module.replace(".", "/")
+    assert path.with_suffix(".py").is_file() or (path / "__main__.py").is_file(), (
+        f"{module}: no {path.relative_to(REPO_ROOT)}.py or "
+        f"{path.relative_to(REPO_ROOT)}/__main__.py (a RayJob runs it)"
+    )
 
 
 def test_volumes_configmaps_and_claims_resolve():
@@ -252,7 +276,9 @@ def test_volumes_configmaps_and_claims_resolve():
                 assert volume["persistentVolumeClaim"]["claimName"] in claims, label
             if "configMap" in volume:
                 assert volume["configMap"]["name"] in configmaps, label
-    rwx = [doc for _, doc in objects_of("PersistentVolumeClaim") if "ReadWriteMany" in doc["spec"]["accessModes"]]
+    rwx = [
+        doc for _, doc in objects_of("PersistentVolumeClaim") if "ReadWriteMany" in doc["spec"]["accessModes"]
+    ]
     assert rwx, "the Ray pods share one ReadWriteMany volume"
 
 
@@ -260,11 +286,15 @@ def test_ray_pods_mount_the_shared_volume_and_get_mlflow():
     (env,) = [doc for _, doc in objects_of("ConfigMap") if doc["metadata"]["name"] == "vae-env"]
     shared = env["data"]["VAE_SHARED_STORAGE"]
     for label, spec in cluster_specs():
-        for pod in [spec["headGroupSpec"]["template"]["spec"],
-                    *(g["template"]["spec"] for g in spec["workerGroupSpecs"])]:
+        for pod in [
+            spec["headGroupSpec"]["template"]["spec"],
+            *(g["template"]["spec"] for g in spec["workerGroupSpecs"]),
+        ]:
             ray_container = pod["containers"][0]
             assert shared in {m["mountPath"] for m in ray_container["volumeMounts"]}, label
-            refs = {s["configMapRef"]["name"] for s in ray_container.get("envFrom", []) if "configMapRef" in s}
+            refs = {
+                s["configMapRef"]["name"] for s in ray_container.get("envFrom", []) if "configMapRef" in s
+            }
             assert "vae-env" in refs, label
     # MLFLOW_TRACKING_URI names the MLflow Service and its port.
     url = urlparse(env["data"]["MLFLOW_TRACKING_URI"])
@@ -275,14 +305,21 @@ def test_ray_pods_mount_the_shared_volume_and_get_mlflow():
     args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
     assert "--backend-store-uri" in args and "--artifacts-destination" in args
     allowed = args[args.index("--allowed-hosts") + 1].split(",")
-    assert url.hostname in allowed or f"{url.hostname}:*" in allowed, "MLflow 3 must accept the Service's Host"
+    assert url.hostname in allowed or f"{url.hostname}:*" in allowed, (
+        "MLflow 3 must accept the Service's Host"
+    )
 
 
 # ------------------------------------------------------------------------------------ params overrides
 def _overrides() -> list[tuple[str, dict[str, Any]]]:
     (params,) = [doc for _, doc in objects_of("ConfigMap") if doc["metadata"]["name"] == "vae-params"]
-    return [("kuberay vae-params", yaml.safe_load(params["data"]["overrides.yaml"])),
-            ("ray-up params-overrides.yaml", yaml.safe_load((INFRA / "ray-up" / "params-overrides.yaml").read_text()))]
+    return [
+        ("kuberay vae-params", yaml.safe_load(params["data"]["overrides.yaml"])),
+        (
+            "ray-up params-overrides.yaml",
+            yaml.safe_load((INFRA / "ray-up" / "params-overrides.yaml").read_text()),
+        ),
+    ]
 
 
 @pytest.mark.parametrize("label,overrides", _overrides(), ids=lambda v: v if isinstance(v, str) else "")
@@ -321,8 +358,16 @@ def test_cluster_params_rejects_unknown_keys(tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------- ray up
 def test_ray_up_config_has_the_required_keys():
     config = yaml.safe_load(RAY_UP.read_text())
-    for key in ("cluster_name", "provider", "available_node_types", "head_node_type", "max_workers",
-                "setup_commands", "head_start_ray_commands", "worker_start_ray_commands"):
+    for key in (
+        "cluster_name",
+        "provider",
+        "available_node_types",
+        "head_node_type",
+        "max_workers",
+        "setup_commands",
+        "head_start_ray_commands",
+        "worker_start_ray_commands",
+    ):
         assert key in config, key
     assert config["provider"]["type"] == "aws"
     node_types = config["available_node_types"]
@@ -330,7 +375,9 @@ def test_ray_up_config_has_the_required_keys():
     workers = {name: t for name, t in node_types.items() if name != config["head_node_type"]}
     assert workers and all({"min_workers", "max_workers", "node_config"} <= set(t) for t in workers.values())
     assert any(t["min_workers"] < t["max_workers"] for t in workers.values()), "autoscaling GPU workers"
-    assert any(t["node_config"]["InstanceType"].startswith(("g", "p")) for t in workers.values()), "GPU instances"
+    assert any(t["node_config"]["InstanceType"].startswith(("g", "p")) for t in workers.values()), (
+        "GPU instances"
+    )
     # The project is installed on every node; token auth on every node; jobs get MLflow + shared storage.
     assert any("pip install" in c and "/app" in c for c in config["setup_commands"])
     assert config["file_mounts"]["/app"] == "."
@@ -357,7 +404,9 @@ def test_readme_covers_every_infra_file_and_the_steps():
     readme = (INFRA / "README.md").read_text()
     for path in sorted(INFRA.rglob("*")):
         if path.is_file() and path.name not in ("README.md",) and "__pycache__" not in path.parts:
-            assert str(path.relative_to(REPO_ROOT)) in readme, f"README does not mention {path.relative_to(REPO_ROOT)}"
+            assert str(path.relative_to(REPO_ROOT)) in readme, (
+                f"README does not mention {path.relative_to(REPO_ROOT)}"
+            )
     for step in ("local-cluster.sh up", "ray job submit", "ray up", "kubectl apply", "docker build"):
         assert step in readme, step
     # Every shell command line the README shows for the local cluster uses flags that exist.

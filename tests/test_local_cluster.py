@@ -17,7 +17,8 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
-from cluster_helpers import (
+
+from tests.cluster_helpers import (
     INFRA_DIR,
     ClusterSettings,
     LocalCluster,
@@ -75,7 +76,9 @@ def test_cli_status_and_down_without_a_cluster(tmp_path):
 
 
 def test_write_params_applies_and_validates_overrides(tmp_path):
-    path = write_params(tmp_path / "p.yaml", {"train.epochs": 2, "train.storage_path": str(tmp_path / "runs")})
+    path = write_params(
+        tmp_path / "p.yaml", {"train.epochs": 2, "train.storage_path": str(tmp_path / "runs")}
+    )
     written = yaml.safe_load(path.read_text())
     assert written["train"]["epochs"] == 2 and written["train"]["storage_path"] == str(tmp_path / "runs")
     assert written["model"] == yaml.safe_load((INFRA_DIR.parent / "params.yaml").read_text())["model"]
@@ -95,8 +98,9 @@ FAST_FAILURE_DETECTION = {"RAY_health_check_period_ms": "1000", "RAY_health_chec
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    with local_cluster(tmp_path_factory.mktemp("local-cluster"), num_workers=2,
-                       ray_env=FAST_FAILURE_DETECTION) as running:
+    with local_cluster(
+        tmp_path_factory.mktemp("local-cluster"), num_workers=2, ray_env=FAST_FAILURE_DETECTION
+    ) as running:
         yield running
 
 
@@ -113,7 +117,8 @@ PROBE = """
         shared = os.environ["VAE_SHARED_STORAGE"]
         with open(os.path.join(shared, f"probe-{tag}.txt"), "w") as handle:
             handle.write(ray.get_runtime_context().get_node_id())
-        return {"node_id": ray.get_runtime_context().get_node_id(), "cwd": os.getcwd(), "python": sys.executable}
+        node = ray.get_runtime_context().get_node_id()
+        return {"node_id": node, "cwd": os.getcwd(), "python": sys.executable}
 
     alive = [node["NodeID"] for node in ray.nodes() if node["Alive"]]
     results = ray.get([
@@ -136,8 +141,8 @@ def test_three_nodes_alive_and_ray_status_works(cluster):
     assert sum(bool(node["is_head_node"]) for node in nodes) == 1
     assert all(node["resources_total"].get("CPU") == 1 for node in nodes)
     # `ray status` from a shell with the cluster's env (token auth on): three active nodes. It shows the
-    # autoscaler monitor's view, refreshed every few seconds, so it may list fewer nodes for a moment after the
-    # GCS (ray.nodes() above) has all three.
+    # autoscaler monitor's view, refreshed every few seconds, so it may list fewer nodes for a moment after
+    # the GCS (ray.nodes() above) has all three.
     deadline = time.monotonic() + 60
     while True:
         done = ray_cli(cluster, "status")
@@ -154,10 +159,17 @@ def test_token_auth_is_enforced(cluster, tmp_path):
     # Without the token (auth mode off, and no ~/.ray/auth_token in this HOME) the cluster refuses.
     env = {key: value for key, value in os.environ.items() if not key.startswith("RAY_")}
     env.update(HOME=str(tmp_path), RAY_AUTH_MODE="disabled")
-    done = subprocess.run([str(Path(sys.executable).parent / "ray"), "status", "--address", cluster.address],
-                          env=env, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "ray"), "status", "--address", cluster.address],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode != 0
-    assert "AuthenticationError" in done.stdout + done.stderr or "token" in (done.stdout + done.stderr).lower()
+    assert (
+        "AuthenticationError" in done.stdout + done.stderr or "token" in (done.stdout + done.stderr).lower()
+    )
 
 
 @pytest.mark.slow

@@ -64,12 +64,20 @@ def test_real_fashion_mnist_arrays_match_the_idx_bytes(fashion):
         assert split.labels.dtype == np.uint8 and split.attributes is None and split.attribute_names == []
     # train + valid are the official training set in order, test the official test set: byte for byte.
     raw = DEBIAN_FASHION_MNIST
-    assert np.concatenate([train.images, valid.images]).tobytes() == idx_payload(raw / ds.MNIST_TRAIN_IMAGES, 16)
-    assert np.concatenate([train.labels, valid.labels]).tobytes() == idx_payload(raw / ds.MNIST_TRAIN_LABELS, 8)
+    assert np.concatenate([train.images, valid.images]).tobytes() == idx_payload(
+        raw / ds.MNIST_TRAIN_IMAGES, 16
+    )
+    assert np.concatenate([train.labels, valid.labels]).tobytes() == idx_payload(
+        raw / ds.MNIST_TRAIN_LABELS, 8
+    )
     assert test.images.tobytes() == idx_payload(raw / ds.MNIST_TEST_IMAGES, 16)
     assert test.labels.tobytes() == idx_payload(raw / ds.MNIST_TEST_LABELS, 8)
     assert manifest["image_shape"] == [1, 28, 28] and manifest["attribute_names"] == []
-    assert {s: manifest["splits"][s]["count"] for s in ds.SPLITS} == {"train": 55_000, "valid": 5_000, "test": 10_000}
+    assert {s: manifest["splits"][s]["count"] for s in ds.SPLITS} == {
+        "train": 55_000,
+        "valid": 5_000,
+        "test": 10_000,
+    }
     assert "first 55,000" in manifest["preprocess"]["split"]
 
 
@@ -89,8 +97,11 @@ def test_debian_files_are_accepted_by_the_official_checksum_of_their_content(fas
 def test_mirror_download_over_http_falls_through_to_the_next_mirror(http_server, tmp_path, caplog):
     for name in ds.FASHION_MNIST_FILES:
         http_server.add(f"/mirror-b/{name}", DEBIAN_FASHION_MNIST / name)
-    params = mnist_params(tmp_path, fashion_mnist_local_dir=None,
-                          fashion_mnist_mirrors=[http_server.url + "/mirror-a/", http_server.url + "/mirror-b"])
+    params = mnist_params(
+        tmp_path,
+        fashion_mnist_local_dir=None,
+        fashion_mnist_mirrors=[http_server.url + "/mirror-a/", http_server.url + "/mirror-b"],
+    )
 
     with caplog.at_level(logging.INFO, logger="pipeline.download"):
         download(params.data, params.download)
@@ -158,8 +169,10 @@ def test_load_split_memory_maps_by_default(fashion):
 @pytest.mark.parametrize("stage", ["pipeline.download", "pipeline.preprocess"])
 def test_data_stages_import_no_torch_ray_or_mlflow(stage):
     """The data stages start fast and do not re-run for model code: they import none of the training stack."""
-    code = (f"import sys, {stage}; bad = {{'torch', 'ray', 'mlflow', 'dvc'}} & "
-            "{m.split('.')[0] for m in sys.modules}; assert not bad, bad")
+    code = (
+        f"import sys, {stage}; bad = {{'torch', 'ray', 'mlflow', 'dvc'}} & "
+        "{m.split('.')[0] for m in sys.modules}; assert not bad, bad"
+    )
     subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, check=True, timeout=60)
 
 
@@ -177,13 +190,17 @@ def test_dvc_repro_preprocess_on_fashion_mnist_in_a_fresh_copy(tmp_path):
     env = repository_env()
 
     def run(*command):
-        return subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True, timeout=300, check=True)
+        return subprocess.run(
+            command, cwd=repo, env=env, capture_output=True, text=True, timeout=300, check=True
+        )
 
     run(".venv/bin/dvc", "repro", "preprocess")  # as the README types it: no venv on PATH
     manifest = load_manifest(repo / "data" / "processed" / "fashion_mnist")
     assert manifest["splits"]["valid"]["count"] == 5_000
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
     assert {out["path"] for stage in lock["stages"].values() for out in stage["outs"]} == {
-        "data/raw/fashion_mnist", "data/processed/fashion_mnist"}
+        "data/raw/fashion_mnist",
+        "data/processed/fashion_mnist",
+    }
     # so `dvc repro preprocess` re-runs nothing (the later stages have not run here)
     assert "up to date" in run(".venv/bin/dvc", "status", "preprocess").stdout

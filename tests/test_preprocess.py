@@ -1,10 +1,12 @@
-"""The CelebA preprocess stage on generated CelebA-layout data (real 178x218 JPEGs, official annotation formats).
+"""The CelebA preprocess stage on generated CelebA-layout data (real 178x218 JPEGs, official annotation
+formats).
 
 Stated tolerances:
 - exact path vs torchvision ``CenterCrop(148)`` + ``Resize(S, antialias=True)`` on the PIL images that
   ``torchvision.datasets.CelebA`` returns: identical bytes (tolerance 0), for S = 64 and 128;
 - ``fast_decode`` (libjpeg DCT-domain 1/2-scale decoding) vs the exact path at 64x64: mean absolute difference
-  at most 1.5 grey levels (of 255) over all pixels, at most 2.0 for any single image, no pixel off by more than 40.
+  at most 1.5 grey levels (of 255) over all pixels, at most 2.0 for any single image, no pixel off by more
+  than 40.
 """
 
 from __future__ import annotations
@@ -20,28 +22,25 @@ import yaml
 from PIL import Image
 from torchvision import transforms
 
+from benchmarks.celeba_layout import CelebaFixture, write_celeba_fixture
 from pipeline import datasets as ds
+from pipeline.celeba import center_crop_box, read_celeba_annotations, transform_celeba_image
 from pipeline.config import REPO_ROOT
 from pipeline.data import load_manifest, load_split
 from pipeline.datasets import DataStageError
-from pipeline.preprocess import (
-    center_crop_box,
-    file_hexdigest,
-    main,
-    preprocess_celeba,
-    read_celeba_annotations,
-    transform_celeba_image,
-)
-from tests.fixtures.celeba import CelebaFixture, write_celeba_fixture
+from pipeline.preprocess import file_hexdigest, main, preprocess_celeba
 
 
 def torchvision_celeba(fixture: CelebaFixture, split: str, transform=None):
-    """torchvision's own CelebA reader on the fixture (given the fixture's md5 sums for its integrity check)."""
+    """torchvision's own CelebA reader on the fixture (given the fixture's md5 sums for its integrity
+    check)."""
 
     class FixtureCelebA(torchvision.datasets.CelebA):
         file_list = [(i, fixture.md5[name], name) for i, _, name in torchvision.datasets.CelebA.file_list]
 
-    return FixtureCelebA(str(fixture.root), split=split, target_type=["attr", "identity"], transform=transform)
+    return FixtureCelebA(
+        str(fixture.root), split=split, target_type=["attr", "identity"], transform=transform
+    )
 
 
 @pytest.fixture(scope="module", params=[64, 128])
@@ -53,14 +52,17 @@ def processed(request, celeba_fixture, tmp_path_factory):
 
 def test_images_equal_torchvision_center_crop_and_antialiased_resize(processed, celeba_fixture):
     size, out, _ = processed
-    reference = transforms.Compose([transforms.CenterCrop(148), transforms.Resize(size, antialias=True),
-                                    transforms.PILToTensor()])
+    reference = transforms.Compose(
+        [transforms.CenterCrop(148), transforms.Resize(size, antialias=True), transforms.PILToTensor()]
+    )
     for split in ds.SPLITS:
         ours = load_split(out, split).images
         theirs = torchvision_celeba(celeba_fixture, split, reference)
         assert ours.shape == (len(theirs), 3, size, size) and ours.dtype == np.uint8
         for index in range(len(theirs)):
-            np.testing.assert_array_equal(ours[index], theirs[index][0].numpy(), err_msg=f"{split} image {index}")
+            np.testing.assert_array_equal(
+                ours[index], theirs[index][0].numpy(), err_msg=f"{split} image {index}"
+            )
 
 
 def test_splits_attributes_and_identities_line_up_with_the_annotation_files(processed, celeba_fixture):
@@ -74,7 +76,9 @@ def test_splits_attributes_and_identities_line_up_with_the_annotation_files(proc
         assert data.identity.dtype == np.int32 and data.labels is None
         np.testing.assert_array_equal(data.attributes, reference.attr.numpy())
         np.testing.assert_array_equal(data.identity, reference.identity.numpy()[:, 0])
-        assert data.attribute_names == list(ds.CELEBA_ATTRIBUTE_NAMES) == [n for n in reference.attr_names if n]
+        assert (
+            data.attribute_names == list(ds.CELEBA_ATTRIBUTE_NAMES) == [n for n in reference.attr_names if n]
+        )
         # and against the generator's ground truth, row by row
         rows = [celeba_fixture.names.index(name) for name in celeba_fixture.split_names(split)]
         np.testing.assert_array_equal(data.attributes, (celeba_fixture.attributes[rows] + 1) // 2)
@@ -87,7 +91,11 @@ def test_splits_attributes_and_identities_line_up_with_the_annotation_files(proc
     assert manifest["sources"][ds.CELEBA_ZIP]["md5"] == celeba_fixture.md5[ds.CELEBA_ZIP]
     for split, entry in manifest["splits"].items():
         assert entry["count"] == counts[split]
-        assert set(entry["files"]) == {f"{split}_images.npy", f"{split}_attributes.npy", f"{split}_identity.npy"}
+        assert set(entry["files"]) == {
+            f"{split}_images.npy",
+            f"{split}_attributes.npy",
+            f"{split}_identity.npy",
+        }
         for name, digest in entry["files"].items():
             assert file_hexdigest(out / name) == digest
     assert not list(out.parent.glob(".*")), "temporary folders left beside the output"
@@ -105,8 +113,9 @@ def test_fast_decode_stays_within_the_stated_tolerance(celeba_fixture):
     assert difference.any(), "the fast path should differ at all (else it is not in use)"
     # At 128 from a 148 crop no DCT scaling applies (it needs an output <= half the crop): identical.
     for blob in blobs[:3]:
-        np.testing.assert_array_equal(transform_celeba_image(blob, 128, fast_decode=True),
-                                      transform_celeba_image(blob, 128))
+        np.testing.assert_array_equal(
+            transform_celeba_image(blob, 128, fast_decode=True), transform_celeba_image(blob, 128)
+        )
 
 
 def test_parallel_decode_equals_in_process_decode(tmp_path):
@@ -142,8 +151,9 @@ def test_failed_rerun_leaves_the_previous_output_intact(tmp_path):
 
 
 def test_skip_corrupt_leaves_the_image_and_its_rows_out_and_lists_it(tmp_path):
-    fixture = write_celeba_fixture(tmp_path / "raw", (6, 2, 2), seed=6,
-                                   corrupt={"000003.jpg": "truncated", "000008.jpg": "garbage"})
+    fixture = write_celeba_fixture(
+        tmp_path / "raw", (6, 2, 2), seed=6, corrupt={"000003.jpg": "truncated", "000008.jpg": "garbage"}
+    )
     out = tmp_path / "processed" / "celeba"
 
     manifest = preprocess_celeba(fixture.root, out, skip_corrupt=True, num_workers=1)
@@ -159,7 +169,8 @@ def test_skip_corrupt_leaves_the_image_and_its_rows_out_and_lists_it(tmp_path):
         with zipfile.ZipFile(fixture.path(ds.CELEBA_ZIP)) as archive:
             for index, name in enumerate(kept):
                 np.testing.assert_array_equal(
-                    data.images[index], transform_celeba_image(archive.read(f"img_align_celeba/{name}"), 64))
+                    data.images[index], transform_celeba_image(archive.read(f"img_align_celeba/{name}"), 64)
+                )
 
 
 def test_missing_raw_data_says_to_run_the_download_stage(tmp_path, capsys):
@@ -171,7 +182,11 @@ def test_missing_raw_data_says_to_run_the_download_stage(tmp_path, capsys):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     assert main(["--params", str(tmp_path / "params.yaml")]) == 1
     error = capsys.readouterr().err
-    assert "preprocess failed:" in error and "img_align_celeba.zip is missing" in error and "Traceback" not in error
+    assert (
+        "preprocess failed:" in error
+        and "img_align_celeba.zip is missing" in error
+        and "Traceback" not in error
+    )
 
 
 def test_malformed_annotation_line_is_named(tmp_path):
@@ -190,10 +205,13 @@ def test_center_crop_box_rounds_like_torchvision():
     image = Image.new("RGB", (178, 218))
     assert transforms.CenterCrop(148)(image).size == (148, 148)
     blob = io.BytesIO()
-    Image.fromarray(np.arange(178 * 218 * 3, dtype=np.uint32).astype(np.uint8).reshape(218, 178, 3)).save(blob, "PNG")
+    Image.fromarray(np.arange(178 * 218 * 3, dtype=np.uint32).astype(np.uint8).reshape(218, 178, 3)).save(
+        blob, "PNG"
+    )
     png = Image.open(io.BytesIO(blob.getvalue()))
-    np.testing.assert_array_equal(np.asarray(transforms.CenterCrop(148)(png)),
-                                  np.asarray(png.crop(center_crop_box(178, 218, 148))))
+    np.testing.assert_array_equal(
+        np.asarray(transforms.CenterCrop(148)(png)), np.asarray(png.crop(center_crop_box(178, 218, 148)))
+    )
 
 
 def test_manifest_is_plain_json(processed):

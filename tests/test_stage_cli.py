@@ -5,19 +5,24 @@ command inside that job (``VAE_SUBMITTED=1``, same params file) runs the stage; 
 from __future__ import annotations
 
 import pytest
-from cluster_helpers import write_params
 
-from pipeline import evaluate, train, tune
+from pipeline import evaluate, train
 from pipeline import submit as submit_module
-from pipeline.common import StageError, run_stage
+from pipeline.cli import run_stage
+from pipeline.common import StageError
+from pipeline.tune import sweep as tune
+from tests.cluster_helpers import write_params
 
-STAGES = [(train, "train"), (evaluate, "evaluate"), (tune, "tune_sweep")]
+STAGES = [(train, "train", "pipeline.train"), (evaluate, "evaluate", "pipeline.evaluate"),
+          (tune, "tune_sweep", "pipeline.tune")]
 
 
-@pytest.mark.parametrize(("module", "local_function"), STAGES, ids=["train", "evaluate", "tune"])
+@pytest.mark.parametrize(("module", "local_function", "name"), STAGES, ids=["train", "evaluate", "tune"])
 @pytest.mark.parametrize("inside_job", [False, True], ids=["dvc-side", "inside-the-job"])
-def test_submit_switch_submits_once(module, local_function, inside_job, tmp_path, monkeypatch, capsys):
-    params = write_params(tmp_path / "params.yaml", {"cluster.submit": True, "cluster.shared_dir": str(tmp_path)})
+def test_submit_switch_submits_once(module, local_function, name, inside_job, tmp_path, monkeypatch, capsys):
+    params = write_params(
+        tmp_path / "params.yaml", {"cluster.submit": True, "cluster.shared_dir": str(tmp_path)}
+    )
     submitted: list[str] = []
     monkeypatch.setattr(submit_module, "submit_stage", lambda name, *_: submitted.append(name) or 0)
 
@@ -30,7 +35,6 @@ def test_submit_switch_submits_once(module, local_function, inside_job, tmp_path
     else:
         monkeypatch.delenv("VAE_SUBMITTED", raising=False)
     status = module.main(["--params", str(params)])
-    name = module.__name__
     if inside_job:  # the job runs the stage; it does not submit itself again
         assert status == 1 and not submitted
         assert f"{name.rsplit('.', 1)[-1]} failed: ran here" in capsys.readouterr().err

@@ -22,7 +22,9 @@ def test_drain_delivers_every_queued_record_before_returning(tmp_path):
     logger.log_image(image_grid(np.zeros((4, 1, 28, 28), np.uint8), 2), key="samples", step=5)
     assert logger.drain(timeout_s=60)
     # Delivered now, before close: a process killed from here on has lost none of them.
-    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "loss")] == [(s, 10.0 / s) for s in range(1, 6)]
+    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "loss")] == [
+        (s, 10.0 / s) for s in range(1, 6)
+    ]
     assert logger.close(timeout_s=10) == {"sent_all": True, "lost_records": 0, "errors": []}
     assert not (tmp_path / "lost.json").exists()
 

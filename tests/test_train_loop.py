@@ -13,10 +13,8 @@ import torch
 
 from pipeline.config import Params, load_params
 from pipeline.data import BatchSource, evaluation_indices, training_indices
+from pipeline.sessions import LocalSession, NonFiniteLossError, WorkerConfig
 from pipeline.train_loop import (
-    LocalSession,
-    NonFiniteLossError,
-    WorkerConfig,
     learning_rate_factor,
     run_local,
     set_up,
@@ -32,9 +30,16 @@ TRAIN, VALID = 192, 48
 
 def tiny_params(**overrides) -> Params:
     base = {
-        "data.dataset": "fashion_mnist", "model.architecture": "mlp", "model.hidden_dims": [64, 32],
-        "model.latent_dim": 4, "model.likelihood": "bernoulli", "beta_schedule": {"name": "linear", "warmup_steps": 5},
-        "train.epochs": 2, "train.batch_size": 32, "train.log_every_n_steps": 100, "train.lr_warmup_steps": 2,
+        "data.dataset": "fashion_mnist",
+        "model.architecture": "mlp",
+        "model.hidden_dims": [64, 32],
+        "model.latent_dim": 4,
+        "model.likelihood": "bernoulli",
+        "beta_schedule": {"name": "linear", "warmup_steps": 5},
+        "train.epochs": 2,
+        "train.batch_size": 32,
+        "train.log_every_n_steps": 100,
+        "train.lr_warmup_steps": 2,
         "evaluate.num_image_rows": 2,
     }
     base.update(overrides)
@@ -67,10 +72,16 @@ def assert_same_weights(a: dict, b: dict, atol: float = 1e-6) -> None:
 # ----------------------------------------------------------------------------------------------------------
 # One step
 # ----------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("schedule", [{"name": "constant", "beta": 0.3},
-                                      {"name": "capacity", "gamma": 7.0, "capacity_max": 2.0, "capacity_steps": 1}])
+@pytest.mark.parametrize(
+    "schedule",
+    [
+        {"name": "constant", "beta": 0.3},
+        {"name": "capacity", "gamma": 7.0, "capacity_max": 2.0, "capacity_steps": 1},
+    ],
+)
 def test_a_step_descends_the_beta_weighted_negative_elbo(processed, tmp_path, schedule):
-    """The gradient of a step is exactly that of reconstruction + beta * KL (or gamma |KL - C|) on the batch."""
+    """The gradient of a step is exactly that of reconstruction + beta * KL (or gamma |KL - C|) on the
+    batch."""
     params = tiny_params(**{"beta_schedule": schedule, "train.grad_clip_norm": 1e9})
     run = set_up(WorkerConfig(params, str(processed)), LocalSession(tmp_path))
     run.step = 3  # C = capacity_max from step 1 on
@@ -85,17 +96,35 @@ def test_a_step_descends_the_beta_weighted_negative_elbo(processed, tmp_path, sc
     penalty = 0.3 * kl if schedule["name"] == "constant" else 7.0 * (kl - 2.0).abs()
     loss = terms.reconstruction.mean() + penalty
     loss.backward()
-    assert float(stats[0]) == pytest.approx(loss.item(), rel=1e-6)
-    for (name, trained), (_, expected) in zip(run.model.named_parameters(), reference.named_parameters(), strict=True):
+    assert stats[0] == pytest.approx(loss.item(), rel=1e-6)
+    for (name, trained), (_, expected) in zip(
+        run.model.named_parameters(), reference.named_parameters(), strict=True
+    ):
         torch.testing.assert_close(trained.grad, expected.grad, rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_gradients_are_clipped_to_the_configured_norm(processed, tmp_path):
+    run = set_up(
+        WorkerConfig(tiny_params(**{"train.grad_clip_norm": 0.5}), str(processed)), LocalSession(tmp_path)
+    )
+    x = next(run.train_source.batches(training_indices(TRAIN, 32, 0, 0), 32))
+    norm_before = training_step(run, x)[3]
+    norm_after = float(torch.nn.utils.get_total_norm([p.grad for p in run.model.parameters()]))
+    assert norm_before > 0.5 and norm_after == pytest.approx(0.5, rel=1e-4)
+
+
 def test_beta_shapes_what_training_learns(processed, tmp_path):
-    """beta = 0 leaves the KL free (it grows); a large beta squeezes it: the schedule reaches the optimiser."""
+    """beta = 0 leaves the KL free (it grows); a large beta squeezes it: the schedule reaches the
+    optimiser."""
     kls = {}
     for beta in (0.0, 4.0):
-        params = tiny_params(**{"beta_schedule": {"name": "constant", "beta": beta}, "train.epochs": 3,
-                                "train.learning_rate": 3e-3})
+        params = tiny_params(
+            **{
+                "beta_schedule": {"name": "constant", "beta": beta},
+                "train.epochs": 3,
+                "train.learning_rate": 3e-3,
+            }
+        )
         result, _ = run_local(WorkerConfig(params, str(processed)), tmp_path / str(beta))
         kls[beta] = result["history"][-1]["val_kl"]
     assert kls[0.0] > 3 * kls[4.0], kls
@@ -116,26 +145,37 @@ def test_resumed_training_equals_straight_training(processed, tmp_path):
     assert a["step"] == b["step"]
     assert_same_weights(a["model"], b["model"])
     assert [round(h["val_negative_elbo"], 4) for h in a["history"]] == [
-        round(h["val_negative_elbo"], 4) for h in b["history"]]
+        round(h["val_negative_elbo"], 4) for h in b["history"]
+    ]
 
 
-def train_ranks(rank: int, world_size: int, processed: str, directory: str, params: Params, crash: bool = False,
-                noise_free: bool = False) -> dict:
+def train_ranks(
+    rank: int,
+    world_size: int,
+    processed: str,
+    directory: str,
+    params: Params,
+    crash: bool = False,
+    noise_free: bool = False,
+) -> dict:
     """One rank of a gloo-connected training run on a shared checkpoint folder (see run_ranks)."""
     if noise_free:  # z = the posterior mean: runs that differ only in their noise streams become comparable
         from vae.distributions import DiagonalGaussian
 
         DiagonalGaussian.rsample = lambda self, num_samples=1, generator=None: self.mean.expand(
-            num_samples, *self.mean.shape)
+            num_samples, *self.mean.shape
+        )
     session_type = CrashAfterFirstEpoch if crash else LocalSession
     session = session_type(directory, world_rank=rank, world_size=world_size)
     try:
         result = train_worker(WorkerConfig(params, processed), session)
     except KeyboardInterrupt:
         return {"crashed": True}
-    return {"history": result["history"], "model": {k: v.clone() for k, v in
-                                                    _model_state(directory).items()} if rank == 0 else None,
-            "rng": torch.get_rng_state()}
+    return {
+        "history": result["history"],
+        "model": {k: v.clone() for k, v in _model_state(directory).items()} if rank == 0 else None,
+        "rng": torch.get_rng_state(),
+    }
 
 
 def _model_state(directory: str) -> dict:
@@ -143,7 +183,8 @@ def _model_state(directory: str) -> dict:
 
 
 def test_two_ranks_resume_with_their_own_random_state(processed, tmp_path):
-    """2 workers: a crash after epoch 1 and a resume give the weights and every rank's noise of the straight run."""
+    """2 workers: a crash after epoch 1 and a resume give the weights and every rank's noise of the straight
+    run."""
     params = tiny_params(**{"train.epochs": 2, "train.batch_size": 16})
     straight = run_ranks(train_ranks, 2, str(processed), str(tmp_path / "straight"), params)
     run_ranks(train_ranks, 2, str(processed), str(tmp_path / "split"), params, True)
@@ -164,7 +205,9 @@ def test_a_resume_on_another_number_of_workers_derives_fresh_random_states(proce
         (tmp_path / copy_name).mkdir()
         checkpoint = next((tmp_path / "two").glob("checkpoint_*"))
         (tmp_path / copy_name / checkpoint.name).mkdir()
-        (tmp_path / copy_name / checkpoint.name / "state.pt").write_bytes((checkpoint / "state.pt").read_bytes())
+        (tmp_path / copy_name / checkpoint.name / "state.pt").write_bytes(
+            (checkpoint / "state.pt").read_bytes()
+        )
         run_local(WorkerConfig(params, str(processed)), tmp_path / copy_name)
     assert "world size 1 differs from the checkpoint's 2" in capsys.readouterr().out
     assert_same_weights(final_state(tmp_path / "a")["model"], final_state(tmp_path / "b")["model"], atol=0)
@@ -183,7 +226,9 @@ def test_two_ranks_equal_one_process_on_the_same_global_batches(processed, tmp_p
     overrides = {"model.likelihood": "discretized_logistic", "train.epochs": 1, "train.grad_clip_norm": None}
     if schedule == "capacity":
         overrides.update({"train.batch_size": 2, "train.max_steps_per_epoch": 24})
-        probe = set_up(WorkerConfig(tiny_params(**overrides), str(processed)), LocalSession(tmp_path / "probe"))
+        probe = set_up(
+            WorkerConfig(tiny_params(**overrides), str(processed)), LocalSession(tmp_path / "probe")
+        )
         x = torch.from_numpy(np.load(processed / "train_images.npy")[:64])
         median_kl = float(probe.model.encode(x).kl_divergence().median().detach())
         schedule = {"name": "capacity", "gamma": 5.0, "capacity_max": median_kl, "capacity_steps": 1}
@@ -192,30 +237,38 @@ def test_two_ranks_equal_one_process_on_the_same_global_batches(processed, tmp_p
 
     from vae.distributions import DiagonalGaussian
 
-    monkeypatch.setattr(DiagonalGaussian, "rsample", lambda self, num_samples=1, generator=None: self.mean.expand(
-        num_samples, *self.mean.shape))
+    monkeypatch.setattr(
+        DiagonalGaussian,
+        "rsample",
+        lambda self, num_samples=1, generator=None: self.mean.expand(num_samples, *self.mean.shape),
+    )
     single, _ = run_local(WorkerConfig(params, str(processed)), tmp_path / "one")
     two = final_state(tmp_path / "two")["model"]
     assert_same_weights(two, final_state(tmp_path / "one")["model"], atol=2e-5)
     assert ranks[0]["history"][-1]["step"] == single["step"]
     assert ranks[0]["history"][-1]["val_negative_elbo"] == pytest.approx(
-        single["history"][-1]["val_negative_elbo"], rel=1e-4)
+        single["history"][-1]["val_negative_elbo"], rel=1e-4
+    )
 
 
 def identical_ranks(rank: int, world_size: int, processed: str, directory: str, params: Params) -> dict:
     """The parameters of this rank's model after an epoch (not only rank 0's checkpoint). BatchNorm's running
-    statistics are per rank (each rank normalises its own part of the batch; DDP copies rank 0's buffers to the
-    others at the start of each forward pass), so they are not compared."""
+    statistics are per rank (each rank normalises its own part of the batch; DDP copies rank 0's buffers to
+    the others at the start of each forward pass), so they are not compared."""
     from pipeline.train_loop import set_up as make_run
     from pipeline.train_loop import train_one_epoch
 
-    run = make_run(WorkerConfig(params, processed), LocalSession(directory, world_rank=rank, world_size=world_size))
+    run = make_run(
+        WorkerConfig(params, processed), LocalSession(directory, world_rank=rank, world_size=world_size)
+    )
     train_one_epoch(run, 0)
     return {name: tensor.detach().clone() for name, tensor in run.model.named_parameters()}
 
 
 def test_ddp_ranks_hold_identical_weights_after_training(processed, tmp_path):
-    params = tiny_params(**{"train.batch_size": 16, "model.architecture": "conv", "model.hidden_dims": [8, 16]})
+    params = tiny_params(
+        **{"train.batch_size": 16, "model.architecture": "conv", "model.hidden_dims": [8, 16]}
+    )
     ranks = run_ranks(identical_ranks, 2, str(processed), str(tmp_path), params)
     assert_same_weights(ranks[0], ranks[1], atol=0)
 
@@ -233,8 +286,8 @@ def test_training_indices_are_disjoint_whole_batches_and_independent_of_the_worl
         local = 32 // world_size
         parts = [training_indices(1000, local, 5, 7, r, world_size) for r in range(world_size)]
         for t in range(1000 // 32):
-            together = np.concatenate([p[t * local:(t + 1) * local] for p in parts])
-            assert set(together.tolist()) == set(one[t * 32:(t + 1) * 32].tolist())
+            together = np.concatenate([p[t * local : (t + 1) * local] for p in parts])
+            assert set(together.tolist()) == set(one[t * 32 : (t + 1) * 32].tolist())
     with pytest.raises(ValueError, match="rank"):
         training_indices(10, 2, 0, 0, rank=2, world_size=2)
 
@@ -271,7 +324,9 @@ def test_learning_rate_schedule():
     assert learning_rate_factor(9, 100, 10, "cosine") == pytest.approx(1.0)
     assert learning_rate_factor(10, 100, 10, "cosine") == pytest.approx(1.0)
     assert learning_rate_factor(100, 100, 10, "cosine") == pytest.approx(0.1)
-    assert learning_rate_factor(55, 100, 10, "cosine") == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert learning_rate_factor(55, 100, 10, "cosine") == pytest.approx(
+        0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5))
+    )
     assert learning_rate_factor(55, 100, 10, "constant") == 1.0
 
 
@@ -282,9 +337,12 @@ def test_batch_source_gathers_whole_batches_for_training_and_every_image_for_eva
     order = np.array([7, 2, 9, 0, 4, 1, 8, 3, 6, 5])
     train = list(source.batches(order, 3))
     assert [b.shape[0] for b in train] == [3, 3, 3]  # the ragged end (one index) dropped
-    # Each batch holds the images of its indices (gathered in sorted order from a memory map when not resident).
-    assert all(sorted(b[:, 0, 0, 0].tolist()) == sorted((order[3 * i:3 * i + 3] * 4).tolist())
-               for i, b in enumerate(train))
+    # Each batch holds the images of its indices (gathered in sorted order from a memory map when not
+    # resident).
+    assert all(
+        sorted(b[:, 0, 0, 0].tolist()) == sorted((order[3 * i : 3 * i + 3] * 4).tolist())
+        for i, b in enumerate(train)
+    )
     assert len(list(source.batches(order, 3, max_batches=2))) == 2
     evaluation = list(source.all_batches(order, 4))
     assert [b.shape[0] for b in evaluation] == [4, 4, 2]

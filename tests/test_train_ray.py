@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline import artifacts, checkpoints
 from pipeline import evaluate as evaluate_stage
 from pipeline import train as train_stage
 from pipeline.config import load_params
@@ -40,19 +41,33 @@ def workspace(tmp_path, monkeypatch):
     monkeypatch.setenv("VAE_PROJECT_ROOT", str(tmp_path))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    write_square_arrays(tmp_path / "data" / "processed" / "fashion_mnist", {"train": TRAIN, "valid": VALID, "test": TEST},
-                        BRIGHTNESS)
+    write_square_arrays(
+        tmp_path / "data" / "processed" / "fashion_mnist",
+        {"train": TRAIN, "valid": VALID, "test": TEST},
+        BRIGHTNESS,
+    )
     return tmp_path
 
 
 def params_for(workspace, **overrides):
     values = {
-        "data.dataset": "fashion_mnist", "model.architecture": "mlp", "model.hidden_dims": [64, 32], "model.latent_dim": 4,
-        "model.likelihood": "bernoulli", "beta_schedule": {"name": "linear", "warmup_steps": 4},
-        "train.epochs": 2, "train.batch_size": 32, "train.num_workers": 2, "train.log_every_n_steps": 2,
-        "train.max_failures": 0, "train.run_name": "test", "mlflow.experiment_name": "test-train",
-        "mlflow.registered_model_name": "test-vae", "evaluate.num_importance_samples": 64,
-        "evaluate.importance_batch_size": 32, "evaluate.num_image_rows": 4,
+        "data.dataset": "fashion_mnist",
+        "model.architecture": "mlp",
+        "model.hidden_dims": [64, 32],
+        "model.latent_dim": 4,
+        "model.likelihood": "bernoulli",
+        "beta_schedule": {"name": "linear", "warmup_steps": 4},
+        "train.epochs": 2,
+        "train.batch_size": 32,
+        "train.num_workers": 2,
+        "train.log_every_n_steps": 2,
+        "train.max_failures": 0,
+        "train.run_name": "test",
+        "mlflow.experiment_name": "test-train",
+        "mlflow.registered_model_name": "test-vae",
+        "evaluate.num_importance_samples": 64,
+        "evaluate.importance_batch_size": 32,
+        "evaluate.num_image_rows": 4,
     }
     values.update(overrides)
     return load_params(overrides=values)
@@ -78,9 +93,9 @@ def test_two_worker_run_tracks_everything_and_evaluates(ray_instance, workspace)
     for key in ("val_negative_elbo", "val_bits_per_dim", "train_kl"):
         assert len(client.get_metric_history(run.info.run_id, key)) == 2, key
     assert {m.key for m in client.get_metric_history(run.info.run_id, "images_per_s")}
-    artifacts = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
+    images = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
     for key in ("samples", "reconstructions", "traversals"):
-        assert any(key in path for path in artifacts), (key, artifacts)
+        assert any(key in path for path in images), (key, images)
     mlflow.set_tracking_uri(f"sqlite:///{workspace / 'mlflow.db'}")
     loaded = mlflow.pytorch.load_model("models:/test-vae/1")
     assert loaded.sample(3).shape == (3, 1, 28, 28)
@@ -90,8 +105,9 @@ def test_two_worker_run_tracks_everything_and_evaluates(ray_instance, workspace)
     saved = json.loads((workspace / "reports/metrics.json").read_text())
     assert saved["num_test_images"] == TEST and saved["num_importance_samples"] == 64
     test_images = np.load(workspace / "data/processed/fashion_mnist/test_images.npy")
-    direct = evaluate_stage.test_figures(train_stage.load_trained_model(), test_images, 64, 32, 256, torch.device("cpu"),
-                                         seed=params.train.seed)
+    direct = evaluate_stage.test_figures(
+        artifacts.load_trained_model(), test_images, 64, 32, 256, torch.device("cpu"), seed=params.train.seed
+    )
     for key in ("test_negative_elbo", "test_nll", "test_reconstruction_mse"):  # computed on the test split
         assert saved[key] == pytest.approx(direct[key], rel=1e-5), key
     assert saved["test_nll"] <= saved["test_negative_elbo"] + 1e-3  # IWAE-64 bound is tighter than the ELBO
@@ -103,13 +119,18 @@ def test_two_worker_run_tracks_everything_and_evaluates(ray_instance, workspace)
 
 
 def test_nan_stops_the_run_at_once_and_a_rerun_resumes(ray_instance, workspace):
-    """A divergence is not retried, whatever train.max_failures (here its default, 2): it would only repeat."""
+    """A divergence is not retried, whatever train.max_failures (here its default, 2): it would only
+    repeat."""
     params = params_for(workspace, **{"train.num_workers": 1, "train.epochs": 3, "train.max_failures": 2})
     steps_per_epoch = TRAIN // 32
     starts = workspace / "starts"
-    with pytest.raises(train_stage.StageError, match=rf"diverged .*epoch 2, step {steps_per_epoch + 1}: loss=nan"):
-        train_stage.train(params, functools.partial(faulty_train_function, starts_dir=str(starts),
-                                                    nan_call=steps_per_epoch + 1))
+    with pytest.raises(
+        train_stage.StageError, match=rf"diverged .*epoch 2, step {steps_per_epoch + 1}: loss=nan"
+    ):
+        train_stage.train(
+            params,
+            functools.partial(faulty_train_function, starts_dir=str(starts), nan_call=steps_per_epoch + 1),
+        )
     assert len(list(starts.iterdir())) == 1, "the diverged worker was started again"
     run_dirs = list((workspace / "runs").iterdir())
     assert len(run_dirs) == 1
@@ -129,12 +150,32 @@ def test_nan_stops_the_run_at_once_and_a_rerun_resumes(ray_instance, workspace):
 
 # Another valid value for every train setting (a new setting must be added here, and so classified).
 OTHER_TRAIN_VALUES = {
-    "epochs": 5, "batch_size": 64, "optimizer": "adam", "learning_rate": 2e-3, "weight_decay": 0.1,
-    "lr_schedule": "constant", "lr_warmup_steps": 7, "grad_clip_norm": 5.0, "num_mc_samples": 2, "seed": 3,
-    "precision": "bf16", "num_workers": 4, "min_workers": 1, "use_gpu": False, "cpus_per_worker": 3.0,
-    "gpus_per_worker": 0.5, "data_on_device": "never", "channels_last": False, "compile": True,
-    "checkpoint_num_to_keep": 5, "max_failures": 3, "storage_path": "elsewhere", "run_name": "other",
-    "log_every_n_steps": 7, "use_best_params": True, "max_steps_per_epoch": 3,
+    "epochs": 5,
+    "batch_size": 64,
+    "optimizer": "adam",
+    "learning_rate": 2e-3,
+    "weight_decay": 0.1,
+    "lr_schedule": "constant",
+    "lr_warmup_steps": 7,
+    "grad_clip_norm": 5.0,
+    "num_mc_samples": 2,
+    "seed": 3,
+    "precision": "bf16",
+    "num_workers": 4,
+    "min_workers": 1,
+    "use_gpu": False,
+    "cpus_per_worker": 3.0,
+    "gpus_per_worker": 0.5,
+    "data_on_device": "never",
+    "channels_last": False,
+    "compile": True,
+    "checkpoint_num_to_keep": 5,
+    "max_failures": 3,
+    "storage_path": "elsewhere",
+    "run_name": "other",
+    "log_every_n_steps": 7,
+    "use_best_params": True,
+    "max_steps_per_epoch": 3,
 }
 
 
@@ -168,13 +209,18 @@ def test_crash_right_after_a_checkpoint_resumes_from_that_checkpoint(ray_instanc
     history = client.get_metric_history(metrics["mlflow_run_id"], "val_negative_elbo")
     assert sorted(m.step for m in history) == [steps_per_epoch * e for e in (1, 2, 3)]  # epoch 1 trained once
     run_dir = next((workspace / "runs").iterdir())
-    assert sorted(p.name for p in run_dir.glob("checkpoint_epoch_*")) == ["checkpoint_epoch_0002", "checkpoint_epoch_0003"]
+    assert sorted(p.name for p in run_dir.glob("checkpoint_epoch_*")) == [
+        "checkpoint_epoch_0002",
+        "checkpoint_epoch_0003",
+    ]
 
 
 def _write_checkpoint(run_dir, epoch, *, recorded_epoch=None, truncate=False):
-    from pipeline.train_loop import save_state
+    from pipeline.checkpoints import save_state
 
-    path = save_state({"epoch": recorded_epoch or epoch, "step": 10 * epoch}, run_dir / f"checkpoint_epoch_{epoch:04d}")
+    path = save_state(
+        {"epoch": recorded_epoch or epoch, "step": 10 * epoch}, run_dir / f"checkpoint_epoch_{epoch:04d}"
+    )
     if truncate:  # an upload cut short
         path.write_bytes(path.read_bytes()[:40])
     return path.parent
@@ -189,10 +235,10 @@ def test_newest_persisted_checkpoint_skips_incomplete_and_mislabelled_ones(tmp_p
     _write_checkpoint(tmp_path, 3, truncate=True)
     _write_checkpoint(tmp_path, 4, recorded_epoch=7)
     (tmp_path / "checkpoint_epoch_0009").mkdir()  # no state.pt at all
-    path, state = train_stage.newest_persisted_checkpoint(fs, str(tmp_path))
+    path, state = checkpoints.newest_persisted_checkpoint(fs, str(tmp_path))
     assert path.endswith("checkpoint_epoch_0002") and state == {"epoch": 2, "step": 20}
-    assert train_stage.newest_persisted_checkpoint(fs, str(tmp_path), newer_than=2) is None
-    assert train_stage.newest_persisted_checkpoint(fs, str(tmp_path / "missing")) is None
+    assert checkpoints.newest_persisted_checkpoint(fs, str(tmp_path), newer_than=2) is None
+    assert checkpoints.newest_persisted_checkpoint(fs, str(tmp_path / "missing")) is None
 
 
 def test_final_state_takes_an_unregistered_newer_checkpoint_and_prunes_old_orphans(tmp_path):
@@ -203,15 +249,21 @@ def test_final_state_takes_an_unregistered_newer_checkpoint_and_prunes_old_orpha
 
     registered = [Checkpoint(str(_write_checkpoint(tmp_path, e))) for e in (2, 3)]
     orphan = _write_checkpoint(tmp_path, 1)  # written, never registered, older than what Ray kept
-    result = SimpleNamespace(best_checkpoints=[(c, {}) for c in registered], checkpoint=registered[-1],
-                             filesystem=pafs.LocalFileSystem(), path=str(tmp_path))
-    assert train_stage.final_state(result)["epoch"] == 3
+    result = SimpleNamespace(
+        best_checkpoints=[(c, {}) for c in registered],
+        checkpoint=registered[-1],
+        filesystem=pafs.LocalFileSystem(),
+        path=str(tmp_path),
+    )
+    assert checkpoints.final_state(result)["epoch"] == 3
     assert not orphan.exists() and all(Path(c.path).is_dir() for c in registered)
 
-    _write_checkpoint(tmp_path, 4)  # the last epoch's checkpoint, written but not registered when the run ended
-    assert train_stage.final_state(result)["epoch"] == 4
+    _write_checkpoint(
+        tmp_path, 4
+    )  # the last epoch's checkpoint, written but not registered when the run ended
+    assert checkpoints.final_state(result)["epoch"] == 4
     result.checkpoint, result.best_checkpoints = None, []
-    assert train_stage.final_state(result)["epoch"] == 4
+    assert checkpoints.final_state(result)["epoch"] == 4
     for child in tmp_path.iterdir():
         shutil.rmtree(child)
-    assert train_stage.final_state(result) is None
+    assert checkpoints.final_state(result) is None

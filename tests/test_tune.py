@@ -1,5 +1,5 @@
-"""The tune stage on a real local Ray instance and a real MLflow (SQLite) store: a small CPU sweep of Ray Train
-trials, ASHA stopping trials at the epoch boundary, and a sweep resumed after its driver was killed."""
+"""The tune stage on a real local Ray instance and a real MLflow (SQLite) store: a small CPU sweep of Ray
+Train trials, ASHA stopping trials at the epoch boundary, and a sweep resumed after its driver was killed."""
 
 from __future__ import annotations
 
@@ -17,9 +17,10 @@ import mlflow
 import pytest
 import yaml
 
-from pipeline import train as train_stage
-from pipeline import tune as tune_stage
+from pipeline import artifacts
+from pipeline.common import StageError
 from pipeline.config import load_params
+from pipeline.tune import sweep as tune_stage
 from tests.fixtures.arrays import write_square_arrays
 from tests.fixtures.faults import epoch_recording_trial_function
 
@@ -27,14 +28,19 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parent.parent
 TRAIN, VALID, TEST = 256, 64, 64
-# Two schedule families with their own parameters; a learning rate of 1e-5 barely learns in 3 epochs of 8 steps.
+# Two schedule families with their own parameters; a learning rate of 1e-5 barely learns in 3 epochs of 8
+# steps.
 SPACE = {
-    "beta_schedule": {"constant": {"beta": {"low": 0.5, "high": 2.0}}, "cyclical": {"num_cycles": {"low": 1, "high": 3}}},
+    "beta_schedule": {
+        "constant": {"beta": {"low": 0.5, "high": 2.0}},
+        "cyclical": {"num_cycles": {"low": 1, "high": 3}},
+    },
     "latent_dim": {"choices": [2, 8]},
     "learning_rate": {"choices": [1.0e-5, 3.0e-3]},
 }
 # Seeded TPE (random start-up phase) draws learning rates 3e-3, 3e-3, 1e-5, 1e-5 for the first four trials, so
-# trials 3 and 4 reach ASHA's first rung (epoch 1) after two good trials recorded theirs, and are stopped there.
+# trials 3 and 4 reach ASHA's first rung (epoch 1) after two good trials recorded theirs, and are stopped
+# there.
 SEED = 4
 # Spare the 2-core machine one actor process per trial (Ray Train's spot-instance preemption watcher).
 RAY_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
@@ -42,17 +48,32 @@ RAY_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 def write_arrays(root: Path) -> None:
     """Tiny structured Fashion-MNIST-shaped uint8 arrays in the preprocess stage's layout."""
-    write_square_arrays(root / "data" / "processed" / "fashion_mnist", {"train": TRAIN, "valid": VALID, "test": TEST})
+    write_square_arrays(
+        root / "data" / "processed" / "fashion_mnist", {"train": TRAIN, "valid": VALID, "test": TEST}
+    )
 
 
 def sweep_values(**overrides) -> dict:
     values = {
-        "data.dataset": "fashion_mnist", "model.architecture": "mlp", "model.hidden_dims": [64, 32],
-        "model.likelihood": "bernoulli", "train.batch_size": 32, "train.log_every_n_steps": 4, "train.max_failures": 0,
-        "evaluate.num_image_rows": 4, "mlflow.experiment_name": "test-train",
-        "tune.experiment_name": "test-sweep", "tune.num_samples": 4, "tune.max_concurrent_trials": 2, "tune.epochs": 3,
-        "tune.grace_period": 1, "tune.reduction_factor": 2, "tune.seed": SEED, "tune.cpus_per_trial_worker": 0.5,
-        "tune.gpus_per_trial_worker": 0, "tune.search_space": SPACE,
+        "data.dataset": "fashion_mnist",
+        "model.architecture": "mlp",
+        "model.hidden_dims": [64, 32],
+        "model.likelihood": "bernoulli",
+        "train.batch_size": 32,
+        "train.log_every_n_steps": 4,
+        "train.max_failures": 0,
+        "evaluate.num_image_rows": 4,
+        "mlflow.experiment_name": "test-train",
+        "tune.experiment_name": "test-sweep",
+        "tune.num_samples": 4,
+        "tune.max_concurrent_trials": 2,
+        "tune.epochs": 3,
+        "tune.grace_period": 1,
+        "tune.reduction_factor": 2,
+        "tune.seed": SEED,
+        "tune.cpus_per_trial_worker": 0.5,
+        "tune.gpus_per_trial_worker": 0,
+        "tune.search_space": SPACE,
     }
     values.update(overrides)
     return values
@@ -66,7 +87,8 @@ def read_trials(root: Path) -> list[dict]:
 
 
 def started_epochs(root: Path, trial_id: str) -> list[int]:
-    """Epochs the trial's rank-0 worker started (recorded by tests.fixtures.faults.epoch_recording_trial_function)."""
+    """Epochs the trial's rank-0 worker started (recorded by
+    tests.fixtures.faults.epoch_recording_trial_function)."""
     return sorted(int(p.name.removeprefix("epoch")) for p in (root / "epochs" / trial_id).glob("epoch*"))
 
 
@@ -94,11 +116,18 @@ def sweep(ray_instance, tmp_path_factory):
         patch.delenv("RAY_ADDRESS", raising=False)
         params = load_params(overrides=sweep_values())
         started = time.perf_counter()
-        summary = tune_stage.tune_sweep(params, functools.partial(epoch_recording_trial_function,
-                                                                  directory=str(root / "epochs")))
+        summary = tune_stage.tune_sweep(
+            params, functools.partial(epoch_recording_trial_function, directory=str(root / "epochs"))
+        )
         print(f"\nsweep of 4 trials took {time.perf_counter() - started:.0f}s")
         client = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
-        yield {"root": root, "params": params, "summary": summary, "client": client, "rows": read_trials(root)}
+        yield {
+            "root": root,
+            "params": params,
+            "summary": summary,
+            "client": client,
+            "rows": read_trials(root),
+        }
 
 
 def test_sweep_writes_a_row_per_trial_and_the_best_params(sweep):
@@ -118,16 +147,18 @@ def test_sweep_writes_a_row_per_trial_and_the_best_params(sweep):
     best = yaml.safe_load((root / "reports/tune/best_params.yaml").read_text())
     assert best["trial_id"] == best_row["trial_id"] and best["metric"] == "val_negative_elbo"
     assert best["value"] == pytest.approx(float(best_row["best_val_negative_elbo"]))
-    assert best["params"]["model"]["latent_dim"] == int(best_row["latent_dim"])
-    assert best["params"]["train"]["learning_rate"] == pytest.approx(float(best_row["learning_rate"]))
+    assert best["params"]["latent_dim"] == int(best_row["latent_dim"])
+    assert best["params"]["learning_rate"] == pytest.approx(float(best_row["learning_rate"]))
     assert best["params"]["beta_schedule"]["name"] == best_row["beta_schedule"]
 
     # train.use_best_params: the train stage takes exactly that configuration.
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("VAE_PROJECT_ROOT", str(root))
-        trained = train_stage.with_best_params(load_params(overrides=sweep_values(**{"train.use_best_params": True})))
-    assert trained.model.latent_dim == best["params"]["model"]["latent_dim"]
-    assert trained.train.learning_rate == pytest.approx(best["params"]["train"]["learning_rate"])
+        trained = artifacts.with_best_params(
+            load_params(overrides=sweep_values(**{"train.use_best_params": True}))
+        )
+    assert trained.model.latent_dim == best["params"]["latent_dim"]
+    assert trained.train.learning_rate == pytest.approx(best["params"]["learning_rate"])
     assert trained.beta_schedule.name == best["params"]["beta_schedule"]["name"]
     assert params.train.epochs == trained.train.epochs  # the sweep's epochs do not leak into training
 
@@ -140,9 +171,12 @@ def test_mlflow_holds_the_sweep_and_every_trial_like_a_training_run(sweep):
     assert parent.data.tags["best_trial_id"] == summary["best"]["trial_id"]
     assert parent.data.metrics["best_val_negative_elbo"] == pytest.approx(summary["best"]["value"])
     assert {"trials_table.json", "trials.csv", "best_params.yaml", "search_space.json"} <= {
-        a.path for a in client.list_artifacts(parent.info.run_id)}
+        a.path for a in client.list_artifacts(parent.info.run_id)
+    }
 
-    children = client.search_runs([experiment.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    children = client.search_runs(
+        [experiment.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    )
     by_trial = {run.data.tags["trial_id"]: run for run in children}
     assert set(by_trial) == {row["trial_id"] for row in rows}
     for row in rows:
@@ -169,7 +203,9 @@ def test_asha_stops_trials_at_the_epoch_boundary_and_closes_their_runs(sweep):
     root, client, rows = sweep["root"], sweep["client"], sweep["rows"]
     stopped = [row for row in rows if row["status"] == "stopped_early"]
     # The crafted case: trials 3 and 4 (learning rate 1e-5) are worse than both trials already at rung 1.
-    assert [float(row["learning_rate"]) for row in rows] == [3e-3, 3e-3, 1e-5, 1e-5], "the seeded draws changed"
+    assert [float(row["learning_rate"]) for row in rows] == [3e-3, 3e-3, 1e-5, 1e-5], (
+        "the seeded draws changed"
+    )
     assert {row["trial_id"] for row in rows[2:]} <= {row["trial_id"] for row in stopped}
     for row in rows[2:]:
         assert int(row["epochs_run"]) == 1
@@ -182,8 +218,11 @@ def test_asha_stops_trials_at_the_epoch_boundary_and_closes_their_runs(sweep):
         else:
             assert run.info.status == "FINISHED" and run.data.tags["stopped_early"] == "false"
         assert run.data.tags["epochs_run"] == row["epochs_run"]
-        checkpoints = sorted((root / "runs/tune" / sweep["summary"]["sweep"] / "trials").glob(
-            f"*-{row['trial_id']}/checkpoint_epoch_*"))
+        checkpoints = sorted(
+            (root / "runs/tune" / sweep["summary"]["sweep"] / "trials").glob(
+                f"*-{row['trial_id']}/checkpoint_epoch_*"
+            )
+        )
         assert checkpoints and checkpoints[-1].name == f"checkpoint_epoch_{int(row['epochs_run']):04d}"
 
 
@@ -209,9 +248,16 @@ def test_a_killed_driver_resumes_and_finishes_only_the_unfinished_trials(tmp_pat
     epochs = 4
     write_arrays(tmp_path)
     raw: dict = {}
-    for dotted, value in sweep_values(**{"tune.num_samples": 3, "tune.epochs": epochs, "tune.grace_period": epochs,
-                                         "tune.seed": 0, "train.batch_size": 16,
-                                         "tune.experiment_name": "crash-sweep"}).items():
+    for dotted, value in sweep_values(
+        **{
+            "tune.num_samples": 3,
+            "tune.epochs": epochs,
+            "tune.grace_period": epochs,
+            "tune.seed": 0,
+            "train.batch_size": 16,
+            "tune.experiment_name": "crash-sweep",
+        }
+    ).items():
         *parents, leaf = dotted.split(".")
         node = raw
         for key in parents:
@@ -223,7 +269,9 @@ def test_a_killed_driver_resumes_and_finishes_only_the_unfinished_trials(tmp_pat
         env.pop(key, None)
     command = [sys.executable, "-m", "pipeline.tune", "--params", str(tmp_path / "params.yaml")]
     log = open(tmp_path / "first_run.log", "w")
-    first = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    first = subprocess.Popen(
+        command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
     tune_dir = tmp_path / "runs" / "tune"
     statuses: dict[str, str] = {}
     interrupted: dict[str, int] = {}
@@ -234,23 +282,32 @@ def test_a_killed_driver_resumes_and_finishes_only_the_unfinished_trials(tmp_pat
             experiments = list(tune_dir.glob("crash-sweep-*"))
             statuses = experiment_statuses(experiments[0]) if experiments else {}
             if "TERMINATED" in statuses.values():
-                interrupted = {trial: checkpointed_epoch(experiments[0], trial)
-                               for trial, status in statuses.items() if status != "TERMINATED"}
+                interrupted = {
+                    trial: checkpointed_epoch(experiments[0], trial)
+                    for trial, status in statuses.items()
+                    if status != "TERMINATED"
+                }
                 if any(0 < epoch < epochs for epoch in interrupted.values()):
                     break
             time.sleep(0.2)
-        assert first.poll() is None, f"the sweep ended before it was killed:\n{(tmp_path / 'first_run.log').read_text()[-3000:]}"
+        assert first.poll() is None, (
+            f"the sweep ended before it was killed:\n{(tmp_path / 'first_run.log').read_text()[-3000:]}"
+        )
         os.kill(first.pid, signal.SIGKILL)  # the driver crashes; its Ray instance and trials go with it
         first.wait(30)
         print(f"\nkilled the driver: trials {statuses}, interrupted at checkpointed epochs {interrupted}")
     finally:
         log.close()
         _end_process_group(first)
-    assert any(0 < epoch < epochs for epoch in interrupted.values()), f"no trial was caught mid-training: {statuses}"
+    assert any(0 < epoch < epochs for epoch in interrupted.values()), (
+        f"no trial was caught mid-training: {statuses}"
+    )
     finished_before = {trial for trial, status in statuses.items() if status == "TERMINATED"}
     experiment_dir = next(tune_dir.glob("crash-sweep-*"))
-    checkpoints_before = {trial: sorted(p.name for p in (experiment_dir / "trials").glob(f"*-{trial}/checkpoint_epoch_*"))
-                          for trial in finished_before}
+    checkpoints_before = {
+        trial: sorted(p.name for p in (experiment_dir / "trials").glob(f"*-{trial}/checkpoint_epoch_*"))
+        for trial in finished_before
+    }
 
     second = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     output = second.stdout + second.stderr
@@ -258,12 +315,18 @@ def test_a_killed_driver_resumes_and_finishes_only_the_unfinished_trials(tmp_pat
     assert "resuming sweep" in output and "resumed from the checkpoint of epoch" in output
 
     rows = read_trials(tmp_path)
-    assert len(rows) == 3 and all(row["status"] == "completed" and row["epochs_run"] == str(epochs) for row in rows), rows
+    assert len(rows) == 3 and all(
+        row["status"] == "completed" and row["epochs_run"] == str(epochs) for row in rows
+    ), rows
     assert finished_before | set(interrupted) <= {row["trial_id"] for row in rows}
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    parents = client.search_runs([client.get_experiment_by_name("crash-sweep").experiment_id],
-                                 filter_string="tags.sweep_role = 'parent'")
-    assert len(parents) == 1 and parents[0].info.status == "FINISHED"  # the same parent run, reopened and closed
+    parents = client.search_runs(
+        [client.get_experiment_by_name("crash-sweep").experiment_id],
+        filter_string="tags.sweep_role = 'parent'",
+    )
+    assert (
+        len(parents) == 1 and parents[0].info.status == "FINISHED"
+    )  # the same parent run, reopened and closed
     for row in rows:
         run = client.get_run(row["mlflow_run_id"])
         assert run.info.status == "FINISHED"
@@ -272,16 +335,21 @@ def test_a_killed_driver_resumes_and_finishes_only_the_unfinished_trials(tmp_pat
         if row["trial_id"] in finished_before:
             # Not run again: no epoch logged twice, no new checkpoint written.
             assert len(steps) == epochs, steps
-            assert sorted(p.name for p in (experiment_dir / "trials").glob(f"*-{row['trial_id']}/checkpoint_epoch_*")) \
+            assert (
+                sorted(
+                    p.name
+                    for p in (experiment_dir / "trials").glob(f"*-{row['trial_id']}/checkpoint_epoch_*")
+                )
                 == checkpoints_before[row["trial_id"]]
+            )
         elif interrupted.get(row["trial_id"]):
             # Resumed from its last checkpoint: at most the epoch cut short by the crash is logged twice.
             assert len(steps) <= epochs + 1, steps
 
 
 def _end_process_group(process: subprocess.Popen) -> None:
-    """End what the killed driver's process group left behind (the test started it): its trial workers exit with
-    its raylet within seconds, but Ray's dashboard and runtime-env agents linger."""
+    """End what the killed driver's process group left behind (the test started it): its trial workers exit
+    with its raylet within seconds, but Ray's dashboard and runtime-env agents linger."""
     try:
         os.killpg(process.pid, signal.SIGKILL)
     except ProcessLookupError:
@@ -297,17 +365,26 @@ def test_only_if_used_records_that_no_sweep_was_wanted(tmp_path, monkeypatch):
     assert yaml.safe_load((tmp_path / "reports/tune/best_params.yaml").read_text())["skipped"] is True
     assert read_trials(tmp_path) == []
     # Switching use_best_params on without a sweep is an error, not a silent no-op.
-    with pytest.raises(train_stage.StageError, match="no sweep result"):
-        train_stage.with_best_params(load_params(path, overrides={"train.use_best_params": True}))
+    with pytest.raises(StageError, match="no sweep result"):
+        artifacts.with_best_params(load_params(path, overrides={"train.use_best_params": True}))
 
 
-@pytest.mark.parametrize("space, field", [
-    ({"beta_schedule": {"cyclical": {"ratio": {"low": 0.5, "high": 2.0}}}}, "tune.search_space.beta_schedule.cyclical"),
-    ({"beta_schedule": {"constant": {"num_cycles": 3}}}, "tune.search_space.beta_schedule.constant.num_cycles"),
-    ({"beta_schedule": {"warmup": {}}}, "tune.search_space.beta_schedule.warmup"),
-    ({"learning_rate": {"low": 0.0, "high": 0.01, "log": True}}, "tune.search_space.learning_rate"),
-    ({"latent_dim": {"choices": []}}, "tune.search_space.latent_dim"),
-])
+@pytest.mark.parametrize(
+    "space, field",
+    [
+        (
+            {"beta_schedule": {"cyclical": {"ratio": {"low": 0.5, "high": 2.0}}}},
+            "tune.search_space.beta_schedule.cyclical",
+        ),
+        (
+            {"beta_schedule": {"constant": {"num_cycles": 3}}},
+            "tune.search_space.beta_schedule.constant.num_cycles",
+        ),
+        ({"beta_schedule": {"warmup": {}}}, "tune.search_space.beta_schedule.warmup"),
+        ({"learning_rate": {"low": 0.0, "high": 0.01, "log": True}}, "tune.search_space.learning_rate"),
+        ({"latent_dim": {"choices": []}}, "tune.search_space.latent_dim"),
+    ],
+)
 def test_an_invalid_search_space_fails_naming_the_field(tmp_path, capsys, space, field):
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump({"tune": {"search_space": space}}))
@@ -315,16 +392,24 @@ def test_an_invalid_search_space_fails_naming_the_field(tmp_path, capsys, space,
     assert field in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("resources, settings, expected", [
-    # One GPU box (16 cores): 4 trials share the GPU at 0.25 GPU per trial worker.
-    ({"CPU": 16.0, "GPU": 1.0}, {}, (True, 4)),
-    # The 2-core CPU machine: the GPU fraction is ignored; 1 CPU per worker + the trial driver's 0.05 -> 1 trial.
-    ({"CPU": 2.0}, {}, (False, 1)),
-    ({"CPU": 2.0}, {"tune.cpus_per_trial_worker": 0.5}, (False, 3)),
-    ({"CPU": 8.0, "GPU": 2.0}, {"tune.workers_per_trial": 2, "tune.gpus_per_trial_worker": 0.5}, (True, 2)),
-    ({"CPU": 16.0, "GPU": 1.0}, {"tune.max_concurrent_trials": 2}, (True, 2)),
-    ({"CPU": 16.0, "GPU": 1.0}, {"train.use_gpu": False}, (False, 15)),
-])
+@pytest.mark.parametrize(
+    "resources, settings, expected",
+    [
+        # One GPU box (16 cores): 4 trials share the GPU at 0.25 GPU per trial worker.
+        ({"CPU": 16.0, "GPU": 1.0}, {}, (True, 4)),
+        # The 2-core CPU machine: the GPU fraction is ignored; 1 CPU per worker + the trial driver's 0.05 -> 1
+        # trial.
+        ({"CPU": 2.0}, {}, (False, 1)),
+        ({"CPU": 2.0}, {"tune.cpus_per_trial_worker": 0.5}, (False, 3)),
+        (
+            {"CPU": 8.0, "GPU": 2.0},
+            {"tune.workers_per_trial": 2, "tune.gpus_per_trial_worker": 0.5},
+            (True, 2),
+        ),
+        ({"CPU": 16.0, "GPU": 1.0}, {"tune.max_concurrent_trials": 2}, (True, 2)),
+        ({"CPU": 16.0, "GPU": 1.0}, {"train.use_gpu": False}, (False, 15)),
+    ],
+)
 def test_concurrent_trials_follow_the_cluster_resources(monkeypatch, resources, settings, expected):
     monkeypatch.setattr(tune_stage.ray, "cluster_resources", lambda: resources)
     params = load_params(overrides={"tune.num_samples": 16, **settings})

@@ -1,4 +1,5 @@
-"""q(z|x) = N(mean, diag(sigma^2)) and the prior N(0, I): closed-form KL, densities and the reparameterization.
+"""q(z|x) = N(mean, diag(sigma^2)) and the prior N(0, I): closed-form KL, densities and the
+reparameterization.
 
 Tolerances: closed forms are compared in float64 to 1e-12 (they are the same formula up to rounding);
 Monte-Carlo checks use 200,000 samples from a fixed seed and allow 5 standard errors, where the standard error
@@ -60,7 +61,9 @@ def test_kl_is_nonnegative_and_zero_exactly_at_the_prior():
     prior = DiagonalGaussian(torch.zeros(2, 5), torch.zeros(2, 5))
     assert torch.equal(prior.kl_divergence_per_dim(), torch.zeros(2, 5))
     # hand value: mean 1, sigma^2 = e -> 0.5 * (1 + e - 1 - 1) = 0.5 * (e - 1)
-    one = DiagonalGaussian(torch.tensor([[1.0]], dtype=torch.float64), torch.tensor([[1.0]], dtype=torch.float64))
+    one = DiagonalGaussian(
+        torch.tensor([[1.0]], dtype=torch.float64), torch.tensor([[1.0]], dtype=torch.float64)
+    )
     assert one.kl_divergence().item() == pytest.approx(0.5 * (math.e - 1.0), abs=1e-14)
 
 
@@ -68,7 +71,9 @@ def test_log_probs_match_torch_distributions():
     q = _posterior(batch=5, dim=4)
     z = torch.randn(7, 5, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     torch.testing.assert_close(q.log_prob(z), Normal(q.mean, q.std).log_prob(z).sum(-1), rtol=0, atol=1e-12)
-    torch.testing.assert_close(standard_normal_log_prob(z), Normal(0.0, 1.0).log_prob(z).sum(-1), rtol=0, atol=1e-12)
+    torch.testing.assert_close(
+        standard_normal_log_prob(z), Normal(0.0, 1.0).log_prob(z).sum(-1), rtol=0, atol=1e-12
+    )
     assert q.log_prob(z).shape == (7, 5)
 
 
@@ -137,4 +142,6 @@ def test_gradients_reach_the_encoder_through_rsample(architecture, hidden_dims):
     # the last encoder layer feeds both mean and log-variance; both halves get gradient
     head = [m for m in model.encoder.modules() if isinstance(m, torch.nn.Linear)][-1]
     assert head.weight.grad[:3].abs().sum() > 0 and head.weight.grad[3:].abs().sum() > 0
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.decoder.parameters() if p.dim() > 1)
+    assert all(
+        p.grad is not None and p.grad.abs().sum() > 0 for p in model.decoder.parameters() if p.dim() > 1
+    )

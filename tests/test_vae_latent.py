@@ -34,12 +34,15 @@ def model() -> VAE:
 def conv_model() -> VAE:
     """Batch norm: the tools must be used in eval mode, where encoding does not depend on the batch."""
     torch.manual_seed(0)
-    return VAE("conv", IMAGE_SHAPE, latent_dim=LATENT_DIM, hidden_dims=[4, 8], likelihood="gaussian_fixed").eval()
+    return VAE(
+        "conv", IMAGE_SHAPE, latent_dim=LATENT_DIM, hidden_dims=[4, 8], likelihood="gaussian_fixed"
+    ).eval()
 
 
 def _images(num_images: int, seed: int = 0) -> torch.Tensor:
-    return torch.randint(0, 256, (num_images, *IMAGE_SHAPE), dtype=torch.uint8,
-                         generator=torch.Generator().manual_seed(seed))
+    return torch.randint(
+        0, 256, (num_images, *IMAGE_SHAPE), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed)
+    )
 
 
 def _codes(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -132,7 +135,9 @@ def test_traverse_rejects_a_dimension_outside_the_latent_space(model):
 
 def test_reconstruct_and_sample_prior(model):
     x = _images(3)
-    torch.testing.assert_close(reconstruct(model, x), model.likelihood.mean(model.decode(model.encode(x).mean)))
+    torch.testing.assert_close(
+        reconstruct(model, x), model.likelihood.mean(model.decode(model.encode(x).mean))
+    )
     samples = sample_prior(model, 4, torch.Generator().manual_seed(1))
     z = torch.randn(4, LATENT_DIM, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(samples, model.likelihood.mean(model.decode(z)))
@@ -181,10 +186,13 @@ def test_apply_attribute_vector(model):
 
 
 def test_active_units_counts_dimensions_with_posterior_mean_variance_above_threshold():
-    """Columns with known unbiased variances: +-a alternating over N = 100 images has variance a^2 N / (N - 1)."""
+    """Columns with known unbiased variances: +-a alternating over N = 100 images has variance a^2 N / (N -
+    1)."""
     n = 100
     signs = torch.tensor([1.0, -1.0]).repeat(n // 2)
-    amplitudes = torch.tensor([1.0, 0.2, 0.0999, 0.05, 0.0, 3.0])  # variances ~1, 0.0404, 0.01008, 0.0025, 0, 9
+    amplitudes = torch.tensor(
+        [1.0, 0.2, 0.0999, 0.05, 0.0, 3.0]
+    )  # variances ~1, 0.0404, 0.01008, 0.0025, 0, 9
     means = signs.unsqueeze(1) * amplitudes + 7.0  # a constant offset changes nothing
     count, variance = active_units(means)
     expected = amplitudes.double().pow(2) * n / (n - 1)

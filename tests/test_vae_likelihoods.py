@@ -1,4 +1,5 @@
-"""Likelihoods p(x|z): normalisation of the discrete ones, agreement of the Gaussians with torch.distributions,
+"""Likelihoods p(x|z): normalisation of the discrete ones, agreement of the Gaussians with
+torch.distributions,
 parameter layouts, target mappings, and bits per dimension by hand.
 
 Tolerances: "sums to 1" is checked as |logsumexp over all values of log p| < 1e-5 nats, i.e. the total mass
@@ -26,7 +27,8 @@ LEVELS = torch.arange(256)
 
 
 def _log_mass_of_all_values(likelihood, pixel_params: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """log P(x = v) for every pixel and every value v, using the library's log_prob on 1x1 single-channel images.
+    """log P(x = v) for every pixel and every value v, using the library's log_prob on 1x1 single-channel
+    images.
 
     pixel_params: (N, P) one row of parameters per pixel; values: (V,) the uint8 values.
     Returns (N, V).
@@ -58,34 +60,46 @@ def test_categorical_256_layout_is_channel_major():
     x = torch.randint(0, 256, (2, 3, 2, 2), generator=generator, dtype=torch.uint8)
     expected = torch.zeros(2)
     for c in range(3):
-        log_probs = F.log_softmax(params[:, c * 256:(c + 1) * 256], dim=1)  # (B, 256, H, W)
-        expected += log_probs.gather(1, x[:, c:c + 1].long()).sum(dim=(1, 2, 3))
-    torch.testing.assert_close(likelihood.log_prob(params, likelihood.prepare_target(x)), expected, rtol=0, atol=1e-4)
+        log_probs = F.log_softmax(params[:, c * 256 : (c + 1) * 256], dim=1)  # (B, 256, H, W)
+        expected += log_probs.gather(1, x[:, c : c + 1].long()).sum(dim=(1, 2, 3))
+    torch.testing.assert_close(
+        likelihood.log_prob(params, likelihood.prepare_target(x)), expected, rtol=0, atol=1e-4
+    )
     assert likelihood.param_channels(3) == 768
 
 
 def _logistic_params(means, log_scales) -> torch.Tensor:
-    grid = torch.cartesian_prod(torch.as_tensor(means, dtype=torch.float32), torch.as_tensor(log_scales, dtype=torch.float32))
+    grid = torch.cartesian_prod(
+        torch.as_tensor(means, dtype=torch.float32), torch.as_tensor(log_scales, dtype=torch.float32)
+    )
     return grid  # (N, 2): (mu, log s) per pixel, the layout of a C = 1 image
 
 
 def test_discretized_logistic_sums_to_one_for_random_parameters():
     likelihood = make_likelihood("discretized_logistic")
     generator = torch.Generator().manual_seed(2)
-    params = torch.stack([torch.rand(400, generator=generator) * 2.4 - 1.2,
-                          torch.rand(400, generator=generator) * 9.0 - 7.0], dim=1)
+    params = torch.stack(
+        [torch.rand(400, generator=generator) * 2.4 - 1.2, torch.rand(400, generator=generator) * 9.0 - 7.0],
+        dim=1,
+    )
     log_mass = _log_mass_of_all_values(likelihood, params, LEVELS)
     assert torch.logsumexp(log_mass.double(), dim=1).abs().max() < SUM_TO_ONE_TOL
 
 
 def test_discretized_logistic_sums_to_one_for_extreme_parameters():
-    """Large |mean| (all mass in an edge bin), tiny scales (log s at and below the -7 clamp: nearly all mass in
-    one bin), means exactly on bin edges (where float32 edges computed as c +- 1/255 disagree by an ulp), and
-    huge scales (nearly uniform over the real line, so mass piles into the two open edge bins)."""
+    """Large |mean| (all mass in an edge bin), tiny scales (log s at and below the -7 clamp: nearly all mass
+    in one bin), means exactly on bin edges (where float32 edges computed as c +- 1/255 disagree by an ulp),
+    and huge scales (nearly uniform over the real line, so mass piles into the two open edge bins)."""
     likelihood = make_likelihood("discretized_logistic")
     bin_centres = LEVELS.float() / 127.5 - 1.0
-    means = torch.cat([torch.tensor([-1e4, -50.0, -3.0, -1.0, 0.0, 1.0, 3.0, 50.0, 1e4]),
-                       bin_centres[::5], bin_centres[::5] + 1.0 / 255.0, bin_centres[::7] + 0.4 / 255.0])
+    means = torch.cat(
+        [
+            torch.tensor([-1e4, -50.0, -3.0, -1.0, 0.0, 1.0, 3.0, 50.0, 1e4]),
+            bin_centres[::5],
+            bin_centres[::5] + 1.0 / 255.0,
+            bin_centres[::7] + 0.4 / 255.0,
+        ]
+    )
     log_scales = torch.tensor([-1e3, -30.0, -7.0, -6.0, -4.5, -2.0, 0.0, 3.0, 10.0, 30.0, 90.0, 1e3])
     params = _logistic_params(means, log_scales)
     log_mass = _log_mass_of_all_values(likelihood, params, LEVELS)
@@ -95,8 +109,8 @@ def test_discretized_logistic_sums_to_one_for_extreme_parameters():
 
 
 def _logistic_bin_mass64(params: torch.Tensor) -> torch.Tensor:
-    """Reference P(x = v) for every pixel (row of params) and v, in float64: F(upper) - F(lower) for bins left of
-    the mean, and (1 - F(lower)) - (1 - F(upper)) right of it, so the difference never cancels near 1."""
+    """Reference P(x = v) for every pixel (row of params) and v, in float64: F(upper) - F(lower) for bins left
+    of the mean, and (1 - F(lower)) - (1 - F(upper)) right of it, so the difference never cancels near 1."""
     c = (LEVELS.double() / 127.5 - 1.0).view(1, 256)
     mean, log_scale = params.double()[:, :1], params.double()[:, 1:]
     inv_scale = torch.exp(-log_scale.clamp(min=-7.0))
@@ -124,11 +138,12 @@ def test_discretized_logistic_matches_a_float64_reference():
 
 
 def test_discretized_logistic_gradients_are_finite_for_extreme_parameters():
-    """log s is bounded on both sides: below, the bins' masses underflow; above (log s >= ~88), 1/s underflows in
-    float32 and a middle bin's log-mass and its gradient would be -inf / NaN."""
+    """log s is bounded on both sides: below, the bins' masses underflow; above (log s >= ~88), 1/s underflows
+    in float32 and a middle bin's log-mass and its gradient would be -inf / NaN."""
     likelihood = make_likelihood("discretized_logistic")
-    params = _logistic_params([-1e3, -1.0, 0.0, 1.0, 1e3],
-                              [-1e3, -90.0, -30.0, -7.0, 0.0, 7.0, 30.0, 88.0, 90.0, 1e3]).view(-1, 2, 1, 1)
+    params = _logistic_params(
+        [-1e3, -1.0, 0.0, 1.0, 1e3], [-1e3, -90.0, -30.0, -7.0, 0.0, 7.0, 30.0, 88.0, 90.0, 1e3]
+    ).view(-1, 2, 1, 1)
     params = params.repeat(3, 1, 1, 1).requires_grad_(True)
     x = torch.tensor([0, 128, 255]).repeat_interleave(params.shape[0] // 3).to(torch.uint8).view(-1, 1, 1, 1)
     log_prob = likelihood.log_prob(params, likelihood.prepare_target(x))
@@ -165,8 +180,9 @@ def test_gaussian_fixed_matches_torch_normal():
     torch.testing.assert_close(likelihood.log_prob(mean, target), expected, rtol=1e-6, atol=1e-4)
     assert likelihood.param_channels(3) == 3 and not likelihood.discrete
     # the "MSE form": -log p = ||y - mu||^2 / (2 sigma^2) + D (log sigma + log(2 pi) / 2)
-    mse_form = ((target - mean).pow(2).sum(dim=(1, 2, 3)) / (2 * 0.05**2)
-                + 75 * (math.log(0.05) + 0.5 * math.log(2 * math.pi)))
+    mse_form = (target - mean).pow(2).sum(dim=(1, 2, 3)) / (2 * 0.05**2) + 75 * (
+        math.log(0.05) + 0.5 * math.log(2 * math.pi)
+    )
     torch.testing.assert_close(-likelihood.log_prob(mean, target), mse_form, rtol=1e-6, atol=1e-3)
 
 
@@ -189,8 +205,9 @@ def test_gaussian_learned_pixel_matches_torch_normal_with_clamped_log_std():
     target = likelihood.prepare_target(x, generator)
     log_std = torch.randn(4, 3, 5, 5, generator=generator) * 4  # some outside [-7, 2]
     expected = Normal(mean, log_std.clamp(-7.0, 2.0).exp()).log_prob(target).sum(dim=(1, 2, 3))
-    torch.testing.assert_close(likelihood.log_prob(torch.cat([mean, log_std], dim=1), target), expected,
-                               rtol=1e-6, atol=1e-2)
+    torch.testing.assert_close(
+        likelihood.log_prob(torch.cat([mean, log_std], dim=1), target), expected, rtol=1e-6, atol=1e-2
+    )
     assert likelihood.param_channels(3) == 6
     assert torch.equal(likelihood.mean(torch.cat([mean, log_std], dim=1)), mean.clamp(0, 1))
 
@@ -207,7 +224,9 @@ def test_gaussian_targets_are_uniformly_dequantized_into_the_pixel_bin():
 def test_discrete_targets():
     x = torch.tensor([0, 1, 127, 128, 254, 255], dtype=torch.uint8).view(1, 1, 1, 6)
     assert torch.equal(make_likelihood("categorical_256").prepare_target(x), x.long())
-    torch.testing.assert_close(make_likelihood("discretized_logistic").prepare_target(x), x.float() / 127.5 - 1.0)
+    torch.testing.assert_close(
+        make_likelihood("discretized_logistic").prepare_target(x), x.float() / 127.5 - 1.0
+    )
     bernoulli = make_likelihood("bernoulli")
     assert torch.equal(bernoulli.prepare_target(x, noise=False), (x >= 128).float())
     draws = bernoulli.prepare_target(x.repeat(20000, 1, 1, 1), torch.Generator().manual_seed(6))
@@ -225,9 +244,12 @@ def test_every_likelihood_returns_nats_per_image_and_a_mean_in_unit_interval(nam
     log_p = likelihood.log_prob(params, likelihood.prepare_target(x, generator))
     assert log_p.shape == (3,) and torch.isfinite(log_p).all()
     # summed, not averaged: the log-likelihood of two copies of an image side by side is the sum
-    doubled = likelihood.log_prob(torch.cat([params, params], dim=3),
-                                  likelihood.prepare_target(torch.cat([x, x], dim=3), noise=False))
-    torch.testing.assert_close(doubled, 2 * likelihood.log_prob(params, likelihood.prepare_target(x, noise=False)))
+    doubled = likelihood.log_prob(
+        torch.cat([params, params], dim=3), likelihood.prepare_target(torch.cat([x, x], dim=3), noise=False)
+    )
+    torch.testing.assert_close(
+        doubled, 2 * likelihood.log_prob(params, likelihood.prepare_target(x, noise=False))
+    )
     mean = likelihood.mean(params)
     assert mean.shape == (3, 2, 4, 4) and mean.min() >= 0 and mean.max() <= 1
     assert likelihood.discrete == (name in ("bernoulli", "categorical_256", "discretized_logistic"))
@@ -262,15 +284,21 @@ def test_bits_per_dim_of_a_unit_density_is_eight():
     target = likelihood.prepare_target(x, noise=False)
     log_p = likelihood.log_prob(target, target)
     torch.testing.assert_close(log_p, torch.zeros(2), rtol=0, atol=1e-5)
-    torch.testing.assert_close(bits_per_dim(-log_p, 16, discrete=False), torch.full((2,), 8.0), rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        bits_per_dim(-log_p, 16, discrete=False), torch.full((2,), 8.0), rtol=0, atol=1e-6
+    )
 
 
 def test_bits_per_dim_hand_values():
     # discrete: nll / (D ln 2); a fair coin per binary pixel is 1 bit/dim
     assert bits_per_dim(784 * math.log(2.0), 784, discrete=True) == pytest.approx(1.0, abs=1e-12)
-    assert bits_per_dim(1000.0, 12288, discrete=True) == pytest.approx(1000.0 / (12288 * math.log(2)), rel=1e-12)
+    assert bits_per_dim(1000.0, 12288, discrete=True) == pytest.approx(
+        1000.0 / (12288 * math.log(2)), rel=1e-12
+    )
     # continuous: (nll + D ln 256) / (D ln 2) = nll / (D ln 2) + 8
-    assert bits_per_dim(-5000.0, 12288, discrete=False) == pytest.approx(-5000.0 / (12288 * math.log(2)) + 8.0, rel=1e-12)
+    assert bits_per_dim(-5000.0, 12288, discrete=False) == pytest.approx(
+        -5000.0 / (12288 * math.log(2)) + 8.0, rel=1e-12
+    )
     tensor = bits_per_dim(torch.tensor([0.0, 12288 * math.log(2.0)]), 12288, discrete=False)
     torch.testing.assert_close(tensor, torch.tensor([8.0, 9.0]))
 
@@ -282,4 +310,6 @@ def test_discretized_logistic_with_a_sharp_peak_costs_almost_nothing():
     target = likelihood.prepare_target(x)
     params = torch.cat([target, torch.full_like(target, -7.0)], dim=1)
     per_subpixel = math.log(2 * (1 / (1 + math.exp(-math.exp(7) / 255))) - 1)
-    torch.testing.assert_close(likelihood.log_prob(params, target), torch.tensor([48 * per_subpixel]), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(
+        likelihood.log_prob(params, target), torch.tensor([48 * per_subpixel]), rtol=1e-4, atol=1e-6
+    )

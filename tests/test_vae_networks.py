@@ -1,6 +1,6 @@
-"""Every architecture gives the right shapes for (1, 28, 28), (3, 32, 32), (3, 64, 64) and (3, 128, 128), and the
-default convolutional net is the common CelebA-64 form. Small widths keep the shape sweep fast; the depth (five
-stride-2 blocks for the conv nets) is the real one."""
+"""Every architecture gives the right shapes for (1, 28, 28), (3, 32, 32), (3, 64, 64) and (3, 128, 128),
+and the default convolutional net is the common CelebA-64 form. Small widths keep the shape sweep fast; the
+depth (five stride-2 blocks for the conv nets) is the real one."""
 
 from __future__ import annotations
 
@@ -19,15 +19,22 @@ BATCH = 2
 
 
 def _images(shape, batch=BATCH, seed=0):
-    return torch.randint(0, 256, (batch, *shape), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+    return torch.randint(
+        0, 256, (batch, *shape), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed)
+    )
 
 
 @pytest.mark.parametrize("image_shape", IMAGE_SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
 def test_shapes(architecture, image_shape):
     torch.manual_seed(0)
-    model = VAE(architecture, image_shape, latent_dim=LATENT_DIM, hidden_dims=SMALL_HIDDEN[architecture],
-                likelihood="discretized_logistic")
+    model = VAE(
+        architecture,
+        image_shape,
+        latent_dim=LATENT_DIM,
+        hidden_dims=SMALL_HIDDEN[architecture],
+        likelihood="discretized_logistic",
+    )
     x = _images(image_shape)
     channels, height, width = image_shape
     posterior = model.encode(x)
@@ -98,7 +105,8 @@ def test_resnet_adds_residual_blocks():
 
 
 def test_padding_and_cropping_keep_the_image_aligned():
-    """With 28x28 inputs the encoder's zero padding must be symmetric and the decoder's crop the same window."""
+    """With 28x28 inputs the encoder's zero padding must be symmetric and the decoder's crop the same
+    window."""
     encoder, decoder = make_networks("conv", (1, 28, 28), [4, 4], 2, 1)
     assert (encoder.padded_size, encoder.pad) == (28, 0)  # 28 is a multiple of 4: no padding
     encoder, decoder = make_networks("conv", (1, 28, 28), [4, 4, 4], 2, 1)

@@ -46,8 +46,8 @@ def test_linear_warmup_with_start_step():
 
 
 def test_cyclical_at_cycle_boundaries_and_ratio_points():
-    """Fu et al. 2019: T = 1000 steps in M = 4 cycles of 250; beta rises linearly over the first R = 0.5 of each
-    cycle (125 steps) from 0 to beta_max, then holds; beta_max after T."""
+    """Fu et al. 2019: T = 1000 steps in M = 4 cycles of 250; beta rises linearly over the first R = 0.5 of
+    each cycle (125 steps) from 0 to beta_max, then holds; beta_max after T."""
     schedule = CyclicalBeta(beta_max=1.0, num_cycles=4, ratio=0.5, total_steps=1000)
     for cycle in range(4):
         start = 250 * cycle
@@ -63,7 +63,9 @@ def test_cyclical_at_cycle_boundaries_and_ratio_points():
 
 def test_cyclical_ratio_one_and_beta_max():
     schedule = CyclicalBeta(beta_max=3.0, num_cycles=2, ratio=1.0, total_steps=10)
-    assert [schedule.beta_at(step) for step in range(10)] == pytest.approx([0, 0.6, 1.2, 1.8, 2.4] * 2, abs=1e-12)
+    assert [schedule.beta_at(step) for step in range(10)] == pytest.approx(
+        [0, 0.6, 1.2, 1.8, 2.4] * 2, abs=1e-12
+    )
     assert schedule.beta_at(10) == 3.0
 
 
@@ -107,8 +109,9 @@ def test_capacity_annealing():
 
 
 def test_capacity_penalty_on_the_global_batch_mean():
-    """Under data parallelism each rank passes the all-reduced batch mean: the penalty takes its value and sign,
-    and the gradient flows through the rank's own KLs, so the ranks' averaged gradient is the global one."""
+    """Under data parallelism each rank passes the all-reduced batch mean: the penalty takes its value and
+    sign, and the gradient flows through the rank's own KLs, so the ranks' averaged gradient is the global
+    one."""
     schedule = CapacityAnnealing(gamma=10.0, capacity_max=5.0, capacity_steps=1)
     kl = torch.tensor([3.0, 4.0], requires_grad=True)  # this rank: mean 3.5 < C = 5
     penalty = kl_penalty(schedule, kl, 1, batch_mean_kl=torch.tensor(7.0))  # the global mean 7 > C
@@ -129,25 +132,28 @@ def test_kl_penalty_is_beta_times_the_batch_mean():
 # ---------------------------------------------------------------------------------------------- validation
 
 
-@pytest.mark.parametrize("config, field", [
-    ({"name": "constant", "beta": -1.0}, "beta_schedule.beta"),
-    ({"name": "constant", "beta": math.inf}, "beta_schedule.beta"),
-    ({"name": "constant", "beta": math.nan}, "beta_schedule.beta"),
-    ({"name": "constant", "beta": "one"}, "beta_schedule.beta"),
-    ({"name": "linear", "beta_max": -0.1}, "beta_schedule.beta_max"),
-    ({"name": "linear", "warmup_steps": 0}, "beta_schedule.warmup_steps"),
-    ({"name": "linear", "warmup_steps": None}, "beta_schedule.warmup_steps"),
-    ({"name": "linear", "start_step": -1}, "beta_schedule.start_step"),
-    ({"name": "cyclical", "num_cycles": 0}, "beta_schedule.num_cycles"),
-    ({"name": "cyclical", "ratio": 1.5}, "beta_schedule.ratio"),
-    ({"name": "cyclical", "ratio": 0.0}, "beta_schedule.ratio"),
-    ({"name": "cyclical", "num_cycles": 4, "total_steps": 3}, "beta_schedule.total_steps"),
-    ({"name": "sigmoid", "steepness": 0.0}, "beta_schedule.steepness"),
-    ({"name": "sigmoid", "midpoint_step": -5}, "beta_schedule.midpoint_step"),
-    ({"name": "capacity", "gamma": -1.0}, "beta_schedule.gamma"),
-    ({"name": "capacity", "capacity_max": -1.0}, "beta_schedule.capacity_max"),
-    ({"name": "capacity", "capacity_steps": 0}, "beta_schedule.capacity_steps"),
-])
+@pytest.mark.parametrize(
+    "config, field",
+    [
+        ({"name": "constant", "beta": -1.0}, "beta_schedule.beta"),
+        ({"name": "constant", "beta": math.inf}, "beta_schedule.beta"),
+        ({"name": "constant", "beta": math.nan}, "beta_schedule.beta"),
+        ({"name": "constant", "beta": "one"}, "beta_schedule.beta"),
+        ({"name": "linear", "beta_max": -0.1}, "beta_schedule.beta_max"),
+        ({"name": "linear", "warmup_steps": 0}, "beta_schedule.warmup_steps"),
+        ({"name": "linear", "warmup_steps": None}, "beta_schedule.warmup_steps"),
+        ({"name": "linear", "start_step": -1}, "beta_schedule.start_step"),
+        ({"name": "cyclical", "num_cycles": 0}, "beta_schedule.num_cycles"),
+        ({"name": "cyclical", "ratio": 1.5}, "beta_schedule.ratio"),
+        ({"name": "cyclical", "ratio": 0.0}, "beta_schedule.ratio"),
+        ({"name": "cyclical", "num_cycles": 4, "total_steps": 3}, "beta_schedule.total_steps"),
+        ({"name": "sigmoid", "steepness": 0.0}, "beta_schedule.steepness"),
+        ({"name": "sigmoid", "midpoint_step": -5}, "beta_schedule.midpoint_step"),
+        ({"name": "capacity", "gamma": -1.0}, "beta_schedule.gamma"),
+        ({"name": "capacity", "capacity_max": -1.0}, "beta_schedule.capacity_max"),
+        ({"name": "capacity", "capacity_steps": 0}, "beta_schedule.capacity_steps"),
+    ],
+)
 def test_bad_values_raise_value_error_naming_the_field(config, field):
     with pytest.raises(ValueError) as error:
         make_schedule(config)
@@ -157,7 +163,9 @@ def test_bad_values_raise_value_error_naming_the_field(config, field):
 def test_unknown_field_is_named():
     with pytest.raises(ValueError, match="beta_schedule") as error:
         make_schedule({"name": "linear", "warmup_step": 100})
-    assert "warmup_step" in str(error.value) and "warmup_steps" in str(error.value)  # the typo and the allowed
+    assert "warmup_step" in str(error.value) and "warmup_steps" in str(
+        error.value
+    )  # the typo and the allowed
 
 
 @pytest.mark.parametrize("name", ["cosine", None, ""])

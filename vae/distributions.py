@@ -61,7 +61,9 @@ class DiagonalGaussian:
         Returns:
             (..., B) log-density in nats.
         """
-        return -0.5 * (LOG_2PI + self.log_variance + (z - self.mean).pow(2) / self.log_variance.exp()).sum(dim=-1)
+        return -0.5 * (LOG_2PI + self.log_variance + (z - self.mean).pow(2) / self.log_variance.exp()).sum(
+            dim=-1
+        )
 
     def kl_divergence_per_dim(self) -> torch.Tensor:
         """KL(q(z|x) || N(0, I)) per latent dimension, in closed form (Kingma & Welling 2014, appendix B):

@@ -22,7 +22,9 @@ def sample_prior(model: VAE, num_images: int, generator: torch.Generator | None 
     return model.sample(num_images, generator)
 
 
-def interpolate(z_start: torch.Tensor, z_end: torch.Tensor, num_steps: int, method: str = "spherical") -> torch.Tensor:
+def interpolate(
+    z_start: torch.Tensor, z_end: torch.Tensor, num_steps: int, method: str = "spherical"
+) -> torch.Tensor:
     """Points between two latent codes (D,), endpoints included: (num_steps, D).
 
     ``linear``: (1 - t) z0 + t z1. ``spherical``: slerp (Shoemake 1985; White 2016 recommends it because
@@ -46,9 +48,11 @@ def interpolate(z_start: torch.Tensor, z_end: torch.Tensor, num_steps: int, meth
 
 
 @torch.no_grad()
-def interpolate_images(model: VAE, x_start: torch.Tensor, x_end: torch.Tensor, num_steps: int = 8,
-                       method: str = "spherical") -> torch.Tensor:
-    """Decoded interpolation between the posterior means of two uint8 images (C, H, W): (num_steps, C, H, W)."""
+def interpolate_images(
+    model: VAE, x_start: torch.Tensor, x_end: torch.Tensor, num_steps: int = 8, method: str = "spherical"
+) -> torch.Tensor:
+    """Decoded interpolation between the posterior means of two uint8 images (C, H, W): (num_steps, C, H,
+    W)."""
     means = model.encode(torch.stack([x_start, x_end])).mean
     return model.likelihood.mean(model.decode(interpolate(means[0], means[1], num_steps, method)))
 
@@ -68,9 +72,11 @@ def traverse(model: VAE, z: torch.Tensor, dimension: int, values: torch.Tensor) 
 
 
 @torch.no_grad()
-def attribute_vector(model: VAE, images: torch.Tensor, has_attribute: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """The attribute vector (White 2016, "Sampling generative networks", the "smile vector"): the mean posterior
-    mean of images with the attribute minus that of images without it.
+def attribute_vector(
+    model: VAE, images: torch.Tensor, has_attribute: torch.Tensor, batch_size: int = 256
+) -> torch.Tensor:
+    """The attribute vector (White 2016, "Sampling generative networks", the "smile vector"): the mean
+    posterior mean of images with the attribute minus that of images without it.
 
     Args:
         images: (N, C, H, W) uint8 images (CPU or device tensor; encoded in batches on the model's device).
@@ -83,13 +89,18 @@ def attribute_vector(model: VAE, images: torch.Tensor, has_attribute: torch.Tens
     has_attribute = has_attribute.bool().cpu()
     positives = int(has_attribute.sum())
     if positives == 0 or positives == has_attribute.numel():
-        raise ValueError(f"attribute_vector needs images with and without the attribute; got {positives} of {has_attribute.numel()}")
+        raise ValueError(
+            "attribute_vector needs images with and without the "
+            f"attribute; got {positives} of {has_attribute.numel()}"
+        )
     device = next(model.parameters()).device
-    sums = {True: torch.zeros(model.latent_dim, device=device, dtype=torch.float64),
-            False: torch.zeros(model.latent_dim, device=device, dtype=torch.float64)}
+    sums = {
+        True: torch.zeros(model.latent_dim, device=device, dtype=torch.float64),
+        False: torch.zeros(model.latent_dim, device=device, dtype=torch.float64),
+    }
     for start in range(0, images.shape[0], batch_size):
-        means = model.encode(images[start:start + batch_size].to(device)).mean.double()
-        mask = has_attribute[start:start + batch_size].to(device)
+        means = model.encode(images[start : start + batch_size].to(device)).mean.double()
+        mask = has_attribute[start : start + batch_size].to(device)
         sums[True] += means[mask].sum(dim=0)
         sums[False] += means[~mask].sum(dim=0)
     negatives = has_attribute.numel() - positives
@@ -97,7 +108,9 @@ def attribute_vector(model: VAE, images: torch.Tensor, has_attribute: torch.Tens
 
 
 @torch.no_grad()
-def apply_attribute_vector(model: VAE, x: torch.Tensor, vector: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+def apply_attribute_vector(
+    model: VAE, x: torch.Tensor, vector: torch.Tensor, scales: torch.Tensor
+) -> torch.Tensor:
     """Add ``scale * vector`` to the posterior means of uint8 images x (B, C, H, W) and decode.
 
     Returns:

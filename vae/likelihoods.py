@@ -47,7 +47,9 @@ class Likelihood(nn.Module):
         """Decoder output channels needed for ``channels`` image channels."""
         raise NotImplementedError
 
-    def prepare_target(self, x: torch.Tensor, generator: torch.Generator | None = None, noise: bool = True) -> torch.Tensor:
+    def prepare_target(
+        self, x: torch.Tensor, generator: torch.Generator | None = None, noise: bool = True
+    ) -> torch.Tensor:
         """Map uint8 images (B, C, H, W) to what ``log_prob`` scores (see the module docstring).
 
         ``noise=False`` gives the deterministic version (bin centres, threshold at 1/2 for Bernoulli).
@@ -77,7 +79,9 @@ class Bernoulli(Likelihood):
         return (p >= 0.5).to(torch.float32)
 
     def log_prob(self, params, target):
-        return -F.binary_cross_entropy_with_logits(params.float(), target, reduction="none").sum(dim=_SUM_DIMS)
+        return -F.binary_cross_entropy_with_logits(params.float(), target, reduction="none").sum(
+            dim=_SUM_DIMS
+        )
 
     def mean(self, params):
         return torch.sigmoid(params.float())
@@ -98,7 +102,8 @@ class _GaussianBase(Likelihood):
 
 
 class GaussianFixed(_GaussianBase):
-    """N(y; mu(z), sigma^2 I) with a fixed sigma: -log p = ||y - mu||^2 / (2 sigma^2) + const (the "MSE" form)."""
+    """N(y; mu(z), sigma^2 I) with a fixed sigma: -log p = ||y - mu||^2 / (2 sigma^2) + const (the "MSE"
+    form)."""
 
     name = "gaussian_fixed"
 
@@ -139,7 +144,8 @@ class GaussianLearnedScalar(_GaussianBase):
 
 
 class GaussianLearnedPixel(_GaussianBase):
-    """N(y; mu(z), diag(sigma(z)^2)): the decoder outputs a mean and a log sigma per subpixel (clamped to [-7, 2])."""
+    """N(y; mu(z), diag(sigma(z)^2)): the decoder outputs a mean and a log sigma per subpixel (clamped to [-7,
+    2])."""
 
     name = "gaussian_learned_pixel"
 
@@ -186,10 +192,10 @@ class DiscretizedLogistic(Likelihood):
     x in {0..255} is scaled to c = x / 127.5 - 1 in [-1, 1]; P(x) = sigmoid((c + 1/255 - mu) / s) -
     sigmoid((c - 1/255 - mu) / s), with the lower edge at -inf for x = 0 and the upper at +inf for x = 255, so
     the 256 probabilities sum to exactly 1 (to ~1e-7 in float32, for any mu and s). params: (B, 2C, H, W) =
-    (mu, log s), log s clamped to [-7, 7] (:data:`LOG_SCALE_RANGE`): below, a bin's mass underflows (PixelCNN++
-    clamps at -7 too); above, 1/s underflows in float32 (at log s >= ~88) and the log-mass of a middle bin and its
-    gradient become -inf/NaN. Outside the range the gradient of log s is zero. ``target`` must lie on the grid
-    of :meth:`prepare_target` (it is rounded to the nearest of the 256 levels).
+    (mu, log s), log s clamped to [-7, 7] (:data:`LOG_SCALE_RANGE`): below, a bin's mass underflows
+    (PixelCNN++ clamps at -7 too); above, 1/s underflows in float32 (at log s >= ~88) and the log-mass of a
+    middle bin and its gradient become -inf/NaN. Outside the range the gradient of log s is zero. ``target``
+    must lie on the grid of :meth:`prepare_target` (it is rounded to the nearest of the 256 levels).
     """
 
     LOG_SCALE_RANGE = (-7.0, 7.0)
@@ -206,9 +212,9 @@ class DiscretizedLogistic(Likelihood):
     def log_prob(self, params, target):
         mean, log_scale = params.float().chunk(2, dim=1)
         inv_scale = torch.exp(-log_scale.clamp(*self.LOG_SCALE_RANGE))
-        # Bin edges from the integer level, so that the upper edge of bin x and the lower edge of bin x + 1 are
-        # the same float: the 256 masses then telescope to 1 up to rounding (~1e-7) even for tiny scales, where
-        # edges computed as target +- 1/255 disagree by an ulp and the sum drifts by ~1e-5.
+        # Bin edges from the integer level, so that the upper edge of bin x and the lower edge of bin x + 1
+        # are the same float: the 256 masses then telescope to 1 up to rounding (~1e-7) even for tiny scales,
+        # where edges computed as target +- 1/255 disagree by an ulp and the sum drifts by ~1e-5.
         level = torch.round((target + 1.0) * 127.5)
         upper = (2.0 * level - 254.0) / 255.0
         lower = (2.0 * level - 256.0) / 255.0
@@ -216,11 +222,13 @@ class DiscretizedLogistic(Likelihood):
         min_in = inv_scale * (lower - mean)
         log_cdf_plus = F.logsigmoid(plus_in)  # log P(X <= upper edge), used for x = 0
         log_one_minus_cdf_min = -F.softplus(min_in)  # log P(X > lower edge), used for x = 255
-        # Middle bins: sigmoid(a) - sigmoid(b) = sigmoid(a) * sigmoid(-b) * (1 - exp(b - a)), in log space: exact
-        # and stable in float32 for any mean and scale (no cancellation of two CDFs near 1, no underflow
+        # Middle bins: sigmoid(a) - sigmoid(b) = sigmoid(a) * sigmoid(-b) * (1 - exp(b - a)), in log space:
+        # exact and stable in float32 for any mean and scale (no cancellation of two CDFs near 1, no underflow
         # fallback), and finite everywhere so torch.where passes no NaN gradients.
         log_mid = log_cdf_plus + log_one_minus_cdf_min + torch.log(-torch.expm1(-inv_scale * (upper - lower)))
-        log_probs = torch.where(level < 0.5, log_cdf_plus, torch.where(level > 254.5, log_one_minus_cdf_min, log_mid))
+        log_probs = torch.where(
+            level < 0.5, log_cdf_plus, torch.where(level > 254.5, log_one_minus_cdf_min, log_mid)
+        )
         return log_probs.sum(dim=_SUM_DIMS)
 
     def mean(self, params):
@@ -230,7 +238,14 @@ class DiscretizedLogistic(Likelihood):
 
 LIKELIHOODS: dict[str, type[Likelihood]] = {
     cls.name: cls
-    for cls in (Bernoulli, GaussianFixed, GaussianLearnedScalar, GaussianLearnedPixel, Categorical256, DiscretizedLogistic)
+    for cls in (
+        Bernoulli,
+        GaussianFixed,
+        GaussianLearnedScalar,
+        GaussianLearnedPixel,
+        Categorical256,
+        DiscretizedLogistic,
+    )
 }
 
 

@@ -76,7 +76,11 @@ class VAE(nn.Module):
         self.latent_dim = latent_dim
         self.likelihood: Likelihood = make_likelihood(likelihood, gaussian_std)
         self.encoder, self.decoder = make_networks(
-            architecture, self.image_shape, list(hidden_dims), latent_dim, self.likelihood.param_channels(image_shape[0])
+            architecture,
+            self.image_shape,
+            list(hidden_dims),
+            latent_dim,
+            self.likelihood.param_channels(image_shape[0]),
         )
 
     @classmethod
@@ -106,7 +110,11 @@ class VAE(nn.Module):
         return self.decoder(z)
 
     def elbo_terms(
-        self, x: torch.Tensor, num_samples: int = 1, generator: torch.Generator | None = None, target: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        num_samples: int = 1,
+        generator: torch.Generator | None = None,
+        target: torch.Tensor | None = None,
     ) -> ELBOTerms:
         """Reconstruction term and closed-form KL for uint8 images x (B, C, H, W) with L = num_samples
         reparameterized samples per image (Kingma & Welling 2014, eq. 10).
@@ -132,8 +140,14 @@ class VAE(nn.Module):
         return self.likelihood.mean(self.decode(self.encode(x).mean))
 
     @torch.no_grad()
-    def sample(self, num_images: int, generator: torch.Generator | None = None, device: torch.device | str | None = None) -> torch.Tensor:
-        """Images from the prior: z ~ N(0, I), returned as the mean of p(x|z), float (N, C, H, W) in [0, 1]."""
+    def sample(
+        self,
+        num_images: int,
+        generator: torch.Generator | None = None,
+        device: torch.device | str | None = None,
+    ) -> torch.Tensor:
+        """Images from the prior: z ~ N(0, I), returned as the mean of p(x|z), float (N, C, H, W) in [0,
+        1]."""
         device = device or next(self.parameters()).device
         noise_device = generator.device if generator is not None else device
         z = torch.randn(num_images, self.latent_dim, generator=generator, device=noise_device).to(device)

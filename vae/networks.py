@@ -83,8 +83,12 @@ class ResidualBlock(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
         self.body = nn.Sequential(
-            nn.BatchNorm2d(channels), nn.LeakyReLU(0.2), nn.Conv2d(channels, channels, 3, padding=1, bias=False),
-            nn.BatchNorm2d(channels), nn.LeakyReLU(0.2), nn.Conv2d(channels, channels, 3, padding=1),
+            nn.BatchNorm2d(channels),
+            nn.LeakyReLU(0.2),
+            nn.Conv2d(channels, channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(channels),
+            nn.LeakyReLU(0.2),
+            nn.Conv2d(channels, channels, 3, padding=1),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -92,12 +96,19 @@ class ResidualBlock(nn.Module):
 
 
 class ConvEncoder(nn.Module):
-    """Stride-2 conv blocks (optionally each followed by a residual block), then a linear layer to 2*latent_dim.
+    """Stride-2 conv blocks (optionally each followed by a residual block), then a linear layer to
+    2*latent_dim.
 
     Input (B, C, S, S) for any S; output (B, 2 * latent_dim).
     """
 
-    def __init__(self, image_shape: tuple[int, int, int], hidden_dims: list[int], latent_dim: int, residual: bool = False):
+    def __init__(
+        self,
+        image_shape: tuple[int, int, int],
+        hidden_dims: list[int],
+        latent_dim: int,
+        residual: bool = False,
+    ):
         super().__init__()
         channels, height, width = image_shape
         if height != width:
@@ -125,7 +136,14 @@ class ConvDecoder(nn.Module):
     """The mirror of :class:`ConvEncoder`: linear -> (hidden_dims[-1], s, s) -> stride-2 transposed convs ->
     3x3 conv to ``out_channels``; output cropped to (N, out_channels, S, S)."""
 
-    def __init__(self, latent_dim: int, hidden_dims: list[int], out_channels: int, image_size: int, residual: bool = False):
+    def __init__(
+        self,
+        latent_dim: int,
+        hidden_dims: list[int],
+        out_channels: int,
+        image_size: int,
+        residual: bool = False,
+    ):
         super().__init__()
         self.image_size = image_size
         self.padded_size, self.pad = _padding(image_size, len(hidden_dims))
@@ -153,7 +171,11 @@ ARCHITECTURES = ("mlp", "conv", "resnet")
 
 
 def make_networks(
-    architecture: str, image_shape: tuple[int, int, int], hidden_dims: list[int], latent_dim: int, param_channels: int
+    architecture: str,
+    image_shape: tuple[int, int, int],
+    hidden_dims: list[int],
+    latent_dim: int,
+    param_channels: int,
 ) -> tuple[nn.Module, nn.Module]:
     """(encoder, decoder) for ``architecture`` in :data:`ARCHITECTURES`.
 
@@ -162,10 +184,16 @@ def make_networks(
     """
     channels, size, _ = image_shape
     if architecture == "mlp":
-        return (MLPEncoder(image_shape, hidden_dims, latent_dim),
-                MLPDecoder(latent_dim, hidden_dims, (param_channels, size, size)))
+        return (
+            MLPEncoder(image_shape, hidden_dims, latent_dim),
+            MLPDecoder(latent_dim, hidden_dims, (param_channels, size, size)),
+        )
     if architecture in ("conv", "resnet"):
         residual = architecture == "resnet"
-        return (ConvEncoder(image_shape, hidden_dims, latent_dim, residual),
-                ConvDecoder(latent_dim, hidden_dims, param_channels, size, residual))
-    raise ValueError(f"model.architecture: unknown architecture {architecture!r}; allowed: {', '.join(ARCHITECTURES)}")
+        return (
+            ConvEncoder(image_shape, hidden_dims, latent_dim, residual),
+            ConvDecoder(latent_dim, hidden_dims, param_channels, size, residual),
+        )
+    raise ValueError(
+        f"model.architecture: unknown architecture {architecture!r}; allowed: {', '.join(ARCHITECTURES)}"
+    )

@@ -56,9 +56,14 @@ def iwae_bound(model: VAE, x: torch.Tensor, num_samples: int, target: torch.Tens
 
 
 @torch.no_grad()
-def importance_sampled_log_likelihood(model: VAE, x: torch.Tensor, num_samples: int = 1000, chunk_size: int = 100,
-                                      target: torch.Tensor | None = None,
-                                      generator: torch.Generator | None = None) -> torch.Tensor:
+def importance_sampled_log_likelihood(
+    model: VAE,
+    x: torch.Tensor,
+    num_samples: int = 1000,
+    chunk_size: int = 100,
+    target: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """Importance-sampled estimate of log p(x) with K = ``num_samples`` samples from q(z|x) as the proposal
     (Rezende et al. 2014, appendix E; Burda et al. 2016, sec. 5): log (1/K) sum_k w_k, computed in chunks of
     ``chunk_size`` samples with a running log-sum-exp so memory stays O(chunk_size * B) for any K.
@@ -94,9 +99,9 @@ def bits_per_dim(nll_nats: torch.Tensor | float, num_dims: int, discrete: bool) 
     """Negative log-likelihood per image (nats) -> bits per dimension of the 8-bit data.
 
     For a discrete likelihood (a probability mass over the 256 values of each subpixel, or over {0,1} for
-    binarized data) this is nll / (D ln 2). For a continuous density on y = (x + u) / 256 in [0,1)^D, the change
-    of scale to the 8-bit grid adds D log 256 nats: -log P(x) <= -log p(y) + D log 256 (Theis et al. 2016,
-    eq. 6; Papamakarios et al. 2017), which makes the figure comparable with published bits/dim.
+    binarized data) this is nll / (D ln 2). For a continuous density on y = (x + u) / 256 in [0,1)^D, the
+    change of scale to the 8-bit grid adds D log 256 nats: -log P(x) <= -log p(y) + D log 256 (Theis et al.
+    2016, eq. 6; Papamakarios et al. 2017), which makes the figure comparable with published bits/dim.
 
     Args:
         nll_nats: -log p in nats per image (tensor of any shape, or a float).
@@ -108,7 +113,8 @@ def bits_per_dim(nll_nats: torch.Tensor | float, num_dims: int, discrete: bool) 
 
 
 def active_units(posterior_means: torch.Tensor, threshold: float = 0.01) -> tuple[int, torch.Tensor]:
-    """Active latent units (Burda et al. 2016, sec. 5.2): dimension d is active if Cov_x(E_q[z_d]) > threshold.
+    """Active latent units (Burda et al. 2016, sec. 5.2): dimension d is active if Cov_x(E_q[z_d]) >
+    threshold.
 
     Args:
         posterior_means: (N, D) posterior means over a data set.

@@ -33,12 +33,26 @@ def _require(condition: bool, field: str, message: str) -> None:
 
 
 def _real(value) -> bool:
-    """A real number (not a bool), so that a string or None fails with the field's ValueError, not a TypeError."""
+    """A real number (not a bool), so that a string or None fails with the field's ValueError, not a
+    TypeError."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _integer(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _non_negative(schedule, field: str, positive: bool = False) -> None:
+    """``schedule.<field>`` is a finite real number >= 0 (> 0 with ``positive``)."""
+    value = getattr(schedule, field)
+    ok = _real(value) and math.isfinite(value) and (value > 0 if positive else value >= 0)
+    _require(ok, field, f"must be a finite number {'>' if positive else '>='} 0, got {value}")
+
+
+def _count(schedule, field: str, minimum: int) -> None:
+    """``schedule.<field>`` is an integer >= ``minimum``."""
+    value = getattr(schedule, field)
+    _require(_integer(value) and value >= minimum, field, f"must be an integer >= {minimum}, got {value}")
 
 
 @dataclass(frozen=True)
@@ -50,7 +64,7 @@ class ConstantBeta:
     beta: float = 1.0
 
     def __post_init__(self) -> None:
-        _require(_real(self.beta) and self.beta >= 0 and math.isfinite(self.beta), "beta", f"must be a finite number >= 0, got {self.beta}")
+        _non_negative(self, "beta")
 
     def beta_at(self, step: int) -> float:
         return float(self.beta)
@@ -64,13 +78,13 @@ class LinearWarmup:
     __pydantic_config__ = _STRICT
     name: Literal["linear"] = "linear"
     beta_max: float = 1.0
-    warmup_steps: int = 10_000
+    warmup_steps: int = 5_000
     start_step: int = 0
 
     def __post_init__(self) -> None:
-        _require(_real(self.beta_max) and self.beta_max >= 0 and math.isfinite(self.beta_max), "beta_max", f"must be a finite number >= 0, got {self.beta_max}")
-        _require(_integer(self.warmup_steps) and self.warmup_steps >= 1, "warmup_steps", f"must be an integer >= 1, got {self.warmup_steps}")
-        _require(_integer(self.start_step) and self.start_step >= 0, "start_step", f"must be an integer >= 0, got {self.start_step}")
+        _non_negative(self, "beta_max")
+        _count(self, "warmup_steps", 1)
+        _count(self, "start_step", 0)
 
     def beta_at(self, step: int) -> float:
         progress = (step - self.start_step) / self.warmup_steps
@@ -95,16 +109,22 @@ class CyclicalBeta:
     total_steps: int | None = None
 
     def __post_init__(self) -> None:
-        _require(_real(self.beta_max) and self.beta_max >= 0 and math.isfinite(self.beta_max), "beta_max", f"must be a finite number >= 0, got {self.beta_max}")
-        _require(_integer(self.num_cycles) and self.num_cycles >= 1, "num_cycles", f"must be an integer >= 1, got {self.num_cycles}")
+        _non_negative(self, "beta_max")
+        _count(self, "num_cycles", 1)
         _require(_real(self.ratio) and 0 < self.ratio <= 1, "ratio", f"must be in (0, 1], got {self.ratio}")
-        _require(self.total_steps is None or (_integer(self.total_steps) and self.total_steps >= self.num_cycles), "total_steps",
-                 f"must be an integer >= num_cycles ({self.num_cycles}) or null for the run's length, got {self.total_steps}")
+        _require(
+            self.total_steps is None or (_integer(self.total_steps) and self.total_steps >= self.num_cycles),
+            "total_steps",
+            f"must be an integer >= num_cycles ({self.num_cycles}) "
+            f"or null for the run's length, got {self.total_steps}",
+        )
 
     def with_total_steps(self, total_steps: int) -> CyclicalBeta:
         if self.total_steps is not None:
             return self
-        return CyclicalBeta(self.name, self.beta_max, self.num_cycles, self.ratio, max(total_steps, self.num_cycles))
+        return CyclicalBeta(
+            self.name, self.beta_max, self.num_cycles, self.ratio, max(total_steps, self.num_cycles)
+        )
 
     def beta_at(self, step: int) -> float:
         if self.total_steps is None:
@@ -118,7 +138,8 @@ class CyclicalBeta:
 
 @dataclass(frozen=True)
 class SigmoidBeta:
-    """Logistic annealing (Bowman et al. 2016): beta(step) = beta_max / (1 + exp(-steepness * (step - midpoint_step)))."""
+    """Logistic annealing (Bowman et al. 2016): beta(step) = beta_max / (1 + exp(-steepness * (step -
+    midpoint_step)))."""
 
     __pydantic_config__ = _STRICT
     name: Literal["sigmoid"] = "sigmoid"
@@ -127,9 +148,9 @@ class SigmoidBeta:
     steepness: float = 0.002
 
     def __post_init__(self) -> None:
-        _require(_real(self.beta_max) and self.beta_max >= 0 and math.isfinite(self.beta_max), "beta_max", f"must be a finite number >= 0, got {self.beta_max}")
-        _require(_integer(self.midpoint_step) and self.midpoint_step >= 0, "midpoint_step", f"must be an integer >= 0, got {self.midpoint_step}")
-        _require(_real(self.steepness) and self.steepness > 0 and math.isfinite(self.steepness), "steepness", f"must be a finite number > 0, got {self.steepness}")
+        _non_negative(self, "beta_max")
+        _count(self, "midpoint_step", 0)
+        _non_negative(self, "steepness", positive=True)
 
     def beta_at(self, step: int) -> float:
         x = -self.steepness * (step - self.midpoint_step)
@@ -151,9 +172,9 @@ class CapacityAnnealing:
     capacity_steps: int = 100_000
 
     def __post_init__(self) -> None:
-        _require(_real(self.gamma) and self.gamma >= 0 and math.isfinite(self.gamma), "gamma", f"must be a finite number >= 0, got {self.gamma}")
-        _require(_real(self.capacity_max) and self.capacity_max >= 0 and math.isfinite(self.capacity_max), "capacity_max", f"must be a finite number >= 0 (nats), got {self.capacity_max}")
-        _require(_integer(self.capacity_steps) and self.capacity_steps >= 1, "capacity_steps", f"must be an integer >= 1, got {self.capacity_steps}")
+        _non_negative(self, "gamma")
+        _non_negative(self, "capacity_max")
+        _count(self, "capacity_steps", 1)
 
     def capacity_at(self, step: int) -> float:
         """C(step) in nats per image."""
@@ -173,11 +194,14 @@ SCHEDULES: dict[str, type] = {
 }
 
 
-def make_schedule(config: dict) -> ConstantBeta | LinearWarmup | CyclicalBeta | SigmoidBeta | CapacityAnnealing:
+def make_schedule(
+    config: dict,
+) -> ConstantBeta | LinearWarmup | CyclicalBeta | SigmoidBeta | CapacityAnnealing:
     """Build a schedule from a mapping such as ``{"name": "cyclical", "num_cycles": 4}``.
 
     Raises:
-        ValueError: unknown ``name`` (the message lists the allowed names), an unknown field, or an invalid value
+        ValueError: unknown ``name`` (the message lists the allowed names), an unknown field, or an invalid
+        value
             (the message names the field).
     """
     config = dict(config)
@@ -188,11 +212,16 @@ def make_schedule(config: dict) -> ConstantBeta | LinearWarmup | CyclicalBeta | 
     allowed = set(cls.__dataclass_fields__) - {"name"}
     unknown = set(config) - allowed
     if unknown:
-        raise ValueError(f"beta_schedule: unknown field(s) {sorted(unknown)} for schedule {name!r}; allowed: {sorted(allowed)}")
+        raise ValueError(
+            f"beta_schedule: unknown field(s) {sorted(unknown)} "
+            f"for schedule {name!r}; allowed: {sorted(allowed)}"
+        )
     return cls(name=name, **config)
 
 
-def kl_penalty(schedule, kl_per_image: torch.Tensor, step: int, batch_mean_kl: torch.Tensor | None = None) -> torch.Tensor:
+def kl_penalty(
+    schedule, kl_per_image: torch.Tensor, step: int, batch_mean_kl: torch.Tensor | None = None
+) -> torch.Tensor:
     """The KL part of the loss, averaged over the batch.
 
     Args:

@@ -1,0 +1,272 @@
+"""Ray at the edges of training: the Train worker session (checkpoints, divergence record), connecting to a
+cluster, resource and storage checks that fail fast, and the ``TorchTrainer`` of a run or a Tune trial."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from pipeline.checkpoints import (
+    checkpoint_epoch,
+    newest_persisted_checkpoint,
+    read_persisted_state,
+    save_state,
+)
+from pipeline.common import StageError, resolve
+from pipeline.config import Params
+from pipeline.sessions import NonFiniteLossError, WorkerConfig
+from pipeline.train_loop import train_worker
+
+# Written into the run's storage folder by rank 0 when the loss diverged: the workers then end normally, since
+# Ray Train retries every worker exception (up to train.max_failures) and a divergence would only repeat.
+NON_FINITE_FILE = "non_finite_loss.txt"
+
+
+class RaySession:
+    """:class:`pipeline.sessions.Session` on top of ``ray.train`` (inside a TorchTrainer worker)."""
+
+    def __init__(self) -> None:
+        import ray.train
+
+        context = ray.train.get_context()
+        self.world_rank = context.get_world_rank()
+        self.world_size = context.get_world_size()
+        self.local_rank = context.get_local_rank()
+
+    def load_checkpoint(self):
+        """The state to resume from: Ray's registered checkpoint, or a newer one already on storage (see
+        :func:`newest_persisted_checkpoint`). Rank 0 chooses and the other ranks load its choice, so every
+        rank
+        resumes from the same epoch."""
+        import ray.train
+
+        registered = ray.train.get_checkpoint()
+        storage = ray.train.get_context().get_storage()
+        chosen: str | None = registered.path if registered is not None else None
+        state = None
+        if self.world_rank == 0:
+            newer = newest_persisted_checkpoint(storage.storage_filesystem, storage.experiment_fs_path,
+                                                checkpoint_epoch(chosen))
+            if newer is not None:
+                chosen, state = newer
+                print(f"[train] {chosen} was written but not yet registered by Ray when the run stopped; "
+                      "resuming from it", flush=True)
+        if self.world_size > 1:
+            chosen = broadcast_from_rank0(chosen)
+        if chosen is None:
+            return None
+        return state if state is not None else read_persisted_state(storage.storage_filesystem, chosen)
+
+    def report(self, metrics, state, epoch):
+        import ray.train
+
+        if state is None:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory(prefix="vae-ckpt-") as directory:
+            save_state(state, Path(directory))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
+                             checkpoint_dir_name=f"checkpoint_epoch_{epoch:04d}")
+
+    def should_continue(self, epoch: int) -> bool:
+        return True
+
+    def record_non_finite(self, error: NonFiniteLossError) -> None:
+        """Rank 0 writes the divergence into the run's storage folder (:data:`NON_FINITE_FILE`), where the
+        driver finds it."""
+        if self.world_rank != 0:
+            return
+        import ray.train
+
+        storage = ray.train.get_context().get_storage()
+        with storage.storage_filesystem.open_output_stream(
+            f"{storage.experiment_fs_path}/{NON_FINITE_FILE}"
+        ) as out:
+            out.write(str(error).encode())
+
+
+def broadcast_from_rank0(value: Any) -> Any:
+    """Rank 0's ``value`` on every rank of the initialised ``torch.distributed`` process group."""
+    import torch
+    import torch.distributed as dist
+
+    box = [value]
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    dist.broadcast_object_list(box, src=0, device=device)
+    return box[0]
+
+
+def ray_train_function(config: dict[str, Any], session: RaySession | None = None) -> None:
+    """The function each Ray Train worker runs. A divergence (:class:`NonFiniteLossError`, raised on every
+    rank at the same step) ends the workers normally after it is recorded: Ray would retry an exception from
+    the last checkpoint, and the same data and weights would diverge again."""
+    session = session or RaySession()
+    try:
+        train_worker(config["worker"], session)
+    except NonFiniteLossError as error:
+        session.record_non_finite(error)
+
+
+def non_finite_error(filesystem, run_path: str) -> str | None:
+    """The divergence message a run's workers recorded (:data:`NON_FINITE_FILE`), or None."""
+    import pyarrow.fs as pafs
+
+    path = f"{run_path}/{NON_FINITE_FILE}"
+    if filesystem.get_file_info(path).type != pafs.FileType.File:
+        return None
+    with filesystem.open_input_stream(path) as stream:
+        return stream.readall().decode()
+
+
+def clear_non_finite(storage: str, name: str) -> None:
+    """Remove a divergence record an earlier attempt of this run left (a re-run decides afresh)."""
+    import pyarrow.fs as pafs
+
+    filesystem, root = pafs.FileSystem.from_uri(storage)
+    with contextlib.suppress(FileNotFoundError, OSError):
+        filesystem.delete_file(f"{root}/{name}/{NON_FINITE_FILE}")
+
+
+def connect_ray(params: Params) -> None:
+    """``ray.init`` on ``cluster.address`` / ``RAY_ADDRESS`` / a new local instance, failing fast with a clear
+    message when an address is given but nothing answers there."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = params.cluster.address or os.environ.get("RAY_ADDRESS")
+    probe_address(address)
+    try:
+        ray.init(address=address, log_to_driver=True, configure_logging=False)
+    except (ConnectionError, RuntimeError, ValueError) as error:
+        raise StageError(
+            f"cannot connect to the Ray cluster at {address!r}: {error}. Start it "
+            "(`ray start --head`, or infra/local-cluster.sh up) or unset cluster.address / RAY_ADDRESS "
+            "to train on a local Ray instance."
+        ) from None
+
+
+def probe_address(address: str | None, timeout_s: float = 5.0) -> None:
+    """Fail fast when a ``host:port`` Ray address does not answer: ``ray.init`` itself retries for minutes.
+
+    Raises:
+        StageError: nothing listens at the address.
+    """
+    if not address or address in ("auto", "local") or "://" in address or ":" not in address:
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except (OSError, ValueError) as error:
+        raise StageError(
+            f"no Ray cluster answers at {address!r} ({error}). Start it (`ray start --head`, or "
+            "infra/local-cluster.sh up and `source` its env.sh) or unset cluster.address / RAY_ADDRESS "
+            "to train on a local Ray instance."
+        ) from None
+
+
+def check_storage(storage: str) -> None:
+    """Fail fast when a local ``train.storage_path`` cannot be written (Ray would fail only at the first
+    checkpoint, after an epoch of work). Object-store URIs are left to Ray.
+
+    Raises:
+        StageError: the folder cannot be created or written.
+    """
+    if "://" in storage:
+        return
+    try:
+        Path(storage).mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=storage, prefix=".write-probe-"):
+            pass
+    except OSError as error:
+        raise StageError(
+            f"train.storage_path {storage!r} is not writable ({error.strerror or error}); point it at "
+            "a folder you can write (on a multi-node cluster: storage all nodes share)"
+        ) from None
+
+
+def resolve_use_gpu(params: Params) -> bool:
+    """train.use_gpu "auto" -> whether the cluster has GPUs; true with no GPU in the cluster is an error."""
+    import ray
+
+    cluster_gpus = ray.cluster_resources().get("GPU", 0)
+    wanted = params.train.use_gpu
+    workers = params.train.min_workers or params.train.num_workers
+    if wanted is True and cluster_gpus < params.train.gpus_per_worker * workers:
+        raise StageError(
+            f"train.use_gpu is true with {workers} worker(s) x "
+            f"{params.train.gpus_per_worker} GPU, but the Ray cluster has {cluster_gpus:g} GPU(s); "
+            "lower train.num_workers / train.gpus_per_worker or set train.use_gpu: auto"
+        )
+    return bool(cluster_gpus > 0) if wanted == "auto" else bool(wanted)
+
+
+def check_cpu_capacity(params: Params, use_gpu: bool) -> None:
+    import ray
+
+    cpus = ray.cluster_resources().get("CPU", 0)
+    workers = params.train.min_workers or params.train.num_workers
+    needed = workers * params.train.cpus_per_worker
+    if needed > cpus and not os.environ.get("RAY_AUTOSCALER_ENABLED"):
+        raise StageError(
+            f"{workers} train worker(s) x train.cpus_per_worker "
+            f"({params.train.cpus_per_worker:g}) needs {needed:g} CPUs but the Ray cluster has {cpus:g}; "
+            "lower them, or add nodes"
+        )
+
+
+def make_trainer(
+    params: Params,
+    config: dict[str, Any],
+    name: str,
+    use_gpu: bool,
+    callbacks=None,
+    storage_path=None,
+    train_fn=None,
+):
+    """The TorchTrainer for one training run (also used by each Tune trial, whose ``train_fn`` wraps the same
+    loop)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    train = params.train
+    resources = {"CPU": train.cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = train.gpus_per_worker
+    return TorchTrainer(
+        train_fn or ray_train_function,
+        train_loop_config=config,
+        scaling_config=ScalingConfig(
+            num_workers=(train.min_workers, train.num_workers) if train.min_workers else train.num_workers,
+            use_gpu=use_gpu,
+            resources_per_worker=resources,
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=str(storage_path or storage_uri(train.storage_path)),
+            checkpoint_config=CheckpointConfig(num_to_keep=train.checkpoint_num_to_keep),
+            failure_config=FailureConfig(max_failures=train.max_failures),
+            callbacks=callbacks,
+        ),
+    )
+
+
+def storage_uri(path: Path | str) -> str:
+    """Absolute local path, or a URI (s3://, gs://, ...) unchanged."""
+    text = str(path)
+    return text if "://" in text else str(resolve(text))
+
+
+def worker_config(
+    params: Params, run_id: str | None, tracking: str | None, lost_path: Path | None
+) -> dict[str, Any]:
+    """The ``train_loop_config`` of a TorchTrainer: ``{"worker": WorkerConfig}``."""
+    return {
+        "worker": WorkerConfig(
+            params, str(params.data.processed_path()), run_id, tracking, str(lost_path) if lost_path else None
+        )
+    }
