@@ -37,8 +37,7 @@ def cores() -> int:
 
 def append_to_section(section: str, intro: str, block: str, path: Path = RESULTS_PATH) -> None:
     """Add ``block`` at the end of ``section`` ("## Title") of RESULTS.md; the section (with ``intro``) and
-    the
-    file are created when missing."""
+    the file are created when missing."""
     text = (
         path.read_text()
         if path.is_file()

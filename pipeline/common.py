@@ -73,3 +73,10 @@ def say(message: str) -> None:
     doubles every line; writing to the stream directly gives each line once.)"""
     sys.stdout.write(message + "\n")
     sys.stdout.flush()
+
+
+def format_seconds(seconds: float) -> str:
+    """A duration for a progress line: ``4m05s``, or ``2h07m`` from an hour on."""
+    seconds = int(max(0, seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"

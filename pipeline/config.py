@@ -151,9 +151,9 @@ class TrainConfig(Section):
     optimizer: Literal["adam", "adamw"] = "adamw"
     learning_rate: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
-    lr_schedule: Literal["constant", "cosine"] = "cosine"
+    lr_schedule: Literal["constant", "cosine"] = "constant"
     lr_warmup_steps: int = Field(200, ge=0)
-    grad_clip_norm: float | None = Field(100.0, gt=0)
+    grad_clip_norm: float | None = Field(None, gt=0)
     num_mc_samples: int = Field(1, ge=1, description="L, Monte-Carlo samples of z per image in the ELBO")
     seed: int = 0
     precision: Literal["auto", "fp32", "bf16"] = Field(
@@ -214,11 +214,24 @@ RUN_IDENTITY_EXCLUDES = frozenset(
 
 class EvaluateConfig(Section):
     num_importance_samples: int = Field(1000, ge=1, description="K for the importance-sampled log p(x)")
-    importance_batch_size: int = Field(250, ge=1, description="samples of z evaluated at once per image")
+    importance_batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        "auto", description="samples of z decoded at once per image; auto: as many as fit in free memory"
+    )
+    num_workers: int = Field(1, ge=1, description="Ray workers sharing the test images for the NLL")
     batch_size: int = Field(128, ge=1)
     max_images: int | None = Field(None, ge=1, description="evaluate on the first N test images only")
     attributes: list[str] = ["Smiling", "Eyeglasses"]
     num_image_rows: int = Field(8, ge=1)
+    fid: bool | Literal["auto"] = Field(
+        "auto", description="FID of samples and reconstructions; auto: skipped when the weights are missing"
+    )
+    fid_num_samples: Annotated[int, Field(ge=2)] | Literal["auto"] = Field(
+        "auto", description="generated images per FID; auto: 10,000 on a GPU, 2,000 on a CPU"
+    )
+    latent_scatter: str = Field(
+        "auto",
+        description="colour of the latent scatter: label, a CelebA attribute, none; auto: label or Smiling",
+    )
     precision: Literal["fp32", "bf16"] = Field(
         "fp32",
         description="arithmetic of the test -ELBO and the "

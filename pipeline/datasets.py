@@ -87,6 +87,13 @@ MNIST_TRAIN_COUNT = 55_000
 MNIST_SPLIT_COUNTS = {"train": 55_000, "valid": 5_000, "test": 10_000}
 MNIST_IMAGE_SHAPE = (1, 28, 28)
 
+# Class names of the labels 0-9 (for legends).
+CLASS_NAMES = {
+    "mnist": [str(digit) for digit in range(10)],
+    "fashion_mnist": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
+                      "Bag", "Ankle boot"],
+}
+
 MNIST_FILES: dict[str, RemoteFile] = {
     f.name: f
     for f in (

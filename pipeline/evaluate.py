@@ -10,7 +10,6 @@ import json
 import math
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -19,115 +18,90 @@ import torch
 
 from pipeline import artifacts
 from pipeline.cli import run_stage, stage_argument_parser
-from pipeline.common import (
-    StageError,
-    atomic_output,
-    atomic_write_text,
-    resolve,
-)
+from pipeline.common import StageError, atomic_output, atomic_write_text, resolve, say
 from pipeline.config import Params
-from pipeline.data import BatchSource, evaluation_indices, load_images, load_split
-from pipeline.figures import autocast_for
+from pipeline.data import data_hashes, load_images, load_split
+from pipeline.datasets import CLASS_NAMES
+from pipeline.scoring import ImageScores, score_images, score_shards
 from vae.latent import apply_attribute_vector, attribute_vector, interpolate_images
 from vae.model import VAE
-from vae.objectives import active_units, bits_per_dim, importance_sampled_log_likelihood
+from vae.objectives import active_units, bits_per_dim
 
 METRICS_PATH = Path("reports/metrics.json")
 IMAGES_DIR = Path("reports/eval")
+FID_SAMPLES_AUTO = {"cuda": 10_000, "cpu": 2_000}
 
 
-@torch.no_grad()
+def summarize(
+    scores: ImageScores, model: VAE, num_samples: int, precision: str, device: str
+) -> dict[str, Any]:
+    """The headline figures of per-image scores: means over the images, in nats per image unless the key says
+    bits; active units (Burda et al. 2016) from the posterior means' variance."""
+    count = len(scores.indices)
+    negative_elbo = float(scores.reconstruction.mean() + scores.kl.mean())
+    nll = float(-scores.log_px.mean())
+    num_active, variances = active_units(torch.from_numpy(scores.posterior_mean))
+    discrete, dims = model.likelihood.discrete, model.num_dims
+    return {
+        "num_test_images": count,
+        "num_importance_samples": num_samples,
+        "test_negative_elbo": negative_elbo,
+        "test_reconstruction": float(scores.reconstruction.mean()),
+        "test_kl": float(scores.kl.mean()),
+        "test_elbo_bits_per_dim": float(bits_per_dim(negative_elbo, dims, discrete)),
+        "test_nll": nll,
+        "test_nll_bits_per_dim": float(bits_per_dim(nll, dims, discrete)),
+        "test_reconstruction_mse": float(scores.squared_error.mean()),
+        "active_units": num_active,
+        "latent_dim": model.latent_dim,
+        "kl_per_dim": scores.kl_per_dim.astype(np.float64).mean(axis=0).tolist(),
+        "posterior_mean_variance_per_dim": variances.tolist(),
+        "likelihood": model.likelihood.name,
+        "likelihood_is_discrete": discrete,
+        "precision": precision,
+        "evaluation_seconds": scores.seconds,
+        "decodes_per_s": scores.decodes / max(scores.seconds, 1e-9),
+        "device": device,
+    }
+
+
+def device_name(device: torch.device) -> str:
+    return str(device) if device.type == "cpu" else torch.cuda.get_device_name(device)
+
+
 def test_figures(
     model: VAE,
     images: np.ndarray,
     num_importance_samples: int,
-    importance_batch_size: int,
+    importance_batch_size: int | str,
     batch_size: int,
     device: torch.device,
     seed: int = 0,
     precision: str = "fp32",
 ) -> dict[str, Any]:
-    """Negative ELBO, importance-sampled NLL, KL per dimension, active units and reconstruction MSE.
-
-    Args:
-        model: the trained VAE (moved to ``device``, eval mode).
-        images: uint8 (N, C, H, W) test images.
-        num_importance_samples: K.
-        importance_batch_size: samples of z decoded at once per image.
-        precision: "fp32" or "bf16" (autocast of the networks), the same for the ELBO and the NLL; the
-            likelihood terms are computed in fp32 either way.
-    Returns:
-        dict of figures; per-image figures are means over the N images, in nats unless the key says bits.
-    """
-    model = model.to(device).eval()
-    source = BatchSource(images, device, on_device=device.type == "cuda")
-    indices = evaluation_indices(images.shape[0])
-    generator = torch.Generator(device=device).manual_seed(seed)
-    autocast = autocast_for(precision, device)
-    sums = {"reconstruction": 0.0, "kl": 0.0, "nll": 0.0, "squared_error": 0.0}
-    kl_per_dim = torch.zeros(model.latent_dim, dtype=torch.float64, device=device)
-    posterior_means = []
-    count = 0
-    start = time.perf_counter()
-    for x in source.all_batches(indices, batch_size):
-        target = model.likelihood.prepare_target(x, generator)
-        with autocast():
-            terms = model.elbo_terms(x, 1, generator=generator, target=target)
-            log_px = importance_sampled_log_likelihood(
-                model, x, num_importance_samples, importance_batch_size, target, generator
-            )
-            reconstruction = model(x)
-        sums["reconstruction"] += float(terms.reconstruction.double().sum())
-        sums["kl"] += float(terms.kl.double().sum())
-        kl_per_dim += terms.kl_per_dim.double().sum(dim=0)
-        posterior_means.append(terms.posterior.mean.float().cpu())
-        sums["nll"] += float(-log_px.double().sum())
-        sums["squared_error"] += float(
-            (reconstruction - x.float() / 255.0).pow(2).double().mean(dim=(1, 2, 3)).sum()
-        )
-        count += x.shape[0]
-    seconds = time.perf_counter() - start
-    means = {key: value / count for key, value in sums.items()}
-    num_active, variances = active_units(torch.cat(posterior_means))
-    discrete, dims = model.likelihood.discrete, model.num_dims
-    negative_elbo = means["reconstruction"] + means["kl"]
-    return {
-        "num_test_images": count,
-        "num_importance_samples": num_importance_samples,
-        "test_negative_elbo": negative_elbo,
-        "test_reconstruction": means["reconstruction"],
-        "test_kl": means["kl"],
-        "test_elbo_bits_per_dim": float(bits_per_dim(negative_elbo, dims, discrete)),
-        "test_nll": means["nll"],
-        "test_nll_bits_per_dim": float(bits_per_dim(means["nll"], dims, discrete)),
-        "test_reconstruction_mse": means["squared_error"],
-        "active_units": num_active,
-        "latent_dim": model.latent_dim,
-        "kl_per_dim": (kl_per_dim / count).tolist(),
-        "posterior_mean_variance_per_dim": variances.tolist(),
-        "likelihood": model.likelihood.name,
-        "likelihood_is_discrete": discrete,
-        "precision": precision,
-        "evaluation_seconds": seconds,
-        "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
-    }
+    """Negative ELBO, importance-sampled NLL, KL per dimension, active units and reconstruction MSE of every
+    image in ``images`` (uint8 (N, C, H, W)), in one process (see :func:`pipeline.scoring.score_images` for
+    the arguments and :func:`summarize` for the figures)."""
+    scores = score_images(model, images, np.arange(len(images)), num_importance_samples, seed, device,
+                          batch_size, importance_batch_size, precision)
+    return summarize(scores, model, num_importance_samples, precision, device_name(device))
 
 
 @torch.no_grad()
 def test_pictures(
     model: VAE,
     test_images: np.ndarray,
-    variances: list[float],
     rows: int,
     device: torch.device,
     attributes: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
-    train_images: np.ndarray | None = None,
-    test_attributes: np.ndarray | None = None,
-    attribute_names: list[str] | None = None,
     seed: int = 0,
 ) -> dict[str, np.ndarray]:
     """Float pictures (N, C, H, W) in [0, 1] keyed by name: samples, reconstructions, interpolations,
-    traversals, and ``attribute_<Name>`` rows (scales -2..2 of the vector added to test faces)."""
+    traversals (the ``rows`` latent dimensions whose posterior means vary most over the test images, -3..3),
+    ``manifold`` (a 2-D latent space only) and ``attribute_<Name>`` rows (scales -2..2 of the vector added to
+    test faces)."""
+    from pipeline.latent_maps import manifold_grid
+
     model = model.to(device).eval()
     generator = torch.Generator().manual_seed(seed)
     pictures: dict[str, np.ndarray] = {}
@@ -139,13 +113,17 @@ def test_pictures(
         interpolate_images(model, x[2 * i], x[2 * i + 1], rows) for i in range(min(rows, x.shape[0] // 2))
     ]
     pictures["interpolations"] = torch.cat(lines).cpu().numpy()
-    order = np.argsort(variances)[::-1][: min(rows, model.latent_dim)]
+    probe = torch.from_numpy(np.array(test_images[:1000])).to(device)
+    variances = model.encode(probe).mean.var(dim=0)
+    order = torch.argsort(variances, descending=True)[: min(rows, model.latent_dim)]
     base = model.encode(x[:1]).mean[0]
     values = torch.linspace(-3, 3, rows, device=device)
     codes = base.repeat(len(order), rows, 1)
     for row, dim in enumerate(order.tolist()):
         codes[row, :, dim] = values
     pictures["traversals"] = model.likelihood.mean(model.decode(codes.flatten(0, 1))).cpu().numpy()
+    if model.latent_dim == 2:
+        pictures["manifold"] = manifold_grid(model, max(rows, 15), device)
     if attributes:
         scales = torch.linspace(-2, 2, rows, device=device)
         faces = x[:rows]
@@ -182,75 +160,172 @@ def attribute_sets(
     return result
 
 
-def _evaluate(
-    params: Params, model_config: dict[str, Any], weights: dict[str, torch.Tensor], processed_dir: str
-) -> tuple[dict, dict]:
-    """The computation (runs here or as a Ray task): returns (figures, pictures)."""
+def scatter_classes(
+    params: Params, processed_dir: Path, count: int
+) -> tuple[np.ndarray, list[str], str] | None:
+    """What colours the latent scatter (``evaluate.latent_scatter``): (class of each of the first ``count``
+    test images, class names, title), or None for "none" (and for "auto" on arrays without a manifest).
+
+    Raises:
+        StageError: "label" on a dataset without labels, or an attribute name the dataset does not have.
+    """
+    choice = params.evaluate.latent_scatter
+    if choice == "none":
+        return None
+    try:
+        split = load_split(processed_dir, "test")
+    except FileNotFoundError as error:
+        if choice != "auto":
+            raise StageError(f"evaluate.latent_scatter: {choice}, but {error}") from None
+        say(f"[evaluate] no latent scatter: {error}")
+        return None
+    if choice == "auto":
+        choice = "label" if split.labels is not None else "Smiling"
+    if choice == "label":
+        if split.labels is None:
+            raise StageError(
+                f"evaluate.latent_scatter: label, but {params.data.dataset} has no class labels; name one of "
+                "its attributes (e.g. Smiling) or use none")
+        names = CLASS_NAMES.get(params.data.dataset, [str(c) for c in range(int(split.labels.max()) + 1)])
+        return np.asarray(split.labels[:count]).astype(np.int64), names, f"{params.data.dataset} test set"
+    if choice not in split.attribute_names:
+        known = ", ".join(split.attribute_names) or "none: it has class labels (use label)"
+        raise StageError(f"evaluate.latent_scatter: {choice!r} is not an attribute of {params.data.dataset} "
+                         f"(its attributes: {known})")
+    column = np.asarray(split.attributes[:count, split.attribute_names.index(choice)]).astype(np.int64)
+    return column, [f"not {choice}", choice], f"{params.data.dataset} test set by {choice}"
+
+
+def fid_figures(params: Params, model: VAE, test: np.ndarray, data_hash: str, device: torch.device
+                ) -> dict[str, Any]:
+    """FID of ``evaluate.fid_num_samples`` prior samples and of as many test reconstructions against all
+    ``test`` images (:mod:`pipeline.fid`); with ``evaluate.fid: auto`` and no Inception weights, the reason
+    it was skipped instead.
+
+    Raises:
+        StageError: ``evaluate.fid: true`` and the weights cannot be had.
+    """
+    from pipeline import fid
+
+    setting = params.evaluate.fid
+    if setting is False:
+        return {"fid_skipped": "evaluate.fid is false"}
+    try:
+        net = fid.load_inception(device)
+    except StageError as error:
+        if setting == "auto":
+            say(f"[evaluate] FID skipped (evaluate.fid: auto): {error}")
+            return {"fid_skipped": str(error)}
+        raise
+    wanted = params.evaluate.fid_num_samples
+    count = min(len(test), FID_SAMPLES_AUTO[device.type] if wanted == "auto" else int(wanted))
+    reference = fid.reference_statistics(net, test, data_hash)
+    model = model.to(device).eval()
+    generator = torch.Generator().manual_seed(params.train.seed)
+
+    def samples(first: int, n: int) -> torch.Tensor:
+        return model.sample(n, generator)
+
+    def reconstructions(first: int, n: int) -> torch.Tensor:
+        return model(torch.from_numpy(np.array(test[first : first + n])).to(device))
+
+    with torch.no_grad():
+        from_prior = fid.generated_statistics(net, samples, count)
+        from_test = fid.generated_statistics(net, reconstructions, count)
+    return {
+        "fid_samples": fid.frechet_distance(from_prior, reference),
+        "fid_reconstructions": fid.frechet_distance(from_test, reference),
+        "fid_num_samples": count,
+        "fid_reference_images": reference.count,
+        "fid_feature_extractor": net.name,
+    }
+
+
+def _pictures_and_fid(params: Params, model_config: dict[str, Any], weights: dict[str, torch.Tensor],
+                      processed_dir: str) -> tuple[dict, dict]:
+    """Pictures and FID (run here or as a Ray task, on a GPU when there is one): returns (figures, pictures).
+    FID's weights are loaded first, so a missing file fails before any other work."""
+    from pipeline.distributed import pick_device
+    from pipeline.fid import digest
+
     model = VAE.from_config(model_config)
     model.load_state_dict(weights)
-    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    device = pick_device("auto")
     if device.type == "cpu":
         torch.set_num_threads(max(1, os.cpu_count() or 1))
-    evaluation = params.evaluate
     test = load_images(processed_dir, "test")
-    if evaluation.max_images:
-        test = test[: evaluation.max_images]
-    figures = test_figures(
-        model,
-        test,
-        evaluation.num_importance_samples,
-        evaluation.importance_batch_size,
-        evaluation.batch_size,
-        device,
-        seed=params.train.seed,
-        precision=evaluation.precision,
-    )
-    attributes = (
-        attribute_sets(Path(processed_dir), evaluation.attributes) if params.data.dataset == "celeba" else {}
-    )
-    pictures = test_pictures(
-        model,
-        test,
-        figures["posterior_mean_variance_per_dim"],
-        evaluation.num_image_rows,
-        device,
-        attributes,
-        seed=params.train.seed,
-    )
+    if params.evaluate.max_images:
+        test = test[: params.evaluate.max_images]
+    hashes = {k: v for k, v in data_hashes(Path(processed_dir)).items() if ".test" in k or "test_" in k}
+    figures = fid_figures(params, model, test, digest(hashes), device)
+    celeba = params.data.dataset == "celeba"
+    attributes = attribute_sets(Path(processed_dir), params.evaluate.attributes) if celeba else {}
+    pictures = test_pictures(model, test, params.evaluate.num_image_rows, device, attributes,
+                             seed=params.train.seed)
     return figures, pictures
 
 
 def evaluate(params: Params) -> dict[str, Any]:
-    """Run the evaluation, write reports/metrics.json and reports/eval/*.png, log both to MLflow."""
+    """Run the evaluation, write reports/metrics.json and reports/eval/*.png, log both to MLflow.
+
+    The per-image NLL runs on ``evaluate.num_workers`` workers (Ray tasks when more than one, or when a
+    cluster address is set); pictures and FID run in one process (a Ray task on a cluster: a GPU when it has
+    one).
+
+    Raises:
+        StageError: no preprocessed test split or trained model, a bad setting (each checked before the work).
+    """
     from PIL import Image
 
+    from pipeline.latent_maps import scatter_png
     from pipeline.tracking import image_grid
 
+    evaluation = params.evaluate
     processed = params.data.processed_path()
     if not (processed / "test_images.npy").is_file():
         raise StageError(f"no preprocessed test split in {processed}: run `dvc repro preprocess` first")
     model = artifacts.load_trained_model()
-    args = (params, model.config, model.state_dict(), str(processed))
+    test = load_images(processed, "test")
+    if evaluation.max_images:
+        test = test[: evaluation.max_images]
+    scatter = scatter_classes(params, processed, len(test))
     address = params.cluster.address or os.environ.get("RAY_ADDRESS")
-    if address:
+    use_ray = bool(address) or evaluation.num_workers > 1
+    args = (params, model.config, model.state_dict(), str(processed))
+    if use_ray:
         import ray
 
         from pipeline.ray_runtime import connect_ray
 
         connect_ray(params)
         gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
-        figures, pictures = ray.get(ray.remote(num_gpus=gpus, num_cpus=1)(_evaluate).remote(*args))
+        extra, pictures = ray.get(ray.remote(num_gpus=gpus, num_cpus=1)(_pictures_and_fid).remote(*args))
     else:
-        figures, pictures = _evaluate(*args)
+        extra, pictures = _pictures_and_fid(*args)
+    settings = {"num_workers": evaluation.num_workers, "num_samples": evaluation.num_importance_samples,
+                "seed": params.train.seed, "batch_size": evaluation.batch_size,
+                "importance_batch_size": evaluation.importance_batch_size, "precision": evaluation.precision}
+    scores = score_shards(model, test, settings, use_ray)
+    device = "cuda" if (torch.cuda.is_available() and not use_ray) else "cpu"
+    figures = summarize(scores, model, evaluation.num_importance_samples, evaluation.precision,
+                        device_name(torch.device(device)) if not use_ray else "ray")
+    figures.update(extra, num_workers=evaluation.num_workers)
 
     images_dir = resolve(IMAGES_DIR)
     images_dir.mkdir(parents=True, exist_ok=True)
-    rows = params.evaluate.num_image_rows
+    rows = evaluation.num_image_rows
     grids = {}
     for name, images in pictures.items():
-        grids[name] = image_grid(images, rows if name != "reconstructions" else None)
+        per_row = None if name == "reconstructions" else (int(math.isqrt(len(images))) if name == "manifold"
+                                                          else rows)
+        grids[name] = image_grid(images, per_row)
         with atomic_output(images_dir / f"{name}.png") as tmp:
             Image.fromarray(grids[name]).save(tmp, format="PNG")
+    if scatter is not None and model.latent_dim >= 2:
+        png = scatter_png(scores.posterior_mean, *scatter)
+        with atomic_output(images_dir / "latent_scatter.png") as tmp:
+            tmp.write_bytes(png)
+        grids["latent_scatter"] = np.asarray(Image.open(images_dir / "latent_scatter.png").convert("RGB"))
     atomic_write_text(METRICS_PATH, json.dumps(figures, indent=2) + "\n")
     _log_to_mlflow(params, figures, grids)
     return figures
@@ -281,13 +356,17 @@ def _log_to_mlflow(params: Params, figures: dict[str, Any], grids: dict[str, np.
 
 
 def report(params: Params) -> None:
-    """Evaluate and print the headline figures."""
+    """Evaluate and print the headline figures and where the pictures are."""
     figures = evaluate(params)
-    print(f"[evaluate] {figures['num_test_images']} test images on {figures['device']}: -ELBO "
-          f"{figures['test_negative_elbo']:.2f} nats, NLL (K={figures['num_importance_samples']}) "
-          f"{figures['test_nll']:.2f} nats = {figures['test_nll_bits_per_dim']:.4f} bits/dim, "
-          f"{figures['active_units']}/{figures['latent_dim']} active units, "
-          f"{figures['evaluation_seconds']:.1f}s")
+    fid = "FID skipped"
+    if "fid_samples" in figures:
+        fid = (f"FID {figures['fid_samples']:.1f} (samples), "
+               f"{figures['fid_reconstructions']:.1f} (reconstructions)")
+    say(f"[evaluate] {figures['num_test_images']} test images on {figures['device']}: -ELBO "
+        f"{figures['test_negative_elbo']:.2f} nats, NLL (K={figures['num_importance_samples']}) "
+        f"{figures['test_nll']:.2f} nats = {figures['test_nll_bits_per_dim']:.4f} bits/dim, "
+        f"{figures['active_units']}/{figures['latent_dim']} active units, {fid}; "
+        f"NLL in {figures['evaluation_seconds']:.1f}s; pictures in {resolve(IMAGES_DIR)}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.common import say
+from pipeline.common import format_seconds, say
 from pipeline.config import ModelConfig, Params, TrainConfig
 from pipeline.data import BatchSource, evaluation_indices, load_images, training_indices
 from pipeline.distributed import all_reduce_sum, pick_device, rank_seed, restore_rng_states, rng_states
@@ -63,12 +63,6 @@ def make_optimizer(model: nn.Module, train: TrainConfig, device: torch.device) -
 # ----------------------------------------------------------------------------------------------------------
 # The loop
 # ----------------------------------------------------------------------------------------------------------
-def _format_seconds(seconds: float) -> str:
-    seconds = int(max(0, seconds))
-    hours, rest = divmod(seconds, 3600)
-    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
-
-
 @dataclass
 class TrainingRun:
     """Everything one worker's training holds between steps (made by :func:`set_up`)."""
@@ -304,7 +298,7 @@ def train_one_epoch(run: TrainingRun, epoch: int) -> tuple[float, float, float]:
             )
             say(
                 f"[train]   step {run.step}/{run.total_steps} loss {loss:.2f} (rec {reconstruction:.2f} + KL "
-                f"{kl:.2f}) beta {beta:.3g} {images_per_s:.0f} img/s ETA {_format_seconds(eta)}"
+                f"{kl:.2f}) beta {beta:.3g} {images_per_s:.0f} img/s ETA {format_seconds(eta)}"
             )
             window = [0.0, 0.0, 0.0, 0.0]
             window_steps, window_start = 0, time.perf_counter()
@@ -373,7 +367,7 @@ def end_of_epoch(
             f"[train] epoch {epoch + 1}/{epochs} | -ELBO {metrics['train_negative_elbo']:.2f} "
             f"(rec {reconstruction:.2f} + KL {kl:.2f}) | beta {metrics['beta']:.3g} | "
             f"val -ELBO {validation['negative_elbo']:.2f} ({validation['bits_per_dim']:.3f} bits/dim) | "
-            f"{metrics['images_per_s']:.0f} img/s | {epoch_seconds:.1f}s | ETA {_format_seconds(eta)}"
+            f"{metrics['images_per_s']:.0f} img/s | {epoch_seconds:.1f}s | ETA {format_seconds(eta)}"
         )
         state = {
             "model": model.state_dict(),

@@ -96,24 +96,15 @@ def test_dvc_repro_end_to_end_on_the_celeba_fixture(tmp_path):
 # the discretized logistic likelihood, 3 epochs on 2 CPU cores, K = 100 on 1,000 test images. The bound below
 # was set from measured runs (see the README) with a margin: a broken likelihood, objective or data path lands
 # far above it (an untrained model scores about 8 bits/dim).
-FASHION_MNIST_CI = {
-    "data.dataset": "fashion_mnist",
-    "model.architecture": "mlp",
-    "model.hidden_dims": [512, 256],
-    "model.latent_dim": 32,
-    "model.likelihood": "discretized_logistic",
-    "beta_schedule": {"name": "linear", "warmup_steps": 500},
+# The quick start (`make run`) with a smaller budget: 2 trials of 1 epoch, 3 epochs, K = 100 on 1,000 images.
+QUICKSTART_CI = {
+    "tune.num_samples": 2,
+    "tune.epochs": 1,
     "train.epochs": 3,
-    "train.batch_size": 128,
-    "train.learning_rate": 0.001,
-    "train.lr_warmup_steps": 100,
-    "train.cpus_per_worker": 2,
+    "beta_schedule.warmup_steps": 500,
     "train.log_every_n_steps": 100,
     "evaluate.num_importance_samples": 100,
-    "evaluate.importance_batch_size": 50,
     "evaluate.max_images": 1000,
-    "mlflow.experiment_name": "vae-fashion-mnist",
-    "mlflow.registered_model_name": "vae-fashion-mnist",
 }
 FASHION_MNIST_CI_BOUND_BITS_PER_DIM = 4.0
 
@@ -121,9 +112,17 @@ FASHION_MNIST_CI_BOUND_BITS_PER_DIM = 4.0
 @pytest.mark.skipif(
     not FASHION_MNIST.is_dir(), reason="needs Debian's dataset-fashion-mnist (make system-deps installs it)"
 )
-def test_dvc_repro_on_real_fashion_mnist_reaches_the_stated_nll(tmp_path):
-    repo = fresh_repository(tmp_path, FASHION_MNIST_CI)
-    dvc_repro(repo)
+def test_quickstart_runs_the_whole_pipeline_and_leaves_the_workspace_as_found(tmp_path):
+    """`make run` (python -m pipeline.quickstart) on the real Fashion-MNIST: every stage including a sweep,
+    the summary, the pictures and the latent scatter; params.yaml untouched and `git status` clean."""
+    repo = fresh_repository(tmp_path, {})
+    before = (repo / "params.yaml").read_bytes()
+    sets = [arg for key, value in QUICKSTART_CI.items() for arg in ("--set", f"{key}={value}")]
+    output = run(repo, ".venv/bin/python", "-m", "pipeline.quickstart", *sets, timeout=1500).stdout
+    for stage in ("download", "preprocess", "tune", "train", "evaluate"):
+        assert f"Running stage '{stage}'" in output, stage
+    trials = (repo / "reports/tune/trials.csv").read_text().strip().splitlines()
+    assert len(trials) == 1 + 2  # the sweep ran, and training used its best configuration
     metrics = json.loads((repo / "reports/metrics.json").read_text())
     print(
         f"\nFashion-MNIST (CI budget): test NLL {metrics['test_nll']:.1f} "
@@ -131,6 +130,14 @@ def test_dvc_repro_on_real_fashion_mnist_reaches_the_stated_nll(tmp_path):
         f"bits/dim (K={metrics['num_importance_samples']}, {metrics['num_test_images']} images), "
         f"-ELBO {metrics['test_negative_elbo']:.1f}, {metrics['active_units']} active units"
     )
-    assert metrics["num_test_images"] == 1000
+    assert metrics["num_test_images"] == 1000 and metrics["likelihood"] == "discretized_logistic"
     assert metrics["test_nll_bits_per_dim"] < FASHION_MNIST_CI_BOUND_BITS_PER_DIM
     assert metrics["test_nll"] <= metrics["test_negative_elbo"] + 1.0
+    assert "fid_samples" in metrics or metrics["fid_skipped"]
+    assert (repo / "reports/eval/latent_scatter.png").is_file()
+    summary = output[output.index("Quick start done"):]
+    assert f"{metrics['test_nll_bits_per_dim']:.3f} bits/dim" in summary
+    assert " ui --backend-store-uri " in summary
+    assert (repo / "params.yaml").read_bytes() == before and not (repo / "dvc.lock").exists()
+    assert run(repo, "git", "status", "--porcelain").stdout == ""
+    assert run(repo, DVC, "exp", "list").stdout.strip()  # kept: `dvc exp apply` brings it back

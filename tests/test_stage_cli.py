@@ -4,6 +4,8 @@ command inside that job (``VAE_SUBMITTED=1``, same params file) runs the stage; 
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 from pipeline import evaluate, train
@@ -65,3 +67,31 @@ def test_run_stage_exit_statuses(capsys):
 
     with pytest.raises(ZeroDivisionError):  # a bug keeps its traceback
         run_stage("demo", bug)
+
+
+def test_quickstart_puts_params_and_lock_back_whatever_the_run_does(tmp_path):
+    """`make run` rewrites params.yaml and dvc.lock through `dvc exp run`; afterwards (here: a failed run)
+    they are byte for byte what they were, and a lock file that did not exist is gone."""
+    from pipeline import quickstart
+
+    (tmp_path / "params.yaml").write_text("data:\n  dataset: celeba  # mine\n")
+    script = ("open('params.yaml', 'w').write('changed'); open('dvc.lock', 'w').write('lock'); "
+              "raise SystemExit(3)")
+    status = quickstart.run_experiment(tmp_path, [sys.executable, "-c", script])
+    assert status == 3
+    assert (tmp_path / "params.yaml").read_text() == "data:\n  dataset: celeba  # mine\n"
+    assert not (tmp_path / "dvc.lock").exists()
+    (tmp_path / "dvc.lock").write_text("my own lock")
+    assert quickstart.run_experiment(tmp_path, [sys.executable, "-c", script]) == 3
+    assert (tmp_path / "dvc.lock").read_text() == "my own lock"
+
+
+def test_quickstart_settings_become_dvc_overrides(capsys):
+    from pipeline import quickstart
+
+    assert quickstart.main(["--dry-run", "--set", "train.epochs=20", "--set", "tune.num_samples=2"]) == 0
+    command = capsys.readouterr().out.split()
+    assert command[1:3] == ["exp", "run"] and "train.epochs=20" in command and "tune.num_samples=2" in command
+    assert "data.dataset=fashion_mnist" in command and "train.epochs=10" not in command
+    with pytest.raises(SystemExit):
+        quickstart.main(["--dry-run", "--set", "train.epochs"])

@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import artifacts, checkpoints
+from pipeline import artifacts, checkpoints, fid
 from pipeline import evaluate as evaluate_stage
 from pipeline import train as train_stage
 from pipeline.config import load_params
 from tests.fixtures.arrays import write_square_arrays
 from tests.fixtures.faults import faulty_train_function
+from tests.fixtures.features import stand_in
 
 pytestmark = pytest.mark.slow
 
@@ -73,8 +74,9 @@ def params_for(workspace, **overrides):
     return load_params(overrides=values)
 
 
-def test_two_worker_run_tracks_everything_and_evaluates(ray_instance, workspace):
-    params = params_for(workspace)
+def test_two_worker_run_tracks_everything_and_evaluates(ray_instance, workspace, monkeypatch):
+    monkeypatch.setattr(fid, "load_inception", lambda device: stand_in())  # no Inception download here
+    params = params_for(workspace, **{"evaluate.fid": True, "evaluate.fid_num_samples": 40})
     metrics = train_stage.train(params)
 
     # DVC outputs.
@@ -116,6 +118,17 @@ def test_two_worker_run_tracks_everything_and_evaluates(ray_instance, workspace)
         assert (workspace / "reports/eval" / f"{name}.png").is_file()
     history = client.get_metric_history(run.info.run_id, "test_nll")
     assert history and history[0].value == pytest.approx(saved["test_nll"], rel=1e-6)
+    # FID through the stage's whole path (stand-in features): samples and reconstructions, cached reference.
+    assert saved["fid_num_samples"] == 40 and saved["fid_reference_images"] == TEST
+    assert saved["fid_samples"] > 0 and saved["fid_reconstructions"] > 0
+    assert saved["fid_feature_extractor"] == "stand-in" and list((workspace / ".cache/fid").glob("*.npz"))
+    assert client.get_metric_history(run.info.run_id, "fid_samples")
+
+    # Two NLL workers (Ray tasks): the same figures; FID off says so.
+    two = evaluate_stage.evaluate(params_for(workspace, **{"evaluate.num_workers": 2, "evaluate.fid": False}))
+    assert two["num_workers"] == 2 and two["fid_skipped"] == "evaluate.fid is false"
+    for key in ("test_negative_elbo", "test_nll", "test_reconstruction_mse", "active_units"):
+        assert two[key] == pytest.approx(saved[key], rel=1e-6), key
 
 
 def test_nan_stops_the_run_at_once_and_a_rerun_resumes(ray_instance, workspace):
