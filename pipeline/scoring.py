@@ -8,6 +8,7 @@ test set: :func:`score_shards` splits the images into disjoint slices, one Ray t
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -223,7 +224,11 @@ class CostReport:
         from tqdm import tqdm
 
         self.prefix = f"[evaluate] NLL{f' ({label})' if label else ''}"
-        self.bar = (bar_class or tqdm)(total=total, desc=self.prefix, unit="img")
+        if bar_class is None:  # in a log file (not a terminal) one line every 30 s
+            interval = 1 if sys.stderr.isatty() else 30
+            self.bar = tqdm(total=total, desc=self.prefix, unit="img", mininterval=interval)
+        else:
+            self.bar = bar_class(total=total, desc=self.prefix, unit="img")
         self.total, self.num_workers, self.num_samples = total, num_workers, num_samples
         self.started = time.perf_counter()
         self.projected = False

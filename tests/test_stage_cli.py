@@ -93,5 +93,6 @@ def test_quickstart_settings_become_dvc_overrides(capsys):
     command = capsys.readouterr().out.split()
     assert command[1:3] == ["exp", "run"] and "train.epochs=20" in command and "tune.num_samples=2" in command
     assert "data.dataset=fashion_mnist" in command and "train.epochs=10" not in command
+    assert "~tune.search_space.beta_schedule.constant" in command  # removals as DVC's -S ~key
     with pytest.raises(SystemExit):
         quickstart.main(["--dry-run", "--set", "train.epochs"])
