@@ -168,7 +168,7 @@ OTHER_TRAIN_VALUES = {
     "optimizer": "adam",
     "learning_rate": 2e-3,
     "weight_decay": 0.1,
-    "lr_schedule": "constant",
+    "lr_schedule": "cosine",
     "lr_warmup_steps": 7,
     "grad_clip_norm": 5.0,
     "num_mc_samples": 2,
