@@ -8,7 +8,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup system-deps run celeba test test-fast lint fashion-mnist clean-venv
+.PHONY: setup system-deps run celeba compare test test-fast lint fashion-mnist clean-venv
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,11 @@ fashion-mnist: run
 # goes first on PATH.
 celeba: setup
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro
+
+# The model table: architectures x likelihoods on Fashion-MNIST at one budget (pipeline/compare.py), each a DVC
+# experiment; writes reports/model_table.md. About an hour on 2 cores.
+compare: setup
+	$(PY) -m pipeline.compare
 
 test: setup
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -q
