@@ -16,9 +16,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-# Debian packages: the real Fashion-MNIST (offline data for real runs and tests) and Chromium (screenshots of
-# the MLflow UI). Installed only when missing; needs root or sudo.
-DEBS := dataset-fashion-mnist chromium
+# Debian packages: the real Fashion-MNIST (offline data for real runs and tests), Chromium and its driver
+# (screenshots and the browser test of the MLflow UI). Installed only when missing; needs root or sudo.
+DEBS := dataset-fashion-mnist chromium chromium-driver
 system-deps:
 	@missing=""; for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \

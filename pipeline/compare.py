@@ -8,6 +8,7 @@ written to reports/model_table.md and reports/model_table.json.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import math
 import os
@@ -63,8 +64,9 @@ def experiment_settings(architecture: str, likelihood: str, extra: dict[str, str
 
 
 def table_row(architecture: str, likelihood: str, wall_s: float, status: int, root: Path) -> dict:
-    """One row: the model, the evaluate stage's figures (reports/metrics.json) and training's images/s, or the
-    exit status when the experiment failed."""
+    """One row: the model, the evaluate stage's figures (reports/metrics.json), training's images/s and
+    seconds (the sum of reports/train_curves.csv's epoch_seconds), or the exit status when the experiment
+    failed. ``wall_s`` is the whole experiment's time (every stage, Ray's start included)."""
     row: dict = {"architecture": architecture, "likelihood": likelihood, "wall_s": wall_s, "status": status}
     if status == 0:
         metrics = json.loads((root / "reports/metrics.json").read_text())
@@ -74,6 +76,8 @@ def table_row(architecture: str, likelihood: str, wall_s: float, status: int, ro
                     "evaluation_seconds", "fid_samples", "fid_reconstructions", "fid_skipped"):
             if key in metrics:
                 row[key] = metrics[key]
+        with (root / "reports/train_curves.csv").open(newline="") as curves:
+            row["train_seconds"] = sum(float(epoch["epoch_seconds"]) for epoch in csv.DictReader(curves))
         row["train_images_per_s"] = train.get("images_per_s")
         row["epochs"] = train.get("epochs")
         row["mlflow_run_id"] = train.get("mlflow_run_id")
@@ -85,17 +89,21 @@ def _figure(value, digits: int) -> str:
     return "-" if missing else f"{value:,.{digits}f}"
 
 
+def _minutes(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds / 60:.1f} min"
+
+
 def markdown_table(rows: Sequence[dict]) -> str:
     """The table as Markdown, one line per model, failed experiments included with their exit status."""
     lines = [
         "| architecture | likelihood | test NLL (bits/dim) | test NLL (nats) | test -ELBO (nats) "
-        "| FID (samples) | active units | train img/s | wall time |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| FID (samples) | active units | train img/s | train time | wall time |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         if row["status"]:
             lines.append(f"| {row['architecture']} | {row['likelihood']} | failed (exit {row['status']}) "
-                         "| | | | | | |")
+                         "| | | | | | | |")
             continue
         likelihood = row["likelihood"] + (" (binarized data)" if row["likelihood"] == "bernoulli" else "")
         fid = _figure(row.get("fid_samples"), 1) if "fid_samples" in row else "skipped"
@@ -103,9 +111,16 @@ def markdown_table(rows: Sequence[dict]) -> str:
             f"| {row['architecture']} | {likelihood} | {_figure(row.get('test_nll_bits_per_dim'), 3)} "
             f"| {_figure(row.get('test_nll'), 1)} | {_figure(row.get('test_negative_elbo'), 1)} | {fid} "
             f"| {row.get('active_units', '-')}/{row.get('latent_dim', '-')} "
-            f"| {_figure(row.get('train_images_per_s'), 0)} | {row['wall_s'] / 60:.1f} min |"
+            f"| {_figure(row.get('train_images_per_s'), 0)} | {_minutes(row.get('train_seconds'))} "
+            f"| {_minutes(row['wall_s'])} |"
         )
     return "\n".join(lines)
+
+
+def _table_order(row: dict) -> tuple:
+    likelihoods = {name: index for index, name in enumerate(LIKELIHOODS)}
+    return (list(ARCHITECTURES).index(row["architecture"]),
+            likelihoods.get(row["likelihood"], len(likelihoods)), row["likelihood"])
 
 
 def run_table(
@@ -115,21 +130,31 @@ def run_table(
     extra: dict[str, str],
     runner: Callable[[Path, list[str]], int] = run_experiment,
 ) -> list[dict]:
-    """Train and evaluate every (architecture, likelihood) pair, one DVC experiment each, in order; a
-    failed experiment becomes a row with its exit status and the others still run. Writes the Markdown and
-    JSON tables after every experiment, so an interrupted comparison keeps what it measured. Returns the
-    rows."""
+    """Train and evaluate every (architecture, likelihood) pair, one DVC experiment each (every stage run
+    again: nothing restored from DVC's run cache, so each row's times are its own), in order; a failed
+    experiment becomes a row with its exit status and the others still run. The tables are rewritten after
+    every experiment, so an interrupted comparison keeps what it measured; rows of other models already in
+    reports/model_table.json at the same budget are kept (a re-run of one model replaces its row only).
+    Returns every row of the table."""
+    budget = {**BUDGET, **extra}
     rows: list[dict] = []
-    for architecture in architectures:
-        for likelihood in likelihoods:
-            say(f"[compare] {architecture} x {likelihood} ({len(rows) + 1} of "
-                f"{len(architectures) * len(likelihoods)})")
-            started = time.perf_counter()
-            status = runner(root, dvc_command(experiment_settings(architecture, likelihood, extra)))
-            rows.append(table_row(architecture, likelihood, time.perf_counter() - started, status, root))
-            atomic_write_text(root / TABLE_JSON, json.dumps({"budget": {**BUDGET, **extra}, "rows": rows},
-                                                            indent=2) + "\n")
-            atomic_write_text(root / TABLE_MD, markdown_table(rows) + "\n")
+    if (root / TABLE_JSON).is_file():
+        previous = json.loads((root / TABLE_JSON).read_text())
+        if previous.get("budget") == budget:
+            rows = previous["rows"]
+    total = len(architectures) * len(likelihoods)
+    for index, (architecture, likelihood) in enumerate(
+        (a, lik) for a in architectures for lik in likelihoods
+    ):
+        say(f"[compare] {architecture} x {likelihood} ({index + 1} of {total})")
+        started = time.perf_counter()
+        status = runner(root, dvc_command(experiment_settings(architecture, likelihood, extra), force=True))
+        row = table_row(architecture, likelihood, time.perf_counter() - started, status, root)
+        rows = [r for r in rows if (r["architecture"], r["likelihood"]) != (architecture, likelihood)]
+        rows.append(row)
+        rows.sort(key=_table_order)
+        atomic_write_text(root / TABLE_JSON, json.dumps({"budget": budget, "rows": rows}, indent=2) + "\n")
+        atomic_write_text(root / TABLE_MD, markdown_table(rows) + "\n")
     return rows
 
 
@@ -159,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         for architecture in args.architectures:
             for likelihood in args.likelihoods:
-                print(" ".join(dvc_command(experiment_settings(architecture, likelihood, extra))))
+                print(" ".join(dvc_command(experiment_settings(architecture, likelihood, extra), force=True)))
         return 0
     root = Path(os.environ.get("VAE_PROJECT_ROOT") or REPO_ROOT)
     rows = run_table(root, args.architectures, args.likelihoods, extra)

@@ -353,6 +353,21 @@ def _log_to_mlflow(params: Params, figures: dict[str, Any], grids: dict[str, np.
             f"[evaluate] MLflow: {summary['lost_records']} records not logged ({summary['errors'][:1]})",
             file=sys.stderr,
         )
+    name = params.mlflow.registered_model_name
+    if name and "test_nll_bits_per_dim" in figures:
+        import mlflow
+
+        from pipeline.tracking import BEST_ALIAS, promote_if_best
+
+        try:
+            client = mlflow.MlflowClient(tracking_uri(params.mlflow.tracking_uri))
+            holder = promote_if_best(client, name, run_id, figures)
+        except Exception as error:  # noqa: BLE001 - the figures are saved; the registry is a convenience
+            print(f"[evaluate] MLflow registry: could not update the {BEST_ALIAS!r} alias ({error})",
+                  file=sys.stderr)
+        else:
+            if holder is not None:
+                say(f"[evaluate] registered model {name!r}: alias {BEST_ALIAS!r} is on version {holder}")
 
 
 def report(params: Params) -> None:

@@ -54,11 +54,11 @@ SETTINGS: dict[str, str | None] = {
 KEPT = ("params.yaml", "dvc.lock")  # what `dvc exp run` rewrites in the workspace
 
 
-def dvc_command(settings: dict[str, str | None]) -> list[str]:
+def dvc_command(settings: dict[str, str | None], force: bool = False) -> list[str]:
     """``dvc exp run -S key=value ...`` (``-S ~key`` for a None value: remove the key) with the DVC of this
-    Python's environment."""
+    Python's environment; ``force`` runs every stage again (no outputs restored from DVC's run cache)."""
     dvc = Path(sys.executable).with_name("dvc")
-    command = [str(dvc) if dvc.is_file() else "dvc", "exp", "run"]
+    command = [str(dvc) if dvc.is_file() else "dvc", "exp", "run", *(["--force"] if force else [])]
     for key, value in settings.items():
         command += ["-S", f"~{key}" if value is None else f"{key}={value}"]
     return command
@@ -85,7 +85,7 @@ def summary(root: Path) -> str:
     MLflow."""
     import mlflow
 
-    from pipeline.tracking import tracking_uri
+    from pipeline.tracking import tracking_uri, ui_url
 
     metrics = json.loads((root / "reports/metrics.json").read_text())
     run_id = json.loads((root / "models/vae/run.json").read_text())["mlflow_run_id"]
@@ -102,7 +102,7 @@ def summary(root: Path) -> str:
         f"  test -ELBO {metrics['test_negative_elbo']:.1f} nats/image; {fid}",
         f"  pictures   {root / 'reports/eval'}/ (samples, reconstructions, interpolations, latent scatter)",
         f"  MLflow     {Path(sys.executable).with_name('mlflow')} ui --backend-store-uri {store} "
-        f"--port 5000, then open http://127.0.0.1:5000/#/experiments/{experiment_id}/runs/{run_id}",
+        f"--port 5000, then open {ui_url('http://127.0.0.1:5000', experiment_id, run_id)}",
         "  params.yaml is unchanged (CelebA); `dvc exp show` lists this run, `make celeba` is the GPU job.",
     ]
     return "\n".join(lines)

@@ -4,6 +4,7 @@ tracking server). Sweeps' parent and trial runs are in ``pipeline.tune.tracking`
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -18,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.common import REPO_ROOT, resolve
-from pipeline.config import Params, flatten
+from pipeline.config import Params
 
 RUN_ID_FILE = "mlflow_run_id"  # in a run's checkpoint folder: the MLflow run a resumed run logs to again
 
@@ -26,6 +27,115 @@ log = logging.getLogger(__name__)
 
 # Fail fast on an unreachable server instead of MLflow's default minutes of retries; RunLogger retries itself.
 FAST_FAIL_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+
+
+# Runs are compared by a few parameters, logged as MLflow params under short names (the runs table's columns,
+# the caption MLflow's UI prints above every picture): see compared_params. The whole configuration goes to
+# every run as one artifact, CONFIG_ARTIFACT.
+CONFIG_ARTIFACT = "config/params.json"
+# MLflow 3's UI opens an experiment without a kind on its GenAI overview (traces, no charts); this kind opens
+# it on the runs table and the model-training views. The UI's global GenAI / Model training switch can still
+# override it, so links to the UI also carry UI_QUERY.
+EXPERIMENT_KIND_TAG = ("mlflow.experimentKind", "custom_model_development")
+UI_QUERY = "?workflowType=machine_learning"
+# The registered model version with the lowest test NLL (bits/dim) of its name, moved by the evaluate stage.
+BEST_ALIAS = "best-test-nll"
+
+
+def schedule_params(schedule) -> dict[str, Any]:
+    """A beta schedule (a :mod:`vae.schedules` dataclass) as flat params: ``beta_schedule`` (its name) and
+    its fields as ``schedule.<field>``; the names sweeps' trial runs use too, so runs compare across
+    experiments."""
+    fields = {
+        key: value
+        for key, value in dataclasses.asdict(schedule).items()
+        if key != "name" and value is not None
+    }
+    return {"beta_schedule": schedule.name, **{f"schedule.{key}": value for key, value in fields.items()}}
+
+
+def compared_params(params: Params) -> dict[str, Any]:
+    """What runs are compared by, under short names: dataset (plus image_size for CelebA), architecture,
+    likelihood, latent_dim, the beta schedule (:func:`schedule_params`), learning_rate, batch_size, epochs."""
+    chosen: dict[str, Any] = {"dataset": params.data.dataset}
+    if params.data.dataset == "celeba":
+        chosen["image_size"] = params.data.image_size
+    chosen.update({
+        "architecture": params.model.architecture,
+        "likelihood": params.model.likelihood,
+        "latent_dim": params.model.latent_dim,
+        **schedule_params(params.beta_schedule),
+        "learning_rate": params.train.learning_rate,
+        "batch_size": params.train.batch_size,
+        "epochs": params.train.epochs,
+    })
+    return chosen
+
+
+def log_params_and_config(client, run_id: str, params: Params, extra: dict[str, Any] | None = None) -> None:
+    """Log the compared parameters (plus ``extra``) as MLflow params and the whole configuration as the run's
+    :data:`CONFIG_ARTIFACT` (JSON, as models/vae/params.json holds it)."""
+    from mlflow.entities import Param
+
+    values = {**compared_params(params), **(extra or {})}
+    items = [Param(key, str(value)[:6000]) for key, value in values.items()]
+    for start in range(0, len(items), 100):
+        client.log_batch(run_id, params=items[start:start + 100], synchronous=True)
+    client.log_dict(run_id, params.model_dump(mode="json"), CONFIG_ARTIFACT)
+
+
+def ensure_experiment(client, name: str, artifact_location: str | None = None) -> str:
+    """The id of experiment ``name``, created (with :data:`EXPERIMENT_KIND_TAG`) when missing; an existing
+    experiment without that kind gets it. Safe when another process creates it at the same time."""
+    key, kind = EXPERIMENT_KIND_TAG
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        try:
+            return client.create_experiment(name, artifact_location=artifact_location, tags={key: kind})
+        except Exception:  # noqa: BLE001 - created meanwhile by another process
+            experiment = client.get_experiment_by_name(name)
+            if experiment is None:
+                raise
+    if experiment.tags.get(key) != kind:
+        client.set_experiment_tag(experiment.experiment_id, key, kind)
+    return experiment.experiment_id
+
+
+def ui_url(base: str, experiment_id: str, run_id: str | None = None, tab: str = "") -> str:
+    """The MLflow UI address of an experiment (its runs table) or of one run (``tab``: "", "model-metrics",
+    "artifacts"), in the model-training views."""
+    path = f"/runs/{run_id}" + (f"/{tab}" if tab else "") if run_id else "/runs"
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}{path}{UI_QUERY}"
+
+
+def promote_if_best(client, model_name: str, run_id: str, figures: dict[str, Any]) -> str | None:
+    """Tag the newest registered version of ``model_name`` logged by ``run_id`` with its test figures
+    (``test_nll_bits_per_dim``, ``test_nll`` in nats/image, K and the number of test images) and move the
+    :data:`BEST_ALIAS` alias to it when its test NLL in bits/dim is lower than the current holder's (or
+    nothing holds the alias yet). Returns the version (a string) that holds the alias afterwards, or None
+    when the run registered no version. Raises KeyError when ``figures`` has no ``test_nll_bits_per_dim``."""
+    from mlflow.exceptions import MlflowException
+
+    versions = client.search_model_versions(f"name = '{model_name}' and run_id = '{run_id}'")
+    if not versions:
+        return None
+    version = str(max(int(v.version) for v in versions))  # the client gives int or str by call
+    bits = float(figures["test_nll_bits_per_dim"])
+    for key in ("test_nll_bits_per_dim", "test_nll", "num_importance_samples", "num_test_images"):
+        if key in figures:
+            client.set_model_version_tag(model_name, version, key, str(figures[key]))
+    try:
+        holder = client.get_model_version_by_alias(model_name, BEST_ALIAS)
+    except MlflowException:
+        holder = None
+    if holder is not None and str(holder.version) != version:
+        try:
+            if float(holder.tags["test_nll_bits_per_dim"]) <= bits:
+                return str(holder.version)
+        except (KeyError, ValueError):
+            pass  # a holder with no figure loses the alias to one with a figure
+    client.set_registered_model_alias(model_name, BEST_ALIAS, version)
+    return version
 
 
 def tracking_uri(configured: str | None) -> str:
@@ -270,10 +380,7 @@ def open_training_run(
     uri = tracking_uri(params.mlflow.tracking_uri)
     mlflow.set_tracking_uri(uri)
     client = mlflow.MlflowClient(uri)
-    experiment = client.get_experiment_by_name(params.mlflow.experiment_name)
-    experiment_id = (
-        experiment.experiment_id if experiment else client.create_experiment(params.mlflow.experiment_name)
-    )
+    experiment_id = ensure_experiment(client, params.mlflow.experiment_name)
     id_file = run_dir / RUN_ID_FILE if run_dir is not None else None
     if id_file is not None and id_file.is_file():
         run_id = id_file.read_text().strip()
@@ -296,8 +403,7 @@ def open_training_run(
             **(tags or {}),
         },
     )
-    for key, value in flatten(params).items():
-        client.log_param(run.info.run_id, key, str(value)[:6000])
+    log_params_and_config(client, run.info.run_id, params)
     if run_dir is not None:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / RUN_ID_FILE).write_text(run.info.run_id)

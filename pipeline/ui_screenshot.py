@@ -1,10 +1,9 @@
 """Look at a sweep the way a user does: start the MLflow UI on 127.0.0.1, open the sweep's experiment in
-headless
-Chromium and save a screenshot.
+headless Chromium and save a screenshot.
 
-    python -m pipeline.ui_screenshot                      # latest sweep of tune.experiment_name, its trials
-    compared python -m pipeline.ui_screenshot --view chart --out /tmp/chart.png python -m
-    pipeline.ui_screenshot --tracking-uri sqlite:////abs/mlflow.db --experiment vae-sweep
+    python -m pipeline.ui_screenshot                  # latest sweep of tune.experiment_name, trials compared
+    python -m pipeline.ui_screenshot --view chart --out /tmp/chart.png
+    python -m pipeline.ui_screenshot --tracking-uri sqlite:////abs/mlflow.db --experiment vae-sweep
 
 Views: ``compare`` (default: MLflow's comparison of the sweep's trial runs: a parallel-coordinates plot of the
 searched values, beta_schedule, latent_dim and learning_rate, against a metric, over the runs' details),
@@ -35,6 +34,7 @@ from pathlib import Path
 
 from pipeline.common import StageError
 from pipeline.config import ConfigError, load_params, resolve
+from pipeline.tracking import ui_url
 
 DEFAULT_OUT = Path("infra/screenshots/mlflow_sweep.png")
 CHROMIUM_FLAGS = [
@@ -213,7 +213,7 @@ def view_url(base: str, view: str, experiment_id: str, parent_id: str, children:
         )
         return f"{base}/#/compare-runs?{query}"
     mode = {"chart": "CHART", "table": "TABLE"}[view]
-    return f"{base}/#/experiments/{experiment_id}/runs?compareRunsMode={mode}"
+    return f"{ui_url(base, experiment_id)}&compareRunsMode={mode}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,6 +4,7 @@ command inside that job (``VAE_SUBMITTED=1``, same params file) runs the stage; 
 
 from __future__ import annotations
 
+import json
 import sys
 
 import pytest
@@ -96,3 +97,56 @@ def test_quickstart_settings_become_dvc_overrides(capsys):
     assert "~tune.search_space.beta_schedule.constant" in command  # removals as DVC's -S ~key
     with pytest.raises(SystemExit):
         quickstart.main(["--dry-run", "--set", "train.epochs"])
+
+
+def test_compare_settings_are_the_quick_start_without_its_sweep(capsys):
+    from pipeline import compare
+
+    settings = compare.experiment_settings("conv", "categorical_256", {"train.epochs": "3"})
+    assert not any(key.startswith("tune.") for key in settings)
+    assert settings["train.use_best_params"] == "false" and settings["data.dataset"] == "fashion_mnist"
+    assert settings["model.architecture"] == "conv" and settings["model.hidden_dims"] == "[32,64,128]"
+    assert settings["model.likelihood"] == "categorical_256" and settings["train.epochs"] == "3"
+    assert settings["mlflow.registered_model_name"] == "null"  # table runs make no registry versions
+    assert compare.main(["--dry-run", "--architectures", "mlp", "--likelihoods", "bernoulli"]) == 0
+    assert capsys.readouterr().out.split()[1:4] == ["exp", "run", "--force"]  # no run-cache restores
+    with pytest.raises(SystemExit):
+        compare.main(["--dry-run", "--likelihoods", "poisson"])
+
+
+def test_compare_writes_one_row_per_model_and_a_rerun_replaces_only_its_row(tmp_path):
+    """A stand-in for `dvc exp run` writes the stage outputs each model would: the table takes its figures
+    from them, a failed model is a row with its exit status, and running one model again replaces its row
+    only (while a changed budget starts a new table)."""
+    from pipeline import compare
+
+    reports = tmp_path / "reports"
+    reports.mkdir()
+
+    def runner(nll: float):
+        def run(root, command):
+            assert "--force" in command  # each row's times are its own run's
+            likelihood = next(a.split("=", 1)[1] for a in command if a.startswith("model.likelihood="))
+            if likelihood == "categorical_256":
+                return 2
+            (reports / "metrics.json").write_text(json.dumps({
+                "test_nll": nll, "test_nll_bits_per_dim": nll / 543.4, "test_negative_elbo": nll + 30,
+                "active_units": 20, "latent_dim": 32, "num_importance_samples": 100}))
+            (reports / "train_metrics.json").write_text(json.dumps({"images_per_s": 900.0, "epochs": 2}))
+            (reports / "train_curves.csv").write_text("epoch,epoch_seconds\n1,30.5\n2,29.5\n")
+            return 0
+        return run
+
+    rows = compare.run_table(tmp_path, ["mlp"], ["bernoulli", "categorical_256"], {}, runner(2000.0))
+    assert [(r["likelihood"], r["status"]) for r in rows] == [("bernoulli", 0), ("categorical_256", 2)]
+    assert rows[0]["test_nll"] == 2000.0 and rows[0]["train_seconds"] == 60.0
+    table = (reports / "model_table.md").read_text()
+    expected = ("| mlp | bernoulli (binarized data) | 3.681 | 2,000.0 | 2,030.0 | skipped | 20/32 | 900 "
+                "| 1.0 min")
+    assert expected in table and "| mlp | categorical_256 | failed (exit 2)" in table
+    rows = compare.run_table(tmp_path, ["mlp"], ["bernoulli"], {}, runner(1900.0))
+    assert [(r["likelihood"], r.get("test_nll")) for r in rows] == [("bernoulli", 1900.0),
+                                                                    ("categorical_256", None)]
+    rows = compare.run_table(tmp_path, ["mlp"], ["bernoulli"], {"train.epochs": "2"}, runner(1800.0))
+    assert [r["likelihood"] for r in rows] == ["bernoulli"]
+    assert json.loads((reports / "model_table.json").read_text())["budget"]["train.epochs"] == "2"

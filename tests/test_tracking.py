@@ -1,5 +1,6 @@
-"""pipeline.tracking.RunLogger: the workers' non-blocking MLflow logger, against a real SQLite store and
-against a server address where nothing listens."""
+"""pipeline.tracking: RunLogger, the workers' non-blocking MLflow logger, against a real SQLite store and
+against a server address where nothing listens; the experiment kind, the compared params and the best-test-NLL
+alias of the model registry against a real SQLite store."""
 
 from __future__ import annotations
 
@@ -8,8 +9,19 @@ import socket
 
 import mlflow
 import numpy as np
+import pytest
 
-from pipeline.tracking import RunLogger, image_grid
+from pipeline.config import load_params
+from pipeline.tracking import (
+    BEST_ALIAS,
+    EXPERIMENT_KIND_TAG,
+    RunLogger,
+    compared_params,
+    ensure_experiment,
+    image_grid,
+    promote_if_best,
+    ui_url,
+)
 
 
 def test_drain_delivers_every_queued_record_before_returning(tmp_path):
@@ -41,3 +53,59 @@ def test_unreachable_server_never_blocks_and_lost_records_are_listed(tmp_path):
     assert summary["sent_all"] is False and summary["lost_records"] == 2 and summary["errors"]
     lost = json.loads((tmp_path / "lost.json").read_text())
     assert [(r["step"], r["payload"]) for r in lost["records"]] == [(1, {"loss": 1.5}), (2, {"loss": 1.25})]
+
+
+def test_experiments_get_the_model_training_kind_new_or_old(tmp_path):
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    key, kind = EXPERIMENT_KIND_TAG
+    created = ensure_experiment(client, "new")
+    assert client.get_experiment(created).tags[key] == kind
+    old = client.create_experiment("old")  # made before the kind existed: it gets it, keeping its id
+    assert ensure_experiment(client, "old") == old and client.get_experiment(old).tags[key] == kind
+    assert ui_url("http://h:5000/", old, "abc", "model-metrics") == (
+        f"http://h:5000/#/experiments/{old}/runs/abc/model-metrics?workflowType=machine_learning"
+    )
+
+
+def test_compared_params_are_short_and_follow_the_configuration():
+    params = load_params(overrides={
+        "data.dataset": "fashion_mnist", "model.likelihood": "gaussian_learned_scalar",
+        "beta_schedule": {"name": "cyclical", "beta_max": 0.5, "num_cycles": 3, "ratio": 0.5},
+        "train.learning_rate": 3e-4,
+    })
+    chosen = compared_params(params)
+    assert chosen["beta_schedule"] == "cyclical" and chosen["schedule.num_cycles"] == 3
+    assert chosen["schedule.beta_max"] == 0.5 and chosen["learning_rate"] == 3e-4
+    assert chosen["likelihood"] == "gaussian_learned_scalar" and "image_size" not in chosen
+    assert compared_params(load_params(overrides={"data.dataset": "celeba"}))["image_size"] == 64
+    assert len(chosen) <= 12  # MLflow prints them all above every picture of the run
+
+
+def _registered(client, name: str, runs: int) -> list[str]:
+    experiment = client.create_experiment("registry")
+    client.create_registered_model(name)
+    run_ids = []
+    for _ in range(runs):
+        run_id = client.create_run(experiment).info.run_id
+        client.create_model_version(name, source=f"runs:/{run_id}/model", run_id=run_id)
+        run_ids.append(run_id)
+    return run_ids
+
+
+def test_the_best_test_nll_alias_moves_only_to_a_lower_nll(tmp_path):
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    first, better, worse = _registered(client, "vae", 3)
+
+    def figures(bits: float) -> dict:
+        return {"test_nll_bits_per_dim": bits, "test_nll": bits * 784 * np.log(2), "num_test_images": 10}
+
+    assert promote_if_best(client, "vae", first, figures(3.6)) == "1"
+    assert promote_if_best(client, "vae", better, figures(3.5)) == "2"
+    assert promote_if_best(client, "vae", worse, figures(3.7)) == "2"
+    holder = client.get_model_version_by_alias("vae", BEST_ALIAS)
+    assert str(holder.version) == "2" and float(holder.tags["test_nll_bits_per_dim"]) == 3.5
+    assert client.get_model_version("vae", "3").tags["test_nll_bits_per_dim"] == "3.7"  # figures kept on all
+    assert promote_if_best(client, "vae", "0" * 32, figures(1.0)) is None  # the run registered nothing
+    assert promote_if_best(client, "vae", better, figures(3.55)) == "2"  # re-evaluated holder keeps it
+    with pytest.raises(KeyError):
+        promote_if_best(client, "vae", first, {"test_nll": 1.0})

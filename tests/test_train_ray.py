@@ -89,7 +89,7 @@ def test_two_worker_run_tracks_everything_and_evaluates(ray_instance, workspace,
     client = mlflow.MlflowClient(f"sqlite:///{workspace / 'mlflow.db'}")
     run = client.get_run(metrics["mlflow_run_id"])
     assert run.info.status == "FINISHED"
-    assert run.data.params["model.latent_dim"] == "4" and run.data.tags["dataset"] == "fashion_mnist"
+    assert run.data.params["latent_dim"] == "4" and run.data.tags["dataset"] == "fashion_mnist"
     steps_per_epoch = (TRAIN // 2) // (32 // 2)
     assert len(client.get_metric_history(run.info.run_id, "loss")) == 2 * steps_per_epoch // 2
     for key in ("val_negative_elbo", "val_bits_per_dim", "train_kl"):
@@ -280,3 +280,83 @@ def test_final_state_takes_an_unregistered_newer_checkpoint_and_prunes_old_orpha
     for child in tmp_path.iterdir():
         shutil.rmtree(child)
     assert checkpoints.final_state(result) is None
+
+
+def test_the_mlflow_ui_shows_the_runs_table_the_elbo_chart_and_the_pictures(ray_instance, workspace):
+    """The MLflow UI as a user sees it, in a real browser: the experiment opens on its runs table (not MLflow
+    3's GenAI overview), the run's ELBO chart draws its series, and the evaluate stage's samples are a
+    picture of the logged size in view; the run logs the compared parameters only, the whole configuration
+    as one artifact, and the registered version carries the best-test-NLL alias."""
+    from PIL import Image
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from pipeline.tracking import BEST_ALIAS, CONFIG_ARTIFACT, EXPERIMENT_KIND_TAG, ui_url
+    from pipeline.ui_screenshot import mlflow_ui
+    from tests.fixtures.browser import headless_chromium, in_view
+
+    params = params_for(workspace, **{"train.num_workers": 1, "evaluate.fid": False,
+                                      "evaluate.num_importance_samples": 8})
+    run_id = train_stage.train(params)["mlflow_run_id"]
+    evaluate_stage.evaluate(params)
+    uri = f"sqlite:///{workspace / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    run = client.get_run(run_id)
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags[EXPERIMENT_KIND_TAG[0]] == EXPERIMENT_KIND_TAG[1]
+    assert run.data.params == {
+        "dataset": "fashion_mnist", "architecture": "mlp", "likelihood": "bernoulli", "latent_dim": "4",
+        "beta_schedule": "linear", "schedule.beta_max": "1.0", "schedule.warmup_steps": "4",
+        "schedule.start_step": "0", "learning_rate": "0.001", "batch_size": "32", "epochs": "2",
+    }
+    config = mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/{CONFIG_ARTIFACT}")
+    assert config == params.model_dump(mode="json")
+    assert client.get_model_version_by_alias("test-vae", BEST_ALIAS).run_id == run_id
+    samples = next(a.path for a in client.list_artifacts(run_id, "images")
+                   if a.path.startswith("images/eval_samples") and a.path.endswith(".png"))
+    with Image.open(client.download_artifacts(run_id, samples, str(workspace))) as picture:
+        logged_size = picture.size
+
+    def visible(browser, xpath: str):
+        return next((e for e in browser.find_elements(By.XPATH, xpath) if e.is_displayed()), None)
+
+    with mlflow_ui(uri, workspace / "mlflow-server.log") as base, headless_chromium() as browser:
+        wait = WebDriverWait(browser, 90, poll_frequency=0.5)
+        try:
+            # The experiment: its runs table, with the run in it.
+            browser.get(ui_url(base, experiment.experiment_id))
+            wait.until(lambda b: visible(b, f"//a[normalize-space()='{run.info.run_name}']"))
+            assert "/runs" in browser.current_url and "overview" not in browser.current_url
+
+            # The run's ELBO chart: one series through both epochs' values.
+            browser.get(ui_url(base, experiment.experiment_id, run_id, "model-metrics"))
+            search = wait.until(lambda b: visible(b, "//input[@placeholder='Search metric charts']"))
+            search.send_keys("val_negative_elbo")
+            title = wait.until(lambda b: visible(b, "//h4[normalize-space()='val_negative_elbo']"))
+            line = wait.until(lambda b: next(iter(title.find_elements(
+                By.XPATH, "./ancestor::div[.//div[contains(@class,'js-plotly-plot')]][1]"
+                          "//*[contains(@class,'trace')]//*[contains(@class,'js-line')]")), None))
+            card = line.find_element(By.XPATH, "./ancestor::div[.//h4][1]")
+            assert line.get_attribute("d").count("L") == 1  # two points: epochs 1 and 2
+            plot = line.find_element(By.XPATH, "./ancestor::div[contains(@class,'js-plotly-plot')][1]")
+            assert run.info.run_name in card.text and in_view(browser, plot)
+
+            # The evaluate stage's samples: the card's picture in view; the full picture at its logged size.
+            search.clear()
+            search.send_keys("eval_samples")
+            title = wait.until(lambda b: visible(b, "//h4[normalize-space()='eval_samples']"))
+            card = title.find_element(By.XPATH, "./ancestor::div[.//img][1]")
+            image = wait.until(
+                lambda b: next(iter(card.find_elements(By.CSS_SELECTOR, "img.rc-image-img")), None))
+            browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", image)
+            wait.until(lambda b: int(image.get_attribute("naturalWidth") or 0) > 0 and in_view(b, image))
+            image.click()
+            preview = wait.until(lambda b: visible(b, "//img[contains(@class,'rc-image-preview-img')]"))
+            wait.until(lambda b: int(preview.get_attribute("naturalWidth") or 0) > 0)
+            assert (int(preview.get_attribute("naturalWidth")), int(preview.get_attribute("naturalHeight"))) \
+                == logged_size
+            assert in_view(browser, preview)
+        except Exception:
+            browser.save_screenshot(str(workspace / "mlflow-ui-failure.png"))
+            print(f"screenshot of the failing page: {workspace / 'mlflow-ui-failure.png'}")
+            raise

@@ -3,11 +3,11 @@ its own parameters), read back from the config Ray Tune keeps, and flattened for
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 from pipeline.config import SearchedValues
 from pipeline.search_space import FAMILY_SPACES, SearchSpace, suggest
+from pipeline.tracking import schedule_params
 
 
 def suggest_trial_config(trial, space: SearchSpace) -> dict[str, Any]:
@@ -35,14 +35,10 @@ def flat_values(values: SearchedValues) -> dict[str, Any]:
     """The searched values with flat names (MLflow params, trials.csv columns): ``beta_schedule``,
     ``latent_dim``, ``learning_rate`` and the schedule's own parameters as ``schedule.<name>``. (MLflow's run
     comparison plots the first three differing params by name, so these three come first.)"""
-    schedule = {
-        key: value
-        for key, value in dataclasses.asdict(values.beta_schedule).items()
-        if key != "name" and value is not None
-    }
+    beta_schedule = schedule_params(values.beta_schedule)
     return {
-        "beta_schedule": values.beta_schedule.name,
+        "beta_schedule": beta_schedule.pop("beta_schedule"),
         "latent_dim": values.latent_dim,
         "learning_rate": values.learning_rate,
-        **{f"schedule.{key}": value for key, value in schedule.items()},
+        **beta_schedule,
     }

@@ -16,6 +16,7 @@ from ray.tune.experiment import Trial
 
 from pipeline.common import resolve, say
 from pipeline.config import Params, flatten
+from pipeline.tracking import CONFIG_ARTIFACT, ensure_experiment, log_params_and_config
 from pipeline.tune.space import flat_values, trial_values
 from pipeline.tune.stopping import actor
 
@@ -44,30 +45,13 @@ def _find_run(mlflow_client, experiment_id: str, **tags: str):
     return runs[0] if runs else None
 
 
-def _log_params(mlflow_client, run_id: str, values: dict[str, Any]) -> None:
-    from mlflow.entities import Param
-
-    items = [Param(key, str(value)[:6000]) for key, value in values.items()]
-    for start in range(0, len(items), 100):
-        mlflow_client.log_batch(run_id, params=items[start:start + 100], synchronous=True)
-
-
 def sweep_experiment(mlflow_client, name: str, uri: str) -> str:
     """The sweep experiment's id (created on the driver, once). With a local store its artifacts go to
     <project>/mlruns, an absolute path (trial processes run in other directories)."""
-    experiment = mlflow_client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
     location = None
     if uri.startswith(("sqlite:", "file:")) or "://" not in uri:
         location = (resolve("mlruns") / re.sub(r"[^A-Za-z0-9_.-]", "_", name)).as_uri()
-    try:
-        return mlflow_client.create_experiment(name, artifact_location=location)
-    except Exception:  # noqa: BLE001 - created meanwhile by another process
-        experiment = mlflow_client.get_experiment_by_name(name)
-        if experiment is None:
-            raise
-        return experiment.experiment_id
+    return ensure_experiment(mlflow_client, name, location)
 
 
 def open_parent_run(
@@ -97,15 +81,11 @@ def open_parent_run(
             **tags,
         },
     )
-    _log_params(
-        mlflow_client,
-        run.info.run_id,
-        {
-            key: value
-            for key, value in flatten(params).items()
-            if key.startswith(("tune.", "data.", "model.", "train."))
-        },
-    )
+    sweep_settings = {
+        key: value for key, value in flatten(params).items()
+        if key.startswith("tune.") and not key.startswith("tune.search_space.")
+    }
+    log_params_and_config(mlflow_client, run.info.run_id, params, sweep_settings)
     mlflow_client.log_dict(
         run.info.run_id, params.tune.search_space.model_dump(mode="json"), "search_space.json"
     )
@@ -189,9 +169,14 @@ class TrialRuns(ray.tune.Callback):
                 **self.runs.tags,
             },
         )
-        _log_params(self.client(), run.info.run_id, flat)
-        # The trial's full configuration, as a training run's models/vae/params.json holds it.
-        self.client().log_dict(run.info.run_id, params.model_dump(mode="json"), "config/params.json")
+        from mlflow.entities import Param
+
+        # The searched values are what a sweep's trials are compared by; the whole configuration is an
+        # artifact.
+        self.client().log_batch(
+            run.info.run_id, params=[Param(key, str(value)) for key, value in flat.items()], synchronous=True
+        )
+        self.client().log_dict(run.info.run_id, params.model_dump(mode="json"), CONFIG_ARTIFACT)
         return run.info.run_id
 
     def _close(self, trial: Trial, failed: bool) -> None:
