@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -64,20 +65,38 @@ def dvc_command(settings: dict[str, str | None], force: bool = False) -> list[st
     return command
 
 
+def _staged(root: Path) -> set[str]:
+    """The files of :data:`KEPT` that git's index holds changes of (empty outside a git repository)."""
+    done = subprocess.run(["git", "diff", "--cached", "--name-only", "--", *KEPT], cwd=root,
+                          capture_output=True, text=True)
+    return set(done.stdout.split()) if done.returncode == 0 else set()
+
+
+def _terminate(signum, frame):
+    raise SystemExit(128 + signum)
+
+
 def run_experiment(root: Path, command: list[str]) -> int:
     """Run ``command`` in ``root`` and put the files in :data:`KEPT` back as they were, whatever happens (an
-    error, Ctrl-C). Returns the command's exit status."""
+    error, Ctrl-C, SIGTERM), in the working tree and in git's index (``dvc exp run`` stages dvc.lock).
+    Returns the command's exit status."""
     saved = {name: (root / name).read_bytes() if (root / name).is_file() else None for name in KEPT}
+    staged_before = _staged(root)
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    previous = signal.signal(signal.SIGTERM, _terminate)  # SIGTERM unwinds like Ctrl-C: the finally runs
     try:
         return subprocess.run(command, cwd=root, env=env).returncode
     finally:
+        signal.signal(signal.SIGTERM, previous)
         for name, content in saved.items():
             path = root / name
             if content is None:
                 path.unlink(missing_ok=True)
             elif not path.is_file() or path.read_bytes() != content:
                 path.write_bytes(content)
+        newly_staged = sorted(_staged(root) - staged_before)
+        if newly_staged:
+            subprocess.run(["git", "reset", "-q", "--", *newly_staged], cwd=root, capture_output=True)
 
 
 def summary(root: Path) -> str:

@@ -5,7 +5,11 @@ command inside that job (``VAE_SUBMITTED=1``, same params file) runs the stage; 
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -150,3 +154,26 @@ def test_compare_writes_one_row_per_model_and_a_rerun_replaces_only_its_row(tmp_
     rows = compare.run_table(tmp_path, ["mlp"], ["bernoulli"], {"train.epochs": "2"}, runner(1800.0))
     assert [r["likelihood"] for r in rows] == ["bernoulli"]
     assert json.loads((reports / "model_table.json").read_text())["budget"]["train.epochs"] == "2"
+
+
+def test_quickstart_puts_params_and_lock_back_when_terminated(tmp_path):
+    """SIGTERM (a killed job, `kill`) while `dvc exp run` runs: params.yaml is restored and the dvc.lock the
+    run created and staged is gone from the working tree and from git's index."""
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    (tmp_path / "params.yaml").write_text("mine\n")
+    script = ("import subprocess, time; open('params.yaml', 'w').write('changed'); "
+              "open('dvc.lock', 'w').write('lock'); subprocess.run(['git', 'add', 'dvc.lock']); "
+              "open('started', 'w').close(); time.sleep(60)")
+    driver = ("import sys; from pathlib import Path; from pipeline import quickstart; "
+              f"sys.exit(quickstart.run_experiment(Path({str(tmp_path)!r}), "
+              f"[sys.executable, '-c', {script!r}]))")
+    process = subprocess.Popen([sys.executable, "-c", driver], cwd=Path(__file__).parents[1])
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "started").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(30) == 128 + signal.SIGTERM
+    assert (tmp_path / "params.yaml").read_text() == "mine\n" and not (tmp_path / "dvc.lock").exists()
+    staged = subprocess.run(["git", "diff", "--cached", "--name-only"], cwd=tmp_path, capture_output=True,
+                            text=True).stdout
+    assert staged == ""
