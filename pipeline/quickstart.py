@@ -72,16 +72,23 @@ def _staged(root: Path) -> set[str]:
     return set(done.stdout.split()) if done.returncode == 0 else set()
 
 
+def _git(root: Path, *args: str) -> str | None:
+    done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
 def _terminate(signum, frame):
     raise SystemExit(128 + signum)
 
 
 def run_experiment(root: Path, command: list[str]) -> int:
     """Run ``command`` in ``root`` and put the files in :data:`KEPT` back as they were, whatever happens (an
-    error, Ctrl-C, SIGTERM), in the working tree and in git's index (``dvc exp run`` stages dvc.lock).
+    error, Ctrl-C, SIGTERM), in the working tree and in git's index (``dvc exp run`` stages dvc.lock); a
+    branch that a killed ``dvc exp run`` left detached (HEAD on the same commit) is checked out again.
     Returns the command's exit status."""
     saved = {name: (root / name).read_bytes() if (root / name).is_file() else None for name in KEPT}
     staged_before = _staged(root)
+    branch, commit = _git(root, "symbolic-ref", "-q", "HEAD"), _git(root, "rev-parse", "HEAD")
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     previous = signal.signal(signal.SIGTERM, _terminate)  # SIGTERM unwinds like Ctrl-C: the finally runs
     try:
@@ -94,6 +101,9 @@ def run_experiment(root: Path, command: list[str]) -> int:
                 path.unlink(missing_ok=True)
             elif not path.is_file() or path.read_bytes() != content:
                 path.write_bytes(content)
+        detached = _git(root, "symbolic-ref", "-q", "HEAD") is None
+        if branch and detached and _git(root, "rev-parse", "HEAD") == commit:
+            _git(root, "symbolic-ref", "HEAD", branch)  # re-attach; the working tree is not touched
         newly_staged = sorted(_staged(root) - staged_before)
         if newly_staged:
             subprocess.run(["git", "reset", "-q", "--", *newly_staged], cwd=root, capture_output=True)

@@ -157,12 +157,17 @@ def test_compare_writes_one_row_per_model_and_a_rerun_replaces_only_its_row(tmp_
 
 
 def test_quickstart_puts_params_and_lock_back_when_terminated(tmp_path):
-    """SIGTERM (a killed job, `kill`) while `dvc exp run` runs: params.yaml is restored and the dvc.lock the
-    run created and staged is gone from the working tree and from git's index."""
-    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    """SIGTERM (a killed job, `kill`) while `dvc exp run` runs: params.yaml is restored, the dvc.lock the
+    run created and staged is gone from the working tree and from git's index, and the branch is checked
+    out again."""
+    subprocess.run(["git", "init", "-q", "-b", "main"], cwd=tmp_path, check=True)
     (tmp_path / "params.yaml").write_text("mine\n")
+    subprocess.run(["git", "add", "params.yaml"], cwd=tmp_path, check=True)
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "params"],
+                   cwd=tmp_path, check=True)
     script = ("import subprocess, time; open('params.yaml', 'w').write('changed'); "
               "open('dvc.lock', 'w').write('lock'); subprocess.run(['git', 'add', 'dvc.lock']); "
+              "subprocess.run(['git', 'checkout', '-q', '--detach']); "
               "open('started', 'w').close(); time.sleep(60)")
     driver = ("import sys; from pathlib import Path; from pipeline import quickstart; "
               f"sys.exit(quickstart.run_experiment(Path({str(tmp_path)!r}), "
@@ -177,3 +182,6 @@ def test_quickstart_puts_params_and_lock_back_when_terminated(tmp_path):
     staged = subprocess.run(["git", "diff", "--cached", "--name-only"], cwd=tmp_path, capture_output=True,
                             text=True).stdout
     assert staged == ""
+    branch = subprocess.run(["git", "symbolic-ref", "--short", "HEAD"], cwd=tmp_path, capture_output=True,
+                            text=True).stdout.strip()
+    assert branch == "main"  # the run detached HEAD, as `dvc exp run` does; it is attached again
