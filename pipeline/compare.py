@@ -64,9 +64,10 @@ def experiment_settings(architecture: str, likelihood: str, extra: dict[str, str
 
 
 def table_row(architecture: str, likelihood: str, wall_s: float, status: int, root: Path) -> dict:
-    """One row: the model, the evaluate stage's figures (reports/metrics.json), training's images/s and
-    seconds (the sum of reports/train_curves.csv's epoch_seconds), or the exit status when the experiment
-    failed. ``wall_s`` is the whole experiment's time (every stage, Ray's start included)."""
+    """One row: the model, the evaluate stage's figures (reports/metrics.json) and seconds, training's
+    images/s and seconds (the sum of reports/train_curves.csv's epoch_seconds: the epochs' own timings, kept
+    when a finished run is found again in its checkpoints and not retrained), or the exit status when the
+    experiment failed. ``wall_s`` is the whole experiment's time (every stage, Ray's start included)."""
     row: dict = {"architecture": architecture, "likelihood": likelihood, "wall_s": wall_s, "status": status}
     if status == 0:
         metrics = json.loads((root / "reports/metrics.json").read_text())
@@ -97,7 +98,7 @@ def markdown_table(rows: Sequence[dict]) -> str:
     """The table as Markdown, one line per model, failed experiments included with their exit status."""
     lines = [
         "| architecture | likelihood | test NLL (bits/dim) | test NLL (nats) | test -ELBO (nats) "
-        "| FID (samples) | active units | train img/s | train time | wall time |",
+        "| FID (samples) | active units | train img/s | train time | eval time |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
@@ -112,7 +113,7 @@ def markdown_table(rows: Sequence[dict]) -> str:
             f"| {_figure(row.get('test_nll'), 1)} | {_figure(row.get('test_negative_elbo'), 1)} | {fid} "
             f"| {row.get('active_units', '-')}/{row.get('latent_dim', '-')} "
             f"| {_figure(row.get('train_images_per_s'), 0)} | {_minutes(row.get('train_seconds'))} "
-            f"| {_minutes(row['wall_s'])} |"
+            f"| {_minutes(row.get('evaluation_seconds'))} |"
         )
     return "\n".join(lines)
 
@@ -131,7 +132,7 @@ def run_table(
     runner: Callable[[Path, list[str]], int] = run_experiment,
 ) -> list[dict]:
     """Train and evaluate every (architecture, likelihood) pair, one DVC experiment each (every stage run
-    again: nothing restored from DVC's run cache, so each row's times are its own), in order; a failed
+    again, nothing restored from DVC's run cache: the evaluation is always this code's), in order; a failed
     experiment becomes a row with its exit status and the others still run. The tables are rewritten after
     every experiment, so an interrupted comparison keeps what it measured; rows of other models already in
     reports/model_table.json at the same budget are kept (a re-run of one model replaces its row only).

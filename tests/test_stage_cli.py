@@ -129,13 +129,14 @@ def test_compare_writes_one_row_per_model_and_a_rerun_replaces_only_its_row(tmp_
 
     def runner(nll: float):
         def run(root, command):
-            assert "--force" in command  # each row's times are its own run's
+            assert "--force" in command  # no stage restored from DVC's run cache
             likelihood = next(a.split("=", 1)[1] for a in command if a.startswith("model.likelihood="))
             if likelihood == "categorical_256":
                 return 2
             (reports / "metrics.json").write_text(json.dumps({
                 "test_nll": nll, "test_nll_bits_per_dim": nll / 543.4, "test_negative_elbo": nll + 30,
-                "active_units": 20, "latent_dim": 32, "num_importance_samples": 100}))
+                "active_units": 20, "latent_dim": 32, "num_importance_samples": 100,
+                "evaluation_seconds": 12}))
             (reports / "train_metrics.json").write_text(json.dumps({"images_per_s": 900.0, "epochs": 2}))
             (reports / "train_curves.csv").write_text("epoch,epoch_seconds\n1,30.5\n2,29.5\n")
             return 0
@@ -146,7 +147,7 @@ def test_compare_writes_one_row_per_model_and_a_rerun_replaces_only_its_row(tmp_
     assert rows[0]["test_nll"] == 2000.0 and rows[0]["train_seconds"] == 60.0
     table = (reports / "model_table.md").read_text()
     expected = ("| mlp | bernoulli (binarized data) | 3.681 | 2,000.0 | 2,030.0 | skipped | 20/32 | 900 "
-                "| 1.0 min")
+                "| 1.0 min | 0.2 min |")
     assert expected in table and "| mlp | categorical_256 | failed (exit 2)" in table
     rows = compare.run_table(tmp_path, ["mlp"], ["bernoulli"], {}, runner(1900.0))
     assert [(r["likelihood"], r.get("test_nll")) for r in rows] == [("bernoulli", 1900.0),
