@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import json
 import math
 import os
@@ -18,9 +19,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from pipeline.common import atomic_write_text, say
-from pipeline.config import REPO_ROOT
+from pipeline.config import REPO_ROOT, ModelConfig
 from pipeline.quickstart import SETTINGS as QUICKSTART_SETTINGS
-from pipeline.quickstart import dvc_command, run_experiment
+from pipeline.quickstart import dvc_command, parse_settings, run_experiment, settings_option
 
 # Encoder widths per architecture for 28x28 images (the decoders mirror them): the quick start's MLP, and
 # three stride-2 conv blocks (28 -> 16 -> 8 -> 4 after padding to 32) for the conv and residual nets.
@@ -143,11 +144,9 @@ def run_table(
         previous = json.loads((root / TABLE_JSON).read_text())
         if previous.get("budget") == budget:
             rows = previous["rows"]
-    total = len(architectures) * len(likelihoods)
-    for index, (architecture, likelihood) in enumerate(
-        (a, lik) for a in architectures for lik in likelihoods
-    ):
-        say(f"[compare] {architecture} x {likelihood} ({index + 1} of {total})")
+    models = list(itertools.product(architectures, likelihoods))
+    for index, (architecture, likelihood) in enumerate(models, 1):
+        say(f"[compare] {architecture} x {likelihood} ({index} of {len(models)})")
         started = time.perf_counter()
         status = runner(root, dvc_command(experiment_settings(architecture, likelihood, extra), force=True))
         row = table_row(architecture, likelihood, time.perf_counter() - started, status, root)
@@ -164,28 +163,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--architectures", nargs="+", choices=list(ARCHITECTURES),
                         default=list(ARCHITECTURES))
     parser.add_argument("--likelihoods", nargs="+", default=list(LIKELIHOODS),
-                        help=f"likelihood names of model.likelihood (default: {' '.join(LIKELIHOODS)})")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="change the budget or any setting (dotted params key), "
-                        "e.g. --set train.epochs=10")
+                        choices=ModelConfig.model_fields["likelihood"].annotation.__args__)
+    settings_option(parser, "train.epochs=10 (the budget or any setting)")
     parser.add_argument("--dry-run", action="store_true", help="print the dvc commands and stop")
     args = parser.parse_args(argv)
-    from pipeline.config import ModelConfig
-
-    allowed = ModelConfig.model_fields["likelihood"].annotation.__args__
-    unknown = [name for name in args.likelihoods if name not in allowed]
-    if unknown:
-        parser.error(f"--likelihoods: unknown {', '.join(unknown)}; allowed: {', '.join(allowed)}")
-    extra: dict[str, str] = {}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            parser.error(f"--set {item!r}: expected KEY=VALUE, e.g. train.epochs=10")
-        extra[key] = value
+    extra = parse_settings(parser, args.set)
     if args.dry_run:
-        for architecture in args.architectures:
-            for likelihood in args.likelihoods:
-                print(" ".join(dvc_command(experiment_settings(architecture, likelihood, extra), force=True)))
+        for architecture, likelihood in itertools.product(args.architectures, args.likelihoods):
+            print(" ".join(dvc_command(experiment_settings(architecture, likelihood, extra), force=True)))
         return 0
     root = Path(os.environ.get("VAE_PROJECT_ROOT") or REPO_ROOT)
     rows = run_table(root, args.architectures, args.likelihoods, extra)

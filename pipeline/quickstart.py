@@ -65,16 +65,32 @@ def dvc_command(settings: dict[str, str | None], force: bool = False) -> list[st
     return command
 
 
-def _staged(root: Path) -> set[str]:
-    """The files of :data:`KEPT` that git's index holds changes of (empty outside a git repository)."""
-    done = subprocess.run(["git", "diff", "--cached", "--name-only", "--", *KEPT], cwd=root,
-                          capture_output=True, text=True)
-    return set(done.stdout.split()) if done.returncode == 0 else set()
+def settings_option(parser: argparse.ArgumentParser, example: str) -> None:
+    """Add ``--set KEY=VALUE`` (repeatable) to ``parser``; read it back with :func:`parse_settings`."""
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help=f"change or add a setting (dotted params key), e.g. --set {example}")
+
+
+def parse_settings(parser: argparse.ArgumentParser, items: list[str]) -> dict[str, str]:
+    """``--set`` values as {dotted key: value}; a malformed one is a usage error (exit 2)."""
+    settings: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            parser.error(f"--set {item!r}: expected KEY=VALUE, e.g. train.epochs=20")
+        settings[key] = value
+    return settings
 
 
 def _git(root: Path, *args: str) -> str | None:
+    """git's output in ``root``, or None when it fails (not a repository, detached HEAD for symbolic-ref)."""
     done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
     return done.stdout.strip() if done.returncode == 0 else None
+
+
+def _staged(root: Path) -> set[str]:
+    """The files of :data:`KEPT` that git's index holds changes of (empty outside a git repository)."""
+    return set((_git(root, "diff", "--cached", "--name-only", "--", *KEPT) or "").split())
 
 
 def _terminate(signum, frame):
@@ -106,7 +122,7 @@ def run_experiment(root: Path, command: list[str]) -> int:
             _git(root, "symbolic-ref", "HEAD", branch)  # re-attach; the working tree is not touched
         newly_staged = sorted(_staged(root) - staged_before)
         if newly_staged:
-            subprocess.run(["git", "reset", "-q", "--", *newly_staged], cwd=root, capture_output=True)
+            _git(root, "reset", "-q", "--", *newly_staged)
 
 
 def summary(root: Path) -> str:
@@ -141,16 +157,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m pipeline.quickstart", description=__doc__.split("\n\n")[0]
     )
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="change or add a setting (dotted params key), e.g. --set train.epochs=20")
+    settings_option(parser, "train.epochs=20")
     parser.add_argument("--dry-run", action="store_true", help="print the dvc command and stop")
     args = parser.parse_args(argv)
-    settings: dict[str, str | None] = dict(SETTINGS)
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            parser.error(f"--set {item!r}: expected KEY=VALUE, e.g. train.epochs=20")
-        settings[key] = value
+    settings: dict[str, str | None] = {**SETTINGS, **parse_settings(parser, args.set)}
     root = Path(os.environ.get("VAE_PROJECT_ROOT") or REPO_ROOT)
     command = dvc_command(settings)
     if args.dry_run:

@@ -72,12 +72,12 @@ def compared_params(params: Params) -> dict[str, Any]:
     return chosen
 
 
-def log_params_and_config(client, run_id: str, params: Params, extra: dict[str, Any] | None = None) -> None:
-    """Log the compared parameters (plus ``extra``) as MLflow params and the whole configuration as the run's
-    :data:`CONFIG_ARTIFACT` (JSON, as models/vae/params.json holds it)."""
+def log_params_and_config(client, run_id: str, values: dict[str, Any], params: Params) -> None:
+    """Log ``values`` (what the run is compared by: :func:`compared_params`, a trial's searched values) as
+    MLflow params and the whole configuration ``params`` as the run's :data:`CONFIG_ARTIFACT` (JSON, as
+    models/vae/params.json holds it)."""
     from mlflow.entities import Param
 
-    values = {**compared_params(params), **(extra or {})}
     items = [Param(key, str(value)[:6000]) for key, value in values.items()]
     for start in range(0, len(items), 100):
         client.log_batch(run_id, params=items[start:start + 100], synchronous=True)
@@ -101,11 +101,12 @@ def ensure_experiment(client, name: str, artifact_location: str | None = None) -
     return experiment.experiment_id
 
 
-def ui_url(base: str, experiment_id: str, run_id: str | None = None, tab: str = "") -> str:
+def ui_url(base: str, experiment_id: str, run_id: str | None = None, tab: str = "", **query: str) -> str:
     """The MLflow UI address of an experiment (its runs table) or of one run (``tab``: "", "model-metrics",
-    "artifacts"), in the model-training views."""
+    "artifacts"), in the model-training views; ``query`` adds URL parameters (compareRunsMode="CHART")."""
     path = f"/runs/{run_id}" + (f"/{tab}" if tab else "") if run_id else "/runs"
-    return f"{base.rstrip('/')}/#/experiments/{experiment_id}{path}{UI_QUERY}"
+    extra = "".join(f"&{key}={value}" for key, value in query.items())
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}{path}{UI_QUERY}{extra}"
 
 
 def promote_if_best(client, model_name: str, run_id: str, figures: dict[str, Any]) -> str | None:
@@ -403,7 +404,7 @@ def open_training_run(
             **(tags or {}),
         },
     )
-    log_params_and_config(client, run.info.run_id, params)
+    log_params_and_config(client, run.info.run_id, compared_params(params), params)
     if run_dir is not None:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / RUN_ID_FILE).write_text(run.info.run_id)

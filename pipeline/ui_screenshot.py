@@ -213,7 +213,7 @@ def view_url(base: str, view: str, experiment_id: str, parent_id: str, children:
         )
         return f"{base}/#/compare-runs?{query}"
     mode = {"chart": "CHART", "table": "TABLE"}[view]
-    return f"{ui_url(base, experiment_id)}&compareRunsMode={mode}"
+    return ui_url(base, experiment_id, compareRunsMode=mode)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -65,6 +65,9 @@ def test_experiments_get_the_model_training_kind_new_or_old(tmp_path):
     assert ui_url("http://h:5000/", old, "abc", "model-metrics") == (
         f"http://h:5000/#/experiments/{old}/runs/abc/model-metrics?workflowType=machine_learning"
     )
+    assert ui_url("http://h:5000", old, compareRunsMode="CHART") == (
+        f"http://h:5000/#/experiments/{old}/runs?workflowType=machine_learning&compareRunsMode=CHART"
+    )
 
 
 def test_compared_params_are_short_and_follow_the_configuration():

@@ -289,6 +289,7 @@ def test_the_mlflow_ui_shows_the_runs_table_the_elbo_chart_and_the_pictures(ray_
     as one artifact, and the registered version carries the best-test-NLL alias."""
     from PIL import Image
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
 
     from pipeline.tracking import BEST_ALIAS, CONFIG_ARTIFACT, EXPERIMENT_KIND_TAG, ui_url
@@ -342,14 +343,22 @@ def test_the_mlflow_ui_shows_the_runs_table_the_elbo_chart_and_the_pictures(ray_
             assert run.info.run_name in card.text and in_view(browser, plot)
 
             # The evaluate stage's samples: the card's picture in view; the full picture at its logged size.
-            search.clear()
-            search.send_keys("eval_samples")
+            search.send_keys(Keys.CONTROL, "a")  # the input is React's: clear() leaves its state as it was
+            search.send_keys(Keys.DELETE, "eval_samples")
             title = wait.until(lambda b: visible(b, "//h4[normalize-space()='eval_samples']"))
             card = title.find_element(By.XPATH, "./ancestor::div[.//img][1]")
             image = wait.until(
                 lambda b: next(iter(card.find_elements(By.CSS_SELECTOR, "img.rc-image-img")), None))
-            browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", image)
-            wait.until(lambda b: int(image.get_attribute("naturalWidth") or 0) > 0 and in_view(b, image))
+
+            def loaded_and_in_view(b) -> bool:
+                # The page brings the card into view (again on each try: cards shift as pictures load); the
+                # card's own scroller stays where it opens. MLflow's card at its default size shows the top of
+                # a square picture under the params caption (expand the card to see all of it): the picture
+                # must begin in view there, not below the fold of the card.
+                b.execute_script("arguments[0].scrollIntoView({block: 'center'})", card)
+                return int(image.get_attribute("naturalWidth") or 0) > 0 and in_view(b, image, depth=0.1)
+
+            wait.until(loaded_and_in_view)
             image.click()
             preview = wait.until(lambda b: visible(b, "//img[contains(@class,'rc-image-preview-img')]"))
             wait.until(lambda b: int(preview.get_attribute("naturalWidth") or 0) > 0)

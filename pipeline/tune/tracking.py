@@ -16,7 +16,7 @@ from ray.tune.experiment import Trial
 
 from pipeline.common import resolve, say
 from pipeline.config import Params, flatten
-from pipeline.tracking import CONFIG_ARTIFACT, ensure_experiment, log_params_and_config
+from pipeline.tracking import compared_params, ensure_experiment, log_params_and_config
 from pipeline.tune.space import flat_values, trial_values
 from pipeline.tune.stopping import actor
 
@@ -85,7 +85,9 @@ def open_parent_run(
         key: value for key, value in flatten(params).items()
         if key.startswith("tune.") and not key.startswith("tune.search_space.")
     }
-    log_params_and_config(mlflow_client, run.info.run_id, params, sweep_settings)
+    log_params_and_config(
+        mlflow_client, run.info.run_id, {**compared_params(params), **sweep_settings}, params
+    )
     mlflow_client.log_dict(
         run.info.run_id, params.tune.search_space.model_dump(mode="json"), "search_space.json"
     )
@@ -169,14 +171,8 @@ class TrialRuns(ray.tune.Callback):
                 **self.runs.tags,
             },
         )
-        from mlflow.entities import Param
-
-        # The searched values are what a sweep's trials are compared by; the whole configuration is an
-        # artifact.
-        self.client().log_batch(
-            run.info.run_id, params=[Param(key, str(value)) for key, value in flat.items()], synchronous=True
-        )
-        self.client().log_dict(run.info.run_id, params.model_dump(mode="json"), CONFIG_ARTIFACT)
+        # A sweep's trials are compared by their searched values; the whole configuration is an artifact.
+        log_params_and_config(self.client(), run.info.run_id, flat, params)
         return run.info.run_id
 
     def _close(self, trial: Trial, failed: bool) -> None:
