@@ -26,6 +26,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(REPO_ROOT))
 
+from pipeline import storage  # noqa: E402
 from pipeline.config import parse_params, set_dotted  # noqa: E402
 
 
@@ -64,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         "--base", type=Path, default=REPO_ROOT / "params.yaml", help="default: the repo's params.yaml"
     )
     parser.add_argument("--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("-o", "--output", type=Path, required=True)
+    parser.add_argument("-o", "--output", required=True,
+                        help="a path, or an s3:// URI (the team deployment: nodes share no folder)")
     args = parser.parse_args(argv)
     try:
         tree = build(args.base, args.overrides, args.assignments)
@@ -72,8 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError, yaml.YAMLError) as error:  # ConfigError is a ValueError
         print(f"cluster_params: {error}", file=sys.stderr)
         return 2
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(yaml.safe_dump(tree, sort_keys=False))
+    storage.write_bytes(args.output, yaml.safe_dump(tree, sort_keys=False).encode())
     print(f"wrote {args.output}")
     return 0
 

@@ -1,8 +1,11 @@
-"""A real multi-node Ray cluster on this one machine, plus an MLflow tracking server, for tests and demos.
+"""A real multi-node Ray cluster on this one machine, plus an MLflow tracking server, for tests and demos;
+with ``--team`` the team deployment: an S3 endpoint, PostgreSQL behind MLflow with basic-auth, node-local
+data caches and no shared folder (infra/team_services.py).
 
-    python infra/local_cluster.py up      [--workers N --head-cpus C --worker-cpus C ... --state-dir DIR]
-    python infra/local_cluster.py status [--json] python infra/local_cluster.py env # the shell exports; `eval
-    "$(infra/local-cluster.sh env)"` python infra/local_cluster.py down [--keep-logs]
+    python infra/local_cluster.py up [--team] [--workers N --head-cpus C --worker-cpus C ... --state-dir DIR]
+    python infra/local_cluster.py status [--json]
+    python infra/local_cluster.py env          # the shell exports; `eval "$(infra/local-cluster.sh env)"`
+    python infra/local_cluster.py down [--keep-logs] [--wipe]
 
 What it starts, how token authentication is set and how `down` finds exactly its own processes:
 infra/README.md, section 2. Python API (used by the tests): ``LocalCluster(ClusterSettings(...))`` with
@@ -32,6 +35,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+if str(Path(__file__).resolve().parent) not in sys.path:  # infra/ is a folder of scripts, not a package
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+import team_services as team  # noqa: E402
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 STATE_FILE = "cluster.json"
 ENV_FILE = "env.sh"
@@ -39,6 +46,7 @@ TOKEN_FILE = "auth_token"
 MARKER = "VAE_LOCAL_CLUSTER"
 NODE_MARKER = "VAE_LOCAL_CLUSTER_NODE"
 HEAD = "head"
+SERVICES = ("mlflow", "s3", "postgres")  # processes of the cluster that are not Ray nodes
 GIB = 1024**3
 MIB = 1024**2
 # Environment variables that would point our processes at another cluster or another token.
@@ -102,6 +110,9 @@ class ClusterSettings:
     # the dashboard agent of node k (head k=0) = base+10+k.
     base_port: int = dataclasses.field(default_factory=lambda: _env("VAE_CLUSTER_BASE_PORT", 26300, int))
     mlflow: bool = True
+    # The team deployment: an S3 endpoint (data, checkpoints, MLflow artifacts), PostgreSQL behind MLflow,
+    # MLflow's basic-auth, each node with its own data cache and no shared folder (infra/team_services.py).
+    team: bool = dataclasses.field(default_factory=lambda: _env("VAE_CLUSTER_TEAM", "0") in ("1", "true"))
     # Ray's session dirs hold unix sockets (path limit ~107 bytes), so they live under a short /tmp path.
     ray_temp_root: Path | None = dataclasses.field(
         default_factory=lambda: Path(p) if (p := os.environ.get("VAE_CLUSTER_RAY_TMP")) else None
@@ -134,12 +145,21 @@ class ClusterSettings:
     def mlflow_port(self) -> int:
         return self.base_port + 3
 
+    @property
+    def s3_port(self) -> int:
+        return self.base_port + 4
+
+    @property
+    def postgres_port(self) -> int:
+        return self.base_port + 5
+
     def agent_port(self, index: int) -> int:
         return self.base_port + 10 + index
 
     def ports(self) -> list[int]:
         ports = [self.gcs_port, self.dashboard_port, self.client_server_port]
         ports += [self.mlflow_port] if self.mlflow else []
+        ports += [self.s3_port, self.postgres_port] if self.team else []
         return ports + [self.agent_port(k) for k in range(self.num_workers + 1)]
 
     def to_json(self) -> dict[str, Any]:
@@ -226,6 +246,38 @@ class LocalCluster:
     def mlflow_dir(self) -> Path:
         return self.state_dir / "mlflow"
 
+    @property
+    def credentials_path(self) -> Path:
+        return self.state_dir / "credentials.json"
+
+    @property
+    def saved_bucket(self) -> Path:
+        """Where `down` keeps the S3 endpoint's objects (moto holds them in memory)."""
+        return self.state_dir / "s3"
+
+    @property
+    def postgres_dir(self) -> Path:
+        return self.state_dir / "postgres"
+
+    @property
+    def auth_config_path(self) -> Path:
+        return self.state_dir / "mlflow_auth.ini"
+
+    def node_cache(self, node: str) -> Path:
+        """A node's own data cache (``VAE_DATA_CACHE``) in the team deployment."""
+        return self.state_dir / "nodes" / node / "cache"
+
+    @property
+    def s3_url(self) -> str | None:
+        return f"http://127.0.0.1:{self.settings.s3_port}" if self.settings.team else None
+
+    @property
+    def bucket_uri(self) -> str | None:
+        return f"s3://{team.BUCKET}" if self.settings.team else None
+
+    def credentials(self) -> dict[str, str]:
+        return team.credentials(self.credentials_path)
+
     # ------------------------------------------------------------------------------------- addresses
     @property
     def address(self) -> str:
@@ -256,10 +308,23 @@ class LocalCluster:
             "RAY_API_SERVER_ADDRESS": self.dashboard_url,
             "RAY_AUTH_MODE": "token",
             "RAY_AUTH_TOKEN_PATH": str(self.token_path),
-            "VAE_SHARED_STORAGE": str(self.shared_storage),
         }
+        if not self.settings.team:
+            env["VAE_SHARED_STORAGE"] = str(self.shared_storage)
         if self.mlflow_url:
             env["MLFLOW_TRACKING_URI"] = self.mlflow_url
+        if self.settings.team:
+            creds = self.credentials()
+            env.update(
+                VAE_BUCKET=str(self.bucket_uri),
+                AWS_ENDPOINT_URL=str(self.s3_url),
+                AWS_DEFAULT_REGION=team.REGION,
+                MLFLOW_TRACKING_USERNAME=team.ADMIN_USER,
+                MLFLOW_TRACKING_PASSWORD=creds["mlflow_admin_password"],
+            )
+            if "aws_access_key_id" in creds:  # set when the S3 endpoint starts
+                env.update(AWS_ACCESS_KEY_ID=creds["aws_access_key_id"],
+                           AWS_SECRET_ACCESS_KEY=creds["aws_secret_access_key"])
         return env
 
     def subprocess_env(self, base: dict[str, str] | None = None) -> dict[str, str]:
@@ -276,6 +341,8 @@ class LocalCluster:
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
         env["RAY_USAGE_STATS_ENABLED"] = "0"
         env.update(self.settings.ray_env)
+        if self.settings.team and node not in SERVICES:
+            env["VAE_DATA_CACHE"] = str(self.node_cache(node))  # each node its own, nothing shared
         env[MARKER] = str(self.cluster_id)
         env[NODE_MARKER] = f"{self.cluster_id}/{node}"
         return env
@@ -363,7 +430,8 @@ class LocalCluster:
                 f"ports {busy} are in use; pick other ports with --base-port "
                 f"(VAE_CLUSTER_BASE_PORT), now {s.base_port}"
             )
-        for path in (self.state_dir, self.shared_storage, self.logs_dir, self.mlflow_dir):
+        folders = [self.state_dir, self.logs_dir, self.mlflow_dir, *([] if s.team else [self.shared_storage])]
+        for path in folders:
             path.mkdir(parents=True, exist_ok=True)
         self.token_path.unlink(missing_ok=True)
         with os.fdopen(os.open(self.token_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as handle:
@@ -377,6 +445,9 @@ class LocalCluster:
         }
         self._save()
         try:
+            if s.team:
+                self.start_s3()
+                self.start_postgres()
             if s.mlflow:
                 self.start_mlflow(wait=False)
             self.start_node(HEAD)
@@ -390,7 +461,7 @@ class LocalCluster:
             with contextlib.suppress(Exception):
                 self.down(keep_logs=True)
             raise
-        self.env_path.write_text(self.env_script())
+        team.write_private(self.env_path, self.env_script())  # it holds the token path and, --team, secrets
         return self.status(note="started")
 
     def start_node(self, name: str) -> None:
@@ -503,15 +574,25 @@ class LocalCluster:
             raise ClusterError("the MLflow server is already running")
         artifacts = self.mlflow_dir / "artifacts"
         artifacts.mkdir(parents=True, exist_ok=True)
+        env = self._node_env("mlflow")
+        if s.team:
+            creds = self.credentials()
+            team.write_auth_config(self.auth_config_path, s.postgres_port, creds)
+            store = team.mlflow_team_args(s.postgres_port, creds)
+            env.update(
+                MLFLOW_AUTH_CONFIG_PATH=str(self.auth_config_path),
+                MLFLOW_FLASK_SERVER_SECRET_KEY=creds["flask_secret_key"],
+                MLFLOW_S3_ENDPOINT_URL=str(self.s3_url),  # the server alone talks to the bucket
+            )
+        else:
+            store = ["--backend-store-uri", f"sqlite:///{self.mlflow_dir / 'mlflow.db'}",
+                     "--artifacts-destination", str(artifacts)]
         cmd = [
             sys.executable,
             "-m",
             "mlflow",
             "server",
-            "--backend-store-uri",
-            f"sqlite:///{self.mlflow_dir / 'mlflow.db'}",
-            "--artifacts-destination",
-            str(artifacts),
+            *store,
             "--host",
             "127.0.0.1",
             "--port",
@@ -523,23 +604,82 @@ class LocalCluster:
         with open(log, "a") as out:
             proc = subprocess.Popen(
                 cmd,
-                env=self._node_env("mlflow"),
+                env=env,
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
                 cwd=self.mlflow_dir,
             )
+        shown = team.redact(cmd, self.credentials()) if s.team else cmd
         self.state["mlflow"] = {
             "pid": proc.pid,
             "url": self.mlflow_url,
             "log": str(log),
-            "backend_store_uri": cmd[5],
-            "artifacts": str(artifacts),
+            "backend_store_uri": shown[shown.index("--backend-store-uri") + 1],
+            "artifacts": shown[shown.index("--artifacts-destination") + 1],
         }
         self._save()
         if wait:
             self.wait_for_mlflow()
+
+    def _start_service(self, name: str, cmd: list[str], cwd: Path, env: dict[str, str] | None = None) -> int:
+        """Start one of :data:`SERVICES` in its own session, logging to logs/<name>.log; returns its pid."""
+        log = self.logs_dir / f"{name}.log"
+        with open(log, "a") as out:
+            proc = subprocess.Popen(
+                cmd,
+                env={**self._node_env(name), **(env or {})},
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                cwd=cwd,
+            )
+        self.state[name] = {"pid": proc.pid, "log": str(log), "command": shlex.join(
+            team.redact(cmd, self.credentials()))}
+        self._save()
+        return proc.pid
+
+    def start_s3(self) -> None:
+        """Start the S3 endpoint (moto's server) on 127.0.0.1 and load the objects `down` kept."""
+        if self.processes("s3"):
+            raise ClusterError("the S3 endpoint is already running")
+        self._start_service("s3", team.s3_command(sys.executable, self.settings.s3_port), self.state_dir,
+                            team.S3_ENV)
+        try:
+            team.wait_for_port(self.settings.s3_port, self.settings.start_timeout_s)
+            creds = team.update_credentials(self.credentials_path, team.provision_s3(str(self.s3_url)))
+            restored = team.restore_bucket(str(self.s3_url), creds, self.saved_bucket)
+        except team.ServiceError as error:
+            log = self.logs_dir / "s3.log"
+            raise ClusterError(f"{error}; {log}:\n{_tail(log)}") from None
+        self._say(f"S3 endpoint on {self.s3_url}, bucket {self.bucket_uri} ({restored} objects restored)")
+
+    def start_postgres(self) -> None:
+        """Start the private PostgreSQL (``initdb`` on first use) on 127.0.0.1."""
+        if self.processes("postgres"):
+            raise ClusterError("PostgreSQL is already running")
+        creds = self.credentials()
+        try:
+            data_dir = team.postgres_data_dir(self.postgres_dir)
+            if team.init_postgres(data_dir, creds["postgres_password"], self.logs_dir / "initdb.log"):
+                self._say(f"PostgreSQL data directory created in {self.postgres_dir}")
+            self._start_service("postgres", team.postgres_command(data_dir, self.settings.postgres_port),
+                                self.state_dir)
+            team.wait_for_postgres(self.settings.postgres_port, creds["postgres_password"],
+                                   self.settings.start_timeout_s)
+        except team.ServiceError as error:
+            log = self.logs_dir / "postgres.log"
+            raise ClusterError(f"{error}; {log}:\n{_tail(log)}") from None
+        self._say(f"PostgreSQL on 127.0.0.1:{self.settings.postgres_port}")
+
+    def s3_healthy(self) -> bool:
+        try:
+            team.wait_for_s3(str(self.s3_url), self.credentials(), 2.0)
+            return True
+        except Exception:  # noqa: BLE001
+            return False
 
     def stop_mlflow(self, sig: int = signal.SIGTERM) -> None:
         """Stop only the MLflow server (the tracking-outage fault test)."""
@@ -560,10 +700,28 @@ class LocalCluster:
                 proc.send_signal(sig)
         return [p.pid for p in procs]
 
-    def down(self, keep_logs: bool = False, grace_s: float = 3.0) -> dict[str, Any]:
-        """Stop every process of this cluster (workers, head, MLflow) and remove the state files."""
+    def down(self, keep_logs: bool = False, grace_s: float = 3.0, wipe: bool = False) -> dict[str, Any]:
+        """Stop every process of this cluster (workers, head, MLflow, and with --team the S3 endpoint and
+        PostgreSQL) and remove the state files. The data stay (the bucket's objects are saved first, the
+        PostgreSQL data directory and node caches are kept) unless ``wipe``."""
         if not self.state:
+            if wipe:
+                self._wipe()
+                return {"stopped": [], "note": f"no cluster running in {self.state_dir}; data wiped"}
             return {"stopped": [], "note": f"no cluster state in {self.state_dir}; nothing to stop"}
+        kept = []
+        if self.settings.team and not wipe and self.processes("s3"):
+            try:
+                count = team.save_bucket(str(self.s3_url), self.credentials(), self.saved_bucket)
+                kept.append(f"{count} S3 objects in {self.saved_bucket}")
+            except Exception as error:  # noqa: BLE001 - stop anyway; say what was not kept
+                kept.append(f"NOT the S3 objects ({error})")
+        if self.settings.team:
+            # PostgreSQL's fast shutdown (SIGINT) after its clients: SIGTERM would wait for them.
+            self._terminate(self.processes("mlflow"), grace_s=grace_s)
+            self._terminate(self.processes("postgres"), sig=signal.SIGINT, grace_s=15.0)
+            if not wipe:
+                kept.append(f"the PostgreSQL data in {self.postgres_dir}")
         procs = self.processes()
         described = [self._describe(p) for p in procs]
         # Raylets and the rest first, the GCS last (as `ray stop` does: others complain when it goes first).
@@ -575,7 +733,21 @@ class LocalCluster:
         if survivors:
             raise ClusterError(f"processes survived SIGKILL: {[self._describe(p) for p in survivors]}")
         self._cleanup_files(keep_logs=keep_logs)
-        return {"stopped": described, "note": f"stopped {len(described)} processes"}
+        if wipe:
+            self._wipe()
+        note = f"stopped {len(described)} processes" + (f"; kept {', '.join(kept)}" if kept else "")
+        return {"stopped": described, "note": note + ("; data wiped" if wipe else "")}
+
+    def _wipe(self) -> None:
+        """Remove the kept data: saved bucket, PostgreSQL data, node caches, MLflow data, secrets."""
+        if self.postgres_dir.is_symlink():
+            shutil.rmtree(self.postgres_dir.resolve(), ignore_errors=True)
+            self.postgres_dir.unlink()
+        for path in (self.saved_bucket, self.postgres_dir, self.state_dir / "nodes", self.mlflow_dir,
+                     self.shared_storage):
+            shutil.rmtree(path, ignore_errors=True)
+        for path in (self.credentials_path, self.auth_config_path):
+            path.unlink(missing_ok=True)
 
     def _cleanup_files(self, keep_logs: bool) -> None:
         temp_root = self.settings.ray_temp_root
@@ -644,7 +816,7 @@ class LocalCluster:
         if not self.state:
             return {"up": False, "state_dir": str(self.state_dir), "note": note or "not up"}
         by_node = {}
-        for name in [*self.state.get("nodes", {}), *(["mlflow"] if self.state.get("mlflow") else [])]:
+        for name in [*self.state.get("nodes", {}), *(s for s in SERVICES if self.state.get(s))]:
             procs = self.processes(name)
             raylets = [p.pid for p in procs if _name(p) == "raylet"]
             by_node[name] = {"processes": len(procs), "raylet_pid": raylets[0] if raylets else None}
@@ -665,7 +837,8 @@ class LocalCluster:
         expected = len(self.state.get("nodes", {}))
         return {
             "up": alive > 0,
-            "healthy": alive == expected and (self.mlflow_healthy() or not self.settings.mlflow),
+            "healthy": alive == expected and (self.mlflow_healthy() or not self.settings.mlflow)
+            and (not self.settings.team or bool(self.processes("postgres") and self.s3_healthy())),
             "note": note,
             "cluster_id": self.cluster_id,
             "state_dir": str(self.state_dir),
@@ -673,7 +846,11 @@ class LocalCluster:
             "dashboard_url": self.dashboard_url,
             "mlflow_url": self.mlflow_url,
             "mlflow_healthy": self.mlflow_healthy(),
-            "shared_storage": str(self.shared_storage),
+            "shared_storage": None if self.settings.team else str(self.shared_storage),
+            "s3_url": self.s3_url,
+            "bucket": self.bucket_uri,
+            "s3_healthy": self.s3_healthy() if self.settings.team else None,
+            "postgres_port": self.settings.postgres_port if self.settings.team else None,
             "env_file": str(self.env_path),
             "alive_nodes": alive,
             "expected_nodes": expected,
@@ -768,11 +945,19 @@ def format_status(status: dict[str, Any]) -> str:
             if not status["mlflow_url"]
             else ("  (healthy)" if status["mlflow_healthy"] else "  (NOT answering)")
         ),
-        f"  Shared storage for train.storage_path: {status['shared_storage']}",
+        *(
+            [f"  Shared storage for train.storage_path: {status['shared_storage']}"]
+            if status.get("shared_storage")
+            else [
+                f"  S3 endpoint: {status['s3_url']}, bucket {status['bucket']}"
+                + ("  (healthy)" if status.get("s3_healthy") else "  (NOT answering)"),
+                f"  PostgreSQL (MLflow's store): 127.0.0.1:{status['postgres_port']}",
+            ]
+        ),
         "  Processes: "
         + ", ".join(
             f"{name} {info['processes']}"
-            + ("" if name == "mlflow" else f" (raylet {info['raylet_pid'] or 'DOWN'})")
+            + ("" if name in SERVICES else f" (raylet {info['raylet_pid'] or 'DOWN'})")
             for name, info in status["processes"].items()
         ),
         f"Use it from a shell:  source {status['env_file']}",
@@ -813,6 +998,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     up.add_argument("--no-mlflow", action="store_true", help="do not start the MLflow server")
     up.add_argument(
+        "--team",
+        action="store_true",
+        help="the team deployment: an S3 endpoint for data, checkpoints and artifacts, PostgreSQL behind "
+        "MLflow with basic-auth, node-local data caches and no shared folder (VAE_CLUSTER_TEAM=1)",
+    )
+    up.add_argument(
         "--ray-env",
         action="append",
         default=[],
@@ -826,6 +1017,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("env", help="print the shell exports for this cluster")
     down = sub.add_parser("down", help="stop exactly what `up` started")
     down.add_argument("--keep-logs", action="store_true", help="keep Ray's temp dirs (logs)")
+    down.add_argument(
+        "--wipe", action="store_true", help="also delete the kept data (bucket, PostgreSQL, caches, MLflow)"
+    )
     return parser
 
 
@@ -849,6 +1043,8 @@ def settings_from_args(args: argparse.Namespace) -> ClusterSettings:
             overrides[arg] = parse_bytes(getattr(args, arg))
     if getattr(args, "no_mlflow", False):
         overrides["mlflow"] = False
+    if getattr(args, "team", False):
+        overrides["team"] = True
     if getattr(args, "ray_env", None):
         pairs = [item.split("=", 1) for item in args.ray_env]
         if any(len(pair) != 2 or not pair[0] for pair in pairs):
@@ -865,7 +1061,7 @@ def main(argv: list[str] | None = None) -> int:
             print(format_status(cluster.up()))
             return 0
         if args.command == "down":
-            print(cluster.down(keep_logs=args.keep_logs)["note"])
+            print(cluster.down(keep_logs=args.keep_logs, wipe=args.wipe)["note"])
             return 0
         if args.command == "env":
             if not cluster.state:
@@ -876,7 +1072,7 @@ def main(argv: list[str] | None = None) -> int:
         status = cluster.status()
         print(json.dumps(status, indent=2) if args.json else format_status(status))
         return 3 if not cluster.state else (0 if status["healthy"] else 1)
-    except (ClusterError, ValueError) as exc:
+    except (ClusterError, team.ServiceError, ValueError) as exc:
         print(f"local-cluster: {exc}", file=sys.stderr)
         return 2
 

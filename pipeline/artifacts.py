@@ -5,6 +5,7 @@ error that names the stage to run."""
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 from pathlib import Path
@@ -12,14 +13,107 @@ from typing import Any
 
 import yaml
 
-from pipeline.common import StageError, atomic_output, atomic_write_text, resolve
-from pipeline.config import Params, SearchedValues
+from pipeline import storage
+from pipeline.common import StageError, atomic_output, atomic_write_text, project_root, resolve
+from pipeline.config import RUN_IDENTITY_EXCLUDES, Params, SearchedValues
+from pipeline.data import location_hashes
 
 MODEL_DIR = Path("models/vae")  # relative to the project root, as every path below
 TRAIN_METRICS_PATH = Path("reports/train_metrics.json")
 TRAIN_CURVES_PATH = Path("reports/train_curves.csv")
 BEST_PARAMS_PATH = Path("reports/tune/best_params.yaml")
 TRIALS_PATH = Path("reports/tune/trials.csv")
+
+
+OUTPUTS = "outputs"  # in a run's storage folder: a copy of every file the train and evaluate stages wrote
+
+
+def run_name(params: Params, hashes: dict[str, str]) -> str:
+    """``train.run_name``-<8 hex>: the hash covers the data (their hashes and settings), the model, the beta
+    schedule and every train setting that changes the weights (all but ``config.RUN_IDENTITY_EXCLUDES``), so a
+    re-run after a crash resumes the run, on other resources too, and a changed setting starts a new one."""
+    shaping = params.model_dump(mode="json", include={"data", "model", "beta_schedule"})
+    train = params.train.model_dump(mode="json", exclude=set(RUN_IDENTITY_EXCLUDES))
+    digest = hashlib.sha256(json.dumps([shaping, train, hashes], sort_keys=True).encode()).hexdigest()[:8]
+    return f"{params.train.run_name}-{digest}"
+
+
+def storage_location(params: Params) -> str:
+    """``train.storage_path`` as an absolute path (relative = project root) or a URI, unchanged."""
+    location = params.train.storage_path
+    return location if storage.is_uri(location) else str(resolve(location))
+
+
+def run_location(params: Params, name: str | None = None) -> str:
+    """The run's folder in ``train.storage_path`` (checkpoints, the MLflow run id, ``outputs/``). Without
+    ``name``, the run these params train (its name needs only the data's manifest, not the arrays)."""
+    if name is None:
+        hashes = location_hashes(params.data.processed_location(), params.cluster.s3_endpoint_url)
+        name = run_name(with_best_params(params), hashes)
+    return storage.join(storage_location(params), name)
+
+
+def save_stage_outputs(params: Params, name: str, relative: list[Path]) -> str:
+    """Copy stage outputs (paths relative to the project root, files or folders) into the run's storage
+    folder, ``<train.storage_path>/<run name>/outputs/``, where the next stage finds them however the stage
+    ran (a submitted job's working folder is Ray's temporary copy). Returns that folder."""
+    target = storage.join(run_location(params, name), OUTPUTS)
+    storage.upload_tree(project_root(), [Path(p) for p in relative], target, params.cluster.s3_endpoint_url)
+    return target
+
+
+def fetch_stage_outputs(params: Params, root: Path | None = None) -> tuple[str, list[str]]:
+    """Copy the run's ``outputs/`` from its storage into ``root`` (default: the project root), the same
+    relative paths (models/vae/, reports/...). Returns (where from, files copied).
+
+    Raises:
+        StageError: the run has no outputs there yet (train it first).
+    """
+    source = storage.join(run_location(params), OUTPUTS)
+    files = storage.download_tree(source, root or project_root(), params.cluster.s3_endpoint_url)
+    if not files:
+        raise StageError(f"no stage outputs in {source}: train these params first (the run name follows "
+                         "from the data and every setting that changes the weights)")
+    return source, files
+
+
+def model_dir_for(params: Params) -> Path:
+    """Where the evaluate stage reads the model these params train: models/vae/ when it holds that run (the
+    DVC pipeline); else the run's own copy in its storage (a submitted train job, whose workspace was Ray's),
+    fetched into this node's cache; else models/vae/ as it is.
+
+    Raises:
+        StageError: neither place has a model (the message names both).
+    """
+    local = resolve(MODEL_DIR)
+    try:
+        location = run_location(params)
+    except (OSError, FileNotFoundError, ValueError):  # no data manifest yet: only the local model can serve
+        location = None
+    name = location.rstrip("/").rsplit("/", 1)[-1] if location else None
+    if model_run_name(local) == name and name is not None:
+        return local
+    if location is not None:
+        remote = storage.join(location, OUTPUTS, MODEL_DIR.as_posix())
+        cache = storage.cache_root() / "runs" / name / MODEL_DIR
+        if storage.download_tree(remote, cache, params.cluster.s3_endpoint_url):
+            return cache
+    if (local / "model.safetensors").is_file():
+        return local
+    raise StageError(
+        f"{local}/model.safetensors is missing and the run's storage has no model ("
+        f"{storage.join(location, OUTPUTS) if location else 'no run: the data manifest is missing'}): run "
+        "the train stage with these params first (`dvc repro train`, or on a cluster `ray job submit ... -- "
+        "python -m pipeline.train`)"
+    )
+
+
+def model_run_name(model_dir: Path) -> str | None:
+    """The training run a model folder came from (its run.json), or None (no model, or no run.json)."""
+    path = model_dir / "run.json"
+    if not (model_dir / "model.safetensors").is_file() or not path.is_file():
+        return None
+    return json.loads(path.read_text()).get("run_name")
 
 
 def write_training_outputs(state: dict[str, Any], name: str, run_id: str | None) -> dict[str, Any]:

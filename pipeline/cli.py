@@ -7,7 +7,6 @@ import argparse
 import logging
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from pipeline.common import StageError
@@ -25,8 +24,9 @@ def stage_argument_parser(module: str, doc: str | None) -> argparse.ArgumentPars
     """The command line every stage shares: ``python -m <module> [--params PATH]`` (the first paragraph of the
     module docstring as the description)."""
     parser = argparse.ArgumentParser(prog=f"python -m {module}", description=(doc or "").split("\n\n")[0])
-    parser.add_argument("--params", type=Path, default=None,
-                        help="params.yaml to read (default: $VAE_PARAMS or the repository's params.yaml)")
+    parser.add_argument("--params", default=None,
+                        help="params.yaml to read, a path or an s3:// URI (default: $VAE_PARAMS or the "
+                        "repository's params.yaml)")
     return parser
 
 

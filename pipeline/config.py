@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
+from pipeline import storage
 from pipeline.common import REPO_ROOT, StageError, resolve
 from pipeline.search_space import SearchSpace, Section
 from vae.schedules import CapacityAnnealing, ConstantBeta, CyclicalBeta, LinearWarmup, SigmoidBeta
@@ -32,7 +33,12 @@ class ConfigError(StageError, ValueError):
 class DataConfig(Section):
     dataset: DatasetName = "celeba"
     raw_dir: Path = Path("data/raw")
-    processed_dir: Path = Path("data/processed")
+    processed_dir: str = Field(
+        "data/processed",
+        min_length=1,
+        description="a path (relative = project root) or a URI such as s3://bucket/processed: nodes "
+        "then read the arrays into a node-local cache (pipeline.storage)",
+    )
     image_size: int = Field(
         64, ge=8, le=512, description="side of the square images for CelebA (MNIST stays 28)"
     )
@@ -40,7 +46,21 @@ class DataConfig(Section):
     def raw_path(self, dataset: str | None = None) -> Path:
         return resolve(self.raw_dir) / (dataset or self.dataset)
 
+    def processed_location(self, dataset: str | None = None) -> str:
+        """The dataset's preprocessed folder: an absolute path, or a URI (``s3://bucket/processed/celeba``)."""
+        if "://" in self.processed_dir:
+            return f"{self.processed_dir.rstrip('/')}/{dataset or self.dataset}"
+        return str(self.processed_path(dataset))
+
     def processed_path(self, dataset: str | None = None) -> Path:
+        """The local preprocessed folder (``processed_dir`` is a path); for a URI use
+        ``pipeline.data.dataset_folder`` (a node-local cached copy).
+
+        Raises:
+            ValueError: ``processed_dir`` is a URI.
+        """
+        if "://" in self.processed_dir:
+            raise ValueError(f"data.processed_dir {self.processed_dir} is a URI, not a local folder")
         return resolve(self.processed_dir) / (dataset or self.dataset)
 
 
@@ -307,6 +327,13 @@ class ClusterConfig(Section):
         description="a folder all nodes and this machine see (NFS); submitted "
         "stages exchange inputs/outputs and keep checkpoints there",
     )
+    s3_endpoint_url: str | None = Field(
+        None,
+        pattern=r"^https?://",
+        description="endpoint of an S3-compatible store (MinIO, the local cluster's); null: "
+        "AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, else AWS. Credentials never go here: the AWS environment "
+        "variables or a profile",
+    )
 
 
 class Params(Section):
@@ -383,23 +410,33 @@ def load_params(path: Path | str | None = None, overrides: dict[str, Any] | None
     """Load and validate ``params.yaml`` (``VAE_PARAMS`` env var or the repo's file by default).
 
     Args:
-        path: the YAML file.
+        path: the YAML file, or a URI (``s3://bucket/params/train.yaml``: a job on a cluster whose nodes share
+            no folder reads its params from the object store; endpoint from ``AWS_ENDPOINT_URL``).
         overrides: dotted keys to set after loading, e.g. ``{"train.epochs": 2}`` (used by tests and Tune).
     Raises:
         ConfigError: missing file, invalid YAML, unknown key or invalid value.
     """
-    path = Path(path or os.environ.get("VAE_PARAMS") or DEFAULT_PARAMS)
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such params file; copy the repository's params.yaml or pass its path")
+    source = str(path or os.environ.get("VAE_PARAMS") or DEFAULT_PARAMS)
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        if storage.is_uri(source):
+            text = storage.read_bytes(source, patient=False).decode()
+        elif Path(source).is_file():
+            text = Path(source).read_text()
+        else:
+            raise FileNotFoundError(source)
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{source}: no such params file; copy the repository's params.yaml or pass its path"
+        ) from None
+    try:
+        raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+        raise ConfigError(f"{source}: not valid YAML: {error}") from None
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections (data, model, train, ...)")
+        raise ConfigError(f"{source}: the top level must be a mapping of sections (data, model, train, ...)")
     for dotted, value in (overrides or {}).items():
         set_dotted(raw, dotted, value)
-    return parse_params(raw, str(path))
+    return parse_params(raw, source)
 
 
 def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:

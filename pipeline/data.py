@@ -25,6 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline import storage
+
 SPLITS = ("train", "valid", "test")
 MANIFEST = "manifest.json"
 _RUN_PREPROCESS = "run `dvc repro preprocess` (or `python -m pipeline.preprocess`) to create it"
@@ -171,12 +173,39 @@ def load_split(processed_dir: Path | str, split: str, mmap: bool = True, verify:
     return result
 
 
+def dataset_folder(location: Path | str, endpoint: str | None = None) -> Path:
+    """The local folder to read a dataset from: ``location`` itself when it is a path; for a URI
+    (``s3://bucket/processed/celeba``) this node's verified cached copy
+    (:func:`pipeline.storage.local_dataset`).
+
+    Raises:
+        FileNotFoundError: no manifest at the URI (run the preprocess stage).
+        pipeline.storage.StorageError: the store is unreachable or the data do not match their manifest.
+    """
+    return storage.local_dataset(location, endpoint)
+
+
 def data_hashes(processed_dir: Path) -> dict[str, str]:
-    """The content hashes of the preprocessed arrays from the preprocess stage's manifest."""
+    """The content hashes of the preprocessed arrays from the preprocess stage's manifest ({} without one)."""
     manifest_path = processed_dir / "manifest.json"
     if not manifest_path.is_file():
         return {}
-    manifest = json.loads(manifest_path.read_text())
+    return manifest_hashes(json.loads(manifest_path.read_text()))
+
+
+def location_hashes(location: Path | str, endpoint: str | None = None) -> dict[str, str]:
+    """:func:`data_hashes` of a dataset at a path or URI, reading only its manifest ({} without one)."""
+    if not storage.is_uri(location):
+        return data_hashes(Path(location))
+    try:
+        text = storage.read_bytes(storage.join(str(location), MANIFEST), endpoint, patient=False)
+        return manifest_hashes(json.loads(text))
+    except FileNotFoundError:
+        return {}
+
+
+def manifest_hashes(manifest: dict[str, Any]) -> dict[str, str]:
+    """``{"data.sha256.<file>": sha256}`` for every array of a manifest (MLflow tags and run names)."""
     hashes = {}
     for split, info in manifest.get("splits", {}).items():
         for name, digest in (info.get("files") or {}).items():

@@ -20,7 +20,7 @@ from pipeline import artifacts
 from pipeline.cli import run_stage, stage_argument_parser
 from pipeline.common import StageError, atomic_output, atomic_write_text, resolve, say
 from pipeline.config import Params
-from pipeline.data import data_hashes, load_images, load_split
+from pipeline.data import data_hashes, dataset_folder, load_images, load_split
 from pipeline.datasets import CLASS_NAMES
 from pipeline.scoring import ImageScores, score_images, score_shards
 from vae.latent import apply_attribute_vector, attribute_vector, interpolate_images
@@ -281,10 +281,14 @@ def evaluate(params: Params) -> dict[str, Any]:
     from pipeline.tracking import image_grid
 
     evaluation = params.evaluate
-    processed = params.data.processed_path()
+    try:
+        processed = dataset_folder(params.data.processed_location(), params.cluster.s3_endpoint_url)
+    except FileNotFoundError as error:
+        raise StageError(str(error)) from None
     if not (processed / "test_images.npy").is_file():
         raise StageError(f"no preprocessed test split in {processed}: run `dvc repro preprocess` first")
-    model = artifacts.load_trained_model()
+    model_dir = artifacts.model_dir_for(params)
+    model = artifacts.load_trained_model(model_dir)
     test = load_images(processed, "test")
     if evaluation.max_images:
         test = test[: evaluation.max_images]
@@ -327,13 +331,18 @@ def evaluate(params: Params) -> dict[str, Any]:
             tmp.write_bytes(png)
         grids["latent_scatter"] = np.asarray(Image.open(images_dir / "latent_scatter.png").convert("RGB"))
     atomic_write_text(METRICS_PATH, json.dumps(figures, indent=2) + "\n")
-    _log_to_mlflow(params, figures, grids)
+    run_name = artifacts.model_run_name(model_dir)
+    if run_name:
+        saved = artifacts.save_stage_outputs(params, run_name, [METRICS_PATH, IMAGES_DIR])
+        say(f"[evaluate] outputs also in {saved}")
+    _log_to_mlflow(params, figures, grids, model_dir)
     return figures
 
 
-def _log_to_mlflow(params: Params, figures: dict[str, Any], grids: dict[str, np.ndarray]) -> None:
-    """Log the scalar figures and pictures to the training run named in models/vae/run.json."""
-    run_id = artifacts.trained_run_id()
+def _log_to_mlflow(params: Params, figures: dict[str, Any], grids: dict[str, np.ndarray], model_dir: Path
+                   ) -> None:
+    """Log the scalar figures and pictures to the training run named in the model's run.json."""
+    run_id = artifacts.trained_run_id(model_dir)
     if not run_id:
         return
     from pipeline.tracking import RunLogger, tracking_uri

@@ -26,6 +26,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from pipeline import datasets as ds
+from pipeline import storage
 from pipeline.celeba import RUN_DVC_DOWNLOAD, decode_chunk, read_celeba_annotations
 from pipeline.cli import data_stage_main
 from pipeline.common import atomic_output, make_readable
@@ -411,28 +412,48 @@ def preprocess_mnist_family(dataset: str, raw_root: Path, out_dir: Path) -> dict
     return manifest
 
 
-def preprocess(data: DataConfig, config: PreprocessConfig) -> dict[str, Any]:
-    """Run the preprocess stage for ``data.dataset``: ``data.raw_path()`` -> ``data.processed_path()``.
+def preprocess(data: DataConfig, config: PreprocessConfig, endpoint: str | None = None) -> dict[str, Any]:
+    """Run the preprocess stage for ``data.dataset``: ``data.raw_path()`` -> ``data.processed_location()``.
+
+    With ``data.processed_dir`` an object-store URI (``s3://bucket/processed``), the arrays are built in a
+    local scratch folder and then published there (arrays first, manifest.json last: a reader that finds the
+    manifest finds its arrays); ``endpoint`` is ``cluster.s3_endpoint_url``.
 
     Returns the manifest. Raises DataStageError (see :func:`preprocess_celeba`,
-    :func:`preprocess_mnist_family`).
+    :func:`preprocess_mnist_family`), or StorageError when the store refuses.
     """
+    location = data.processed_location()
+    if storage.is_uri(location):
+        storage.check_location(location, endpoint, "data.processed_dir")
+        scratch = storage.scratch_folder(location)
+        try:
+            manifest = _build(data, config, scratch / data.dataset)
+            storage.publish_dataset(scratch / data.dataset, location, endpoint)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        return manifest
+    return _build(data, config, data.processed_path())
+
+
+def _build(data: DataConfig, config: PreprocessConfig, out_dir: Path) -> dict[str, Any]:
     if data.dataset == "celeba":
         return preprocess_celeba(
             data.raw_path(),
-            data.processed_path(),
+            out_dir,
             image_size=data.image_size,
             crop_size=config.crop_size,
             skip_corrupt=config.skip_corrupt,
             fast_decode=config.fast_decode,
             num_workers=config.num_workers,
         )
-    return preprocess_mnist_family(data.dataset, data.raw_path(), data.processed_path())
+    return preprocess_mnist_family(data.dataset, data.raw_path(), out_dir)
 
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m pipeline.preprocess [--params PATH]``: exit status 0, or 1 with a message on stderr."""
-    run = lambda params: preprocess(params.data, params.preprocess)  # noqa: E731
+    def run(params):
+        return preprocess(params.data, params.preprocess, params.cluster.s3_endpoint_url)
+
     return data_stage_main("pipeline.preprocess", __doc__, argv, run, log,
                            interrupted="nothing was written (outputs are renamed into place when complete)")
 

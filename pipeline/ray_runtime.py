@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from pipeline import storage
 from pipeline.checkpoints import (
     checkpoint_epoch,
     newest_persisted_checkpoint,
@@ -122,11 +123,9 @@ def non_finite_error(filesystem, run_path: str) -> str | None:
         return stream.readall().decode()
 
 
-def clear_non_finite(storage: str, name: str) -> None:
+def clear_non_finite(location: str, name: str, endpoint: str | None = None) -> None:
     """Remove a divergence record an earlier attempt of this run left (a re-run decides afresh)."""
-    import pyarrow.fs as pafs
-
-    filesystem, root = pafs.FileSystem.from_uri(storage)
+    filesystem, root = storage.filesystem(location, endpoint)
     with contextlib.suppress(FileNotFoundError, OSError):
         filesystem.delete_file(f"{root}/{name}/{NON_FINITE_FILE}")
 
@@ -169,22 +168,24 @@ def probe_address(address: str | None, timeout_s: float = 5.0) -> None:
         ) from None
 
 
-def check_storage(storage: str) -> None:
-    """Fail fast when a local ``train.storage_path`` cannot be written (Ray would fail only at the first
-    checkpoint, after an epoch of work). Object-store URIs are left to Ray.
+def check_storage(location: str, endpoint: str | None = None) -> None:
+    """Fail fast when ``train.storage_path`` cannot be used (Ray would fail only at the first checkpoint,
+    after an epoch of work): a local folder must be writable; an object-store URI must answer, accept the
+    credentials and have its bucket (:func:`pipeline.storage.check_location`, within seconds).
 
     Raises:
-        StageError: the folder cannot be created or written.
+        StageError: the folder cannot be created or written, or the store refuses (the message says why).
     """
-    if "://" in storage:
+    if storage.is_uri(location):
+        storage.check_location(location, endpoint, "train.storage_path")
         return
     try:
-        Path(storage).mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=storage, prefix=".write-probe-"):
+        Path(location).mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=location, prefix=".write-probe-"):
             pass
     except OSError as error:
         raise StageError(
-            f"train.storage_path {storage!r} is not writable ({error.strerror or error}); point it at "
+            f"train.storage_path {location!r} is not writable ({error.strerror or error}); point it at "
             "a folder you can write (on a multi-node cluster: storage all nodes share)"
         ) from None
 
@@ -247,12 +248,23 @@ def make_trainer(
         ),
         run_config=RunConfig(
             name=name,
-            storage_path=str(storage_path or storage_uri(train.storage_path)),
+            **run_storage(str(storage_path or storage_uri(train.storage_path)), params),
             checkpoint_config=CheckpointConfig(num_to_keep=train.checkpoint_num_to_keep),
             failure_config=FailureConfig(max_failures=train.max_failures),
             callbacks=callbacks,
         ),
     )
+
+
+def run_storage(location: str, params: Params) -> dict[str, Any]:
+    """``RunConfig`` storage arguments: a local folder as is; for a URI, ``storage_filesystem`` (pyarrow's S3
+    filesystem with ``cluster.s3_endpoint_url`` and retries that outlast a short outage of the store, see
+    :func:`pipeline.storage.filesystem`) and the path on it. Credentials come from each node's AWS
+    environment, never from here."""
+    if not storage.is_uri(location):
+        return {"storage_path": location}
+    filesystem, path = storage.filesystem(location, params.cluster.s3_endpoint_url)
+    return {"storage_path": path, "storage_filesystem": filesystem}
 
 
 def storage_uri(path: Path | str) -> str:
@@ -267,6 +279,6 @@ def worker_config(
     """The ``train_loop_config`` of a TorchTrainer: ``{"worker": WorkerConfig}``."""
     return {
         "worker": WorkerConfig(
-            params, str(params.data.processed_path()), run_id, tracking, str(lost_path) if lost_path else None
+            params, params.data.processed_location(), run_id, tracking, str(lost_path) if lost_path else None
         )
     }

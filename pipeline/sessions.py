@@ -27,7 +27,8 @@ class WorkerConfig:
 
     Attributes:
         params: the validated configuration (a trial's own, inside a Tune sweep).
-        processed_dir: absolute path of the preprocessed arrays.
+        processed_dir: absolute path or URI (s3://...) of the preprocessed arrays (URIs: read through
+            each node's cache, pipeline.storage.local_dataset).
         mlflow_run_id: the MLflow run rank 0 logs into (opened by the driver); None: no tracking.
         tracking_uri: where that run lives. lost_records_path: where MLflow records that never got through are
         listed.

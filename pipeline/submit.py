@@ -26,6 +26,7 @@ from pathlib import Path
 
 from pipeline.common import REPO_ROOT, StageError, atomic_output, project_root, resolve
 from pipeline.config import Params
+from pipeline.tracking import lineage_env
 
 # What each stage reads and writes, relative to the project root (the processed data are added per dataset).
 STAGE_FILES: dict[str, tuple[list[str], list[str]]] = {
@@ -88,7 +89,8 @@ def submit_stage(module: str, params: Params, params_path: Path | None) -> int:
     sync(Path(params_path or REPO_ROOT / "params.yaml").resolve(), remote_params)
     print(f"[submit] {copied} input file(s) synced to {remote_root}", flush=True)
 
-    env_vars = {"VAE_PROJECT_ROOT": str(remote_root), "VAE_SUBMITTED": "1", "RAY_CHDIR_TO_TRIAL_DIR": "0"}
+    env_vars = {"VAE_PROJECT_ROOT": str(remote_root), "VAE_SUBMITTED": "1", "RAY_CHDIR_TO_TRIAL_DIR": "0",
+                **lineage_env()}  # the job's copy of the tree has no .git
     if os.environ.get("MLFLOW_TRACKING_URI"):
         env_vars["MLFLOW_TRACKING_URI"] = os.environ["MLFLOW_TRACKING_URI"]
     ray_cli = Path(sys.executable).with_name("ray")

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline import storage
 from pipeline.common import REPO_ROOT, resolve
 from pipeline.config import Params
 
@@ -345,8 +346,17 @@ class RunLogger:
 # ----------------------------------------------------------------------------------------------------------
 # Runs opened on the driver
 # ----------------------------------------------------------------------------------------------------------
+# Set by the submitting side (``python -m pipeline.lineage`` for ``ray job submit --runtime-env-json``, or
+# pipeline.submit): a job runs in Ray's unpacked copy of the working tree, which has no .git folder.
+GIT_COMMIT_ENV = "VAE_GIT_COMMIT"
+GIT_DIRTY_ENV = "VAE_GIT_DIRTY"
+
+
 def git_commit() -> str:
-    """The repository's commit (the lineage tag of runs), or "unknown" outside a git checkout."""
+    """The commit the code was run from (the lineage tag of runs): ``VAE_GIT_COMMIT`` when the submitting side
+    set it, else ``git rev-parse HEAD`` of the checkout, else "unknown"."""
+    if os.environ.get(GIT_COMMIT_ENV):
+        return os.environ[GIT_COMMIT_ENV]
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
                               timeout=10, check=True).stdout.strip()
@@ -355,7 +365,10 @@ def git_commit() -> str:
 
 
 def git_dirty() -> bool | None:
-    """Whether tracked files differ from the commit (None outside a git checkout)."""
+    """Whether tracked files differed from the commit (``VAE_GIT_DIRTY`` when the submitting side set it);
+    None when unknown."""
+    if os.environ.get(GIT_DIRTY_ENV) in ("true", "false"):
+        return os.environ[GIT_DIRTY_ENV] == "true"
     try:
         return bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
                                    capture_output=True, text=True, timeout=10, check=True).stdout.strip())
@@ -363,17 +376,33 @@ def git_dirty() -> bool | None:
         return None
 
 
+def lineage_env() -> dict[str, str]:
+    """What a submission passes to its job: ``{VAE_GIT_COMMIT: sha, VAE_GIT_DIRTY: "true"|"false"|"unknown"}``
+    of the submitting checkout."""
+    dirty = git_dirty()
+    return {GIT_COMMIT_ENV: git_commit(), GIT_DIRTY_ENV: "unknown" if dirty is None else str(dirty).lower()}
+
+
+def lineage_tags() -> dict[str, str]:
+    """``git_commit``, ``git_dirty`` and MLflow's own source-commit tag (shown in the run's overview)."""
+    commit, dirty = git_commit(), git_dirty()
+    tags = {"git_commit": commit, "git_dirty": "unknown" if dirty is None else str(dirty).lower()}
+    if commit != "unknown":
+        tags["mlflow.source.git.commit"] = commit
+    return tags
+
+
 def open_training_run(
     params: Params,
     name: str,
-    run_dir: Path | None,
+    run_location: str,
     hashes: dict[str, str],
     tags: dict[str, str] | None = None,
 ) -> tuple[str, str]:
     """Start (or, when resuming, reopen) this training run's MLflow run; returns (run_id, tracking URI).
 
-    ``run_dir`` is the run's checkpoint folder, where the run id is kept so a resumed run logs to the same
-    MLflow run; None for object-store storage (a resumed run then opens a new MLflow run)."""
+    ``run_location`` is the run's checkpoint folder (a path or an ``s3://`` URI), where the run id is kept so
+    a resumed run - on another node too - logs to the same MLflow run."""
     import mlflow
     import ray
     import torch
@@ -382,9 +411,13 @@ def open_training_run(
     mlflow.set_tracking_uri(uri)
     client = mlflow.MlflowClient(uri)
     experiment_id = ensure_experiment(client, params.mlflow.experiment_name)
-    id_file = run_dir / RUN_ID_FILE if run_dir is not None else None
-    if id_file is not None and id_file.is_file():
-        run_id = id_file.read_text().strip()
+    id_location = storage.join(run_location, RUN_ID_FILE)
+    endpoint = params.cluster.s3_endpoint_url
+    try:
+        run_id = storage.read_bytes(id_location, endpoint).decode().strip()
+    except FileNotFoundError:
+        run_id = ""
+    if run_id:
         try:
             client.get_run(run_id)
             client.update_run(run_id, status="RUNNING")
@@ -395,7 +428,7 @@ def open_training_run(
         experiment_id,
         run_name=name,
         tags={
-            "git_commit": git_commit(),
+            **lineage_tags(),
             "torch_version": torch.__version__,
             "ray_version": ray.__version__,
             "ray_train_run_name": name,
@@ -405,9 +438,7 @@ def open_training_run(
         },
     )
     log_params_and_config(client, run.info.run_id, compared_params(params), params)
-    if run_dir is not None:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / RUN_ID_FILE).write_text(run.info.run_id)
+    storage.write_bytes(id_location, run.info.run_id.encode(), endpoint)
     return run.info.run_id, uri
 
 

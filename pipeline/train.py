@@ -8,27 +8,18 @@ Outputs (DVC): models/vae/, reports/train_metrics.json, reports/train_curves.csv
 
 from __future__ import annotations
 
-import hashlib
-import json
 import sys
 from pathlib import Path
 from typing import Any
 
-from pipeline import artifacts, checkpoints, ray_runtime, tracking
+from pipeline import artifacts, checkpoints, ray_runtime, storage, tracking
+from pipeline.artifacts import run_name
 from pipeline.cli import run_stage, stage_argument_parser
 from pipeline.common import StageError, resolve
-from pipeline.config import RUN_IDENTITY_EXCLUDES, Params, load_params
-from pipeline.data import data_hashes
+from pipeline.config import Params, load_params
+from pipeline.data import data_hashes, dataset_folder
 
-
-def run_name(params: Params, hashes: dict[str, str]) -> str:
-    """``train.run_name``-<8 hex>: the hash covers the data (their hashes and settings), the model, the beta
-    schedule and every train setting that changes the weights (all but ``config.RUN_IDENTITY_EXCLUDES``), so a
-    re-run after a crash resumes the run, on other resources too, and a changed setting starts a new one."""
-    shaping = params.model_dump(mode="json", include={"data", "model", "beta_schedule"})
-    train = params.train.model_dump(mode="json", exclude=set(RUN_IDENTITY_EXCLUDES))
-    digest = hashlib.sha256(json.dumps([shaping, train, hashes], sort_keys=True).encode()).hexdigest()[:8]
-    return f"{params.train.run_name}-{digest}"
+__all__ = ["run_name", "train", "main"]
 
 
 def train(params: Params, train_fn=None) -> dict[str, Any]:
@@ -44,23 +35,27 @@ def train(params: Params, train_fn=None) -> dict[str, Any]:
     import numpy as np
     from ray.train import TrainingFailedError
 
-    processed = params.data.processed_path()
+    endpoint = params.cluster.s3_endpoint_url
+    try:
+        processed = dataset_folder(params.data.processed_location(), endpoint)
+    except FileNotFoundError as error:
+        raise StageError(str(error)) from None
     if not (processed / "train_images.npy").is_file():
         raise StageError(f"no preprocessed data in {processed}: run `dvc repro preprocess` first")
     hashes = data_hashes(processed)
     name = run_name(params, hashes)
-    storage = ray_runtime.storage_uri(params.train.storage_path)
-    ray_runtime.check_storage(storage)
-    run_dir = None if "://" in storage else Path(storage) / name
-    where = run_dir or f"{storage}/{name}"
+    location = artifacts.storage_location(params)
+    ray_runtime.check_storage(location, endpoint)
+    run_dir = None if storage.is_uri(location) else Path(location) / name
+    where = storage.join(location, name)
     ray_runtime.connect_ray(params)
     use_gpu = ray_runtime.resolve_use_gpu(params)
     ray_runtime.check_cpu_capacity(params, use_gpu)
-    run_id, uri = tracking.open_training_run(params, name, run_dir, hashes)
+    run_id, uri = tracking.open_training_run(params, name, where, hashes)
     config = ray_runtime.worker_config(
         params, run_id, uri, run_dir / "lost_mlflow_records.json" if run_dir else None
     )
-    ray_runtime.clear_non_finite(storage, name)
+    ray_runtime.clear_non_finite(location, name, endpoint)
     print(
         f"[train] run {name}: {params.train.num_workers} worker(s), {'GPU' if use_gpu else 'CPU'}, "
         f"checkpoints in {where}, MLflow run {run_id} at {uri}",
@@ -83,6 +78,11 @@ def train(params: Params, train_fn=None) -> dict[str, Any]:
     if state is None:
         raise StageError(f"training finished without a checkpoint in {where}")
     metrics = artifacts.write_training_outputs(state, name, run_id)
+    saved = artifacts.save_stage_outputs(
+        params, name, [artifacts.MODEL_DIR, artifacts.TRAIN_METRICS_PATH, artifacts.TRAIN_CURVES_PATH]
+    )
+    print(f"[train] outputs also in {saved} (the evaluate stage reads them there when it runs elsewhere)",
+          flush=True)
     example = np.load(processed / "valid_images.npy", mmap_mode="r")[:2].copy()
     try:
         tracking.log_final_model(params, run_id, uri, artifacts.load_trained_model(), example)

@@ -23,7 +23,7 @@ from torch import nn
 
 from pipeline.common import format_seconds, say
 from pipeline.config import ModelConfig, Params, TrainConfig
-from pipeline.data import BatchSource, evaluation_indices, load_images, training_indices
+from pipeline.data import BatchSource, dataset_folder, evaluation_indices, load_images, training_indices
 from pipeline.distributed import all_reduce_sum, pick_device, rank_seed, restore_rng_states, rng_states
 from pipeline.figures import autocast_for, epoch_images, evaluate_elbo
 from pipeline.sessions import LocalSession, NonFiniteLossError, Session, WorkerConfig
@@ -108,8 +108,9 @@ def set_up(config: WorkerConfig, session: Session) -> TrainingRun:
         torch.set_num_threads(max(1, int(train.cpus_per_worker)))
     torch.manual_seed(train.seed)  # the same initial weights on every rank
 
-    train_images = load_images(config.processed_dir, "train")
-    valid_images = load_images(config.processed_dir, "valid")
+    folder = dataset_folder(config.processed_dir, params.cluster.s3_endpoint_url)  # a node-local cache for s3://
+    train_images = load_images(folder, "train")
+    valid_images = load_images(folder, "valid")
     on_device = device.type == "cuda" and (train.data_on_device == "always" or (
         train.data_on_device == "auto"
         and train_images.nbytes + valid_images.nbytes < 0.4 * torch.cuda.mem_get_info(device)[0]))

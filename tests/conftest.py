@@ -13,6 +13,7 @@ if _REPO_ROOT not in sys.path:  # `tests.fixtures` importable however pytest is 
 
 from benchmarks.celeba_layout import CelebaFixture, write_celeba_fixture  # noqa: E402
 from tests.fixtures.http_server import FileServer  # noqa: E402
+from tests.fixtures.s3 import s3_server as start_s3_server  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -29,3 +30,20 @@ def http_server(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
     with FileServer() as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory):
+    """A real S3 endpoint on 127.0.0.1 (moto's server, signatures checked; tests/fixtures/s3.py) for the
+    session; each test takes its own prefix (``s3_server.prefix()``)."""
+    with start_s3_server(tmp_path_factory.mktemp("s3") / "moto.log") as server:
+        yield server
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch: pytest.MonkeyPatch):
+    """``s3_server`` with its endpoint and credentials in the standard AWS environment variables."""
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    return s3_server

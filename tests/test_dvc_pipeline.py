@@ -36,10 +36,11 @@ def dvc_repro(repo: Path) -> str:
     return run(repo, DVC, "repro").stdout
 
 
-def test_dvc_repro_end_to_end_on_the_celeba_fixture(tmp_path):
+def test_dvc_repro_end_to_end_on_the_celeba_fixture_and_the_dvc_remote_round_trip(tmp_path, s3):
     """The whole pipeline on a hand-made CelebA copy whose checksums differ from the official ones, as a user
     meets it: `dvc repro` stops at the download naming each file's md5 and the `dvc exp run` option that pins
-    it; the options pasted as printed run the pipeline to the end."""
+    it; the options pasted as printed run the pipeline to the end. Then the team's DVC remote on the S3
+    endpoint: `dvc push`, and a fresh clone that `dvc pull`s has every output and `dvc repro` runs nothing."""
     fixture = write_celeba_fixture(tmp_path / "celeba-copy", (48, 12, 12), seed=1)
     repo = fresh_repository(
         tmp_path,
@@ -90,6 +91,26 @@ def test_dvc_repro_end_to_end_on_the_celeba_fixture(tmp_path):
     assert any(key.startswith("data.sha256") for key in run_info.data.tags)
     # Nothing changed: DVC re-runs nothing.
     assert "up to date" in run(repo, DVC, "status").stdout
+
+    # The DVC remote on the object store (README, "The team deployment"): push, clone, pull, nothing to run.
+    remote = f"{s3.prefix()}/dvc"
+    run(repo, DVC, "remote", "add", "-d", "team", remote)
+    run(repo, DVC, "remote", "modify", "team", "endpointurl", s3.endpoint)
+    git = ["git", "-c", "user.email=t@example.com", "-c", "user.name=t"]
+    run(repo, "git", "add", "-A")
+    run(repo, *git, "commit", "-q", "-m", "results and the team remote")
+    pushed = run(repo, DVC, "push").stdout
+    assert re.search(r"\d+ files? pushed", pushed), pushed
+    clone = tmp_path / "clone"
+    run(tmp_path, "git", "clone", "-q", str(repo), str(clone))
+    (clone / ".venv").symlink_to(repo / ".venv")
+    assert not (clone / "models/vae/model.safetensors").exists()
+    run(clone, DVC, "pull")
+    assert (clone / "models/vae/model.safetensors").read_bytes() == (
+        repo / "models/vae/model.safetensors").read_bytes()
+    assert "up to date" in run(clone, DVC, "status").stdout
+    again = run(clone, DVC, "repro").stdout
+    assert "Running stage" not in again and "up to date" in again, again
 
 
 # The documented small-budget Fashion-MNIST run for CI (README: "Fashion-MNIST end to end"): an MLP VAE with

@@ -419,3 +419,87 @@ def test_readme_covers_every_infra_file_and_the_steps():
             finally:
                 sys.path.remove(str(INFRA))
             local_cluster.build_parser().parse_args(args)
+
+
+# ------------------------------------------------------------------------------ the team deployment
+TEAM = KUBERAY / "team"
+RAY_UP_TEAM = INFRA / "ray-up" / "aws-team.yaml"
+
+
+def team_objects(kind: str) -> list[dict[str, Any]]:
+    return [doc for path in sorted(TEAM.glob("*.yaml")) for doc in load_all(path) if doc["kind"] == kind]
+
+
+def test_team_kuberay_cluster_shares_no_volume_and_takes_secrets_from_kubernetes():
+    (cluster,) = team_objects("RayCluster")
+    spec = cluster["spec"]
+    configmaps = {doc["metadata"]["name"] for doc in team_objects("ConfigMap")}
+    for pod in [spec["headGroupSpec"]["template"]["spec"],
+                *(g["template"]["spec"] for g in spec["workerGroupSpecs"])]:
+        assert not [v for v in pod["volumes"] if "persistentVolumeClaim" in v], "nodes share no volume"
+        container = pod["containers"][0]
+        refs = [s for s in container["envFrom"]]
+        assert {r["configMapRef"]["name"] for r in refs if "configMapRef" in r} <= configmaps
+        secrets = {r["secretRef"]["name"] for r in refs if "secretRef" in r}
+        assert secrets == {"vae-s3", "vae-mlflow-client"}
+        mounts = {m["mountPath"] for m in container["volumeMounts"]}
+        (env,) = [d for d in team_objects("ConfigMap") if d["metadata"]["name"] == "vae-team-env"]
+        assert env["data"]["VAE_DATA_CACHE"] in mounts  # each pod's own cache, an emptyDir
+    assert set(cluster["spec"]) <= RAYCLUSTER_SPEC
+
+
+def test_team_mlflow_runs_in_postgres_with_basic_auth_and_proxies_artifacts_to_the_bucket():
+    (deployment,) = team_objects("Deployment")
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    command = " ".join(container["args"])
+    assert "--app-name basic-auth" in command and "--artifacts-destination s3://" in command
+    assert '--backend-store-uri "$MLFLOW_DB_URI"' in command and "postgresql://" not in command
+    env = {e["name"]: e for e in container["env"]}
+    assert env["MLFLOW_DB_URI"]["valueFrom"]["secretKeyRef"]["name"] == "vae-mlflow-db"
+    assert env["MLFLOW_AUTH_CONFIG_PATH"]["value"].startswith("/etc/mlflow-auth/")
+    (service,) = team_objects("Service")
+    (envmap,) = [d for d in team_objects("ConfigMap") if d["metadata"]["name"] == "vae-team-env"]
+    url = urlparse(envmap["data"]["MLFLOW_TRACKING_URI"])
+    assert url.hostname == service["metadata"]["name"] and url.port == service["spec"]["ports"][0]["port"]
+    assert container["image"] == dockerfile_image()
+
+
+@pytest.mark.parametrize("label", ["kuberay", "ray-up"])
+def test_team_params_put_data_and_checkpoints_in_the_bucket(label):
+    from pipeline.config import parse_params
+
+    sys.path.insert(0, str(INFRA))
+    try:
+        import cluster_params
+    finally:
+        sys.path.remove(str(INFRA))
+    if label == "kuberay":
+        (params,) = [d for d in team_objects("ConfigMap") if d["metadata"]["name"] == "vae-team-params"]
+        overrides = yaml.safe_load(params["data"]["overrides.yaml"])
+    else:
+        overrides = yaml.safe_load((INFRA / "ray-up" / "params-overrides-team.yaml").read_text())
+    merged = parse_params(
+        cluster_params.merge(yaml.safe_load((REPO_ROOT / "params.yaml").read_text()), overrides), label)
+    assert merged.train.storage_path.startswith("s3://") and merged.data.processed_dir.startswith("s3://")
+    assert merged.data.processed_location().startswith("s3://")
+
+
+def test_team_ray_up_config_uses_no_shared_file_system_and_no_secret_in_the_file():
+    import jsonschema
+    import ray
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    text = RAY_UP_TEAM.read_text()
+    config = yaml.safe_load(text)
+    schema = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
+    jsonschema.validate(config, schema)
+    validate_config(prepare_config(config))
+    assert "/mnt/vae" not in text and "nfs" not in text.lower()
+    head = " ".join(config["head_start_ray_commands"])
+    assert "--app-name basic-auth" in head and "--artifacts-destination s3://" in head
+    assert "secretsmanager get-secret-value" in head and "postgresql://" not in head
+    for node in config["available_node_types"].values():
+        assert "IamInstanceProfile" in node["node_config"]
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        start = " ".join(config[key])
+        assert "VAE_DATA_CACHE=" in start and "MLFLOW_TRACKING_PASSWORD=" in start

@@ -25,9 +25,9 @@ from pipeline.checkpoints import load_state
 from pipeline.cli import run_stage, stage_argument_parser
 from pipeline.common import StageError, atomic_write_text, resolve, say
 from pipeline.config import RUN_IDENTITY_EXCLUDES, Params, load_params
-from pipeline.data import data_hashes
+from pipeline.data import data_hashes, dataset_folder
 from pipeline.sessions import NonFiniteLossError
-from pipeline.tracking import git_commit, tracking_uri
+from pipeline.tracking import lineage_tags, tracking_uri
 from pipeline.tune import tracking
 from pipeline.tune.results import best_row, trial_rows, trials_csv
 from pipeline.tune.space import suggest_trial_config, trial_values
@@ -48,7 +48,8 @@ class Sweep:
     Attributes:
         name: the sweep's name (``tune.experiment_name``-<hash>), also its storage folder.
         base: the params every trial starts from (the train section set up for a trial).
-        processed_dir: absolute path of the preprocessed arrays.
+        processed_dir: absolute path or URI (s3://...) of the preprocessed arrays (URIs: read through
+            each node's cache, pipeline.storage.local_dataset).
         trials_storage: where the trials' Train runs keep their checkpoints.
         runs: the sweep's MLflow runs.
         coordinator: the name of the :class:`SweepCoordinator` actor.
@@ -102,7 +103,7 @@ def run_trial(config: dict[str, Any], sweep: Sweep) -> None:
         "trial_id": trial_id,
         "timeout_s": sweep.decision_timeout_s,
     }
-    ray_runtime.clear_non_finite(sweep.trials_storage, name)
+    ray_runtime.clear_non_finite(sweep.trials_storage, name, params.cluster.s3_endpoint_url)
     trainer = ray_runtime.make_trainer(
         params,
         train_config,
@@ -243,10 +244,13 @@ def make_tuner(params: Params, sweep: Sweep, tune_storage: str, concurrent: int)
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, sweep=sweep), {"CPU": params.tune.cpus_per_trial_driver}
     )
-    experiment_path = f"{tune_storage}/{sweep.name}"
-    if tune.Tuner.can_restore(experiment_path):
-        say(f"[tune] resuming sweep {sweep.name} from {experiment_path}")
-        return tune.Tuner.restore(experiment_path, trainable, resume_unfinished=True, resume_errored=True)
+    storage = ray_runtime.run_storage(tune_storage, params)  # an S3 filesystem with the endpoint for s3://
+    experiment_path = f"{storage['storage_path']}/{sweep.name}"
+    filesystem = storage.get("storage_filesystem")
+    if tune.Tuner.can_restore(experiment_path, storage_filesystem=filesystem):
+        say(f"[tune] resuming sweep {sweep.name} from {tune_storage}/{sweep.name}")
+        return tune.Tuner.restore(experiment_path, trainable, resume_unfinished=True, resume_errored=True,
+                                  storage_filesystem=filesystem)
     settings = params.tune
     searcher = OptunaSearch(
         space=functools.partial(suggest_trial_config, space=settings.search_space),
@@ -274,7 +278,7 @@ def make_tuner(params: Params, sweep: Sweep, tune_storage: str, concurrent: int)
         ),
         run_config=tune.RunConfig(
             name=sweep.name,
-            storage_path=tune_storage,
+            **storage,
             verbose=1,
             callbacks=[tracking.TrialRuns(sweep.runs, sweep.base, sweep.coordinator)],
         ),
@@ -289,7 +293,7 @@ def tune_sweep(params: Params, worker_fn=None) -> dict[str, Any]:
     Raises:
         StageError: no data, no cluster or too few resources, or no trial produced a result.
     """
-    processed = params.data.processed_path()
+    processed = dataset_folder(params.data.processed_location(), params.cluster.s3_endpoint_url)
     if not (processed / "train_images.npy").is_file() or not (processed / "valid_images.npy").is_file():
         raise StageError(f"no preprocessed data in {processed}: run `dvc repro preprocess` first")
     hashes = data_hashes(processed)
@@ -301,7 +305,7 @@ def tune_sweep(params: Params, worker_fn=None) -> dict[str, Any]:
     uri = tracking_uri(params.mlflow.tracking_uri)
     client = tracking.client(uri)
     experiment_id = tracking.sweep_experiment(client, params.tune.experiment_name, uri)
-    tags = {"git_commit": git_commit(), **hashes}
+    tags = {**lineage_tags(), **hashes}
     runs = tracking.SweepRuns(
         uri, experiment_id, tracking.open_parent_run(client, experiment_id, params, name, tags), name, tags
     )
@@ -309,7 +313,7 @@ def tune_sweep(params: Params, worker_fn=None) -> dict[str, Any]:
     sweep = Sweep(
         name,
         base_trial_params(params, use_gpu),
-        str(processed),
+        params.data.processed_location(),
         f"{experiment_path}/trials",
         runs,
         coordinator_name(name),

@@ -1,0 +1,267 @@
+"""Object storage (pipeline/storage.py) against a real S3 endpoint on 127.0.0.1 (moto's server, signatures
+checked): the node-local data cache, publishing, clear errors for a wrong endpoint / bucket / credentials,
+params and stage outputs on the store, and the lineage a submission carries."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline import artifacts, storage
+from pipeline.common import StageError
+from pipeline.config import ConfigError, Params, load_params
+from pipeline.data import dataset_folder, load_split, location_hashes
+from tests.fixtures.arrays import write_manifest, write_square_arrays
+
+COUNTS = {"train": 40, "valid": 8, "test": 8}
+
+
+def published(s3, tmp_path: Path) -> tuple[str, Path]:
+    """A tiny dataset built locally and published to a fresh prefix; returns (its URI, the local folder)."""
+    local = write_square_arrays(tmp_path / "built" / "fashion_mnist", COUNTS, 200)
+    write_manifest(local)
+    location = f"{s3.prefix()}/processed/fashion_mnist"
+    storage.publish_dataset(local, location)
+    return location, local
+
+
+def test_a_node_caches_the_dataset_verifies_it_and_reuses_it(s3, tmp_path, monkeypatch):
+    location, local = published(s3, tmp_path)
+    monkeypatch.setenv("VAE_DATA_CACHE", str(tmp_path / "node-a"))
+    folder = dataset_folder(location)
+    assert folder.is_relative_to(tmp_path / "node-a")
+    split = load_split(folder, "train", verify=True)
+    np.testing.assert_array_equal(split.images, np.load(local / "train_images.npy"))
+
+    # A second run on the same node downloads nothing.
+    def no_download(*args, **kwargs):
+        raise AssertionError("the cache was not reused")
+
+    monkeypatch.setattr(storage, "download_file", no_download)
+    assert dataset_folder(location) == folder
+    monkeypatch.undo()
+    monkeypatch.setenv("VAE_DATA_CACHE", str(tmp_path / "node-a"))
+    for key, value in s3.env().items():
+        monkeypatch.setenv(key, value)
+
+    # A corrupted cached array is detected and fetched again.
+    cached = folder / "valid_images.npy"
+    damaged = bytearray(cached.read_bytes())
+    damaged[-1] ^= 0xFF
+    cached.write_bytes(bytes(damaged))
+    assert dataset_folder(location) == folder
+    assert cached.read_bytes() == (local / "valid_images.npy").read_bytes()
+
+    # Another node has its own cache.
+    monkeypatch.setenv("VAE_DATA_CACHE", str(tmp_path / "node-b"))
+    assert dataset_folder(location).is_relative_to(tmp_path / "node-b")
+
+
+def test_a_damaged_object_in_the_store_is_refused_and_never_cached(s3, tmp_path, monkeypatch):
+    location, local = published(s3, tmp_path)
+    monkeypatch.setenv("VAE_DATA_CACHE", str(tmp_path / "node"))
+    bucket, key = storage.join(location, "test_images.npy")[len("s3://"):].split("/", 1)
+    s3.client().put_object(Bucket=bucket, Key=key, Body=b"not the array the manifest lists")
+    with pytest.raises(storage.StorageError, match="sha256 .* differs from the manifest"):
+        dataset_folder(location)
+    folder = storage.cache_folder(location)
+    assert not (folder / "test_images.npy").exists()
+    assert not (folder / "manifest.json").exists()
+    assert not [p.name for p in folder.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_an_interrupted_publish_is_not_taken_as_data(s3, tmp_path, monkeypatch):
+    local = write_square_arrays(tmp_path / "built" / "fashion_mnist", COUNTS, 200)
+    write_manifest(local)
+    location = f"{s3.prefix()}/processed/fashion_mnist"
+    uploaded = []
+    real_upload = storage.upload_file
+
+    def upload_then_fail(source, target, endpoint=None):
+        if len(uploaded) == 2:
+            raise OSError("connection reset")
+        real_upload(source, target, endpoint)
+        uploaded.append(Path(source).name)
+
+    monkeypatch.setattr(storage, "upload_file", upload_then_fail)
+    with pytest.raises(OSError):
+        storage.publish_dataset(local, location)
+    assert "manifest.json" not in uploaded
+    monkeypatch.undo()
+    for key, value in s3.env().items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(FileNotFoundError, match="publish the preprocessed data"):
+        dataset_folder(location)
+    assert location_hashes(location) == {}
+
+
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("endpoint", "no S3 endpoint answers at http://127.0.0.1:9"),
+        ("bucket", "bucket 'no-such-bucket' does not exist"),
+        ("key", "refused the credentials"),
+        ("secret", "refused the credentials"),
+    ],
+)
+def test_bad_storage_settings_fail_within_seconds_naming_the_fix(s3, monkeypatch, case, expected):
+    location = f"{s3.prefix()}/runs"
+    if case == "endpoint":
+        monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    elif case == "bucket":
+        location = "s3://no-such-bucket/runs"
+    elif case == "key":
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAWRONGWRONGWRONG")
+    else:
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    started = time.monotonic()
+    with pytest.raises(storage.StorageError, match=expected) as raised:
+        storage.check_location(location, what="train.storage_path")
+    assert time.monotonic() - started < 10
+    assert s3.secret_key not in str(raised.value)
+    assert "train.storage_path" in str(raised.value)
+
+
+def test_the_endpoint_setting_wins_over_the_environment(s3, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    location = f"{s3.prefix()}/x.txt"
+    storage.write_bytes(location, b"hello", endpoint=s3.endpoint)
+    assert storage.read_bytes(location, endpoint=s3.endpoint) == b"hello"
+    with pytest.raises(storage.StorageError, match="no S3 endpoint answers"):
+        storage.read_bytes(location, patient=False)
+
+
+def test_params_are_read_from_the_object_store(s3, tmp_path):
+    location = f"{s3.prefix()}/params/train.yaml"
+    storage.write_bytes(location, b"train:\n  epochs: 3\ndata:\n  dataset: mnist\n")
+    params = load_params(location)
+    assert (params.train.epochs, params.data.dataset) == (3, "mnist")
+    with pytest.raises(ConfigError, match="no such params file"):
+        load_params(f"{s3.prefix()}/params/missing.yaml")
+
+
+def test_the_data_cache_is_used_for_processed_dir_uris_by_the_config(s3):
+    params = Params.model_validate({"data": {"processed_dir": "s3://vae/processed/", "dataset": "mnist"}})
+    assert params.data.processed_location() == "s3://vae/processed/mnist"
+    with pytest.raises(ValueError, match="is a URI"):
+        params.data.processed_path()
+
+
+def stage_params(s3, tmp_path) -> Params:
+    location, _ = published(s3, tmp_path)
+    processed = location.rsplit("/", 1)[0]
+    return Params.model_validate({
+        "data": {"dataset": "fashion_mnist", "processed_dir": processed},
+        "model": {"architecture": "mlp", "hidden_dims": [16], "latent_dim": 2, "likelihood": "bernoulli"},
+        "train": {"storage_path": f"{processed.rsplit('/', 1)[0]}/runs", "run_name": "outputs"},
+    })
+
+
+def fake_training(root: Path, monkeypatch, name: str) -> None:
+    """Write a real model folder and the train reports in the project root ``root``, as the train stage."""
+    import torch
+
+    from pipeline.train_loop import build_model
+
+    monkeypatch.setenv("VAE_PROJECT_ROOT", str(root))
+    model = build_model(Params().model.model_copy(update={"architecture": "mlp", "hidden_dims": [16],
+                                                          "latent_dim": 2, "likelihood": "bernoulli"}),
+                        (1, 28, 28))
+    state = {"model": {k: v.clone() for k, v in model.state_dict().items()}, "model_config": model.config,
+             "params": {}, "history": [{"epoch": 1, "val_negative_elbo": 500.0}], "epoch": 1, "step": 5}
+    torch.manual_seed(0)
+    artifacts.write_training_outputs(state, name, "run-id-1")
+
+
+def test_a_stage_finds_the_run_outputs_in_storage_wherever_it_runs(s3, tmp_path, monkeypatch):
+    params = stage_params(s3, tmp_path)
+    monkeypatch.setenv("VAE_DATA_CACHE", str(tmp_path / "cache"))
+    name = artifacts.run_location(params).rsplit("/", 1)[-1]
+    fake_training(tmp_path / "job-a", monkeypatch, name)
+    saved = artifacts.save_stage_outputs(
+        params, name, [artifacts.MODEL_DIR, artifacts.TRAIN_METRICS_PATH, artifacts.TRAIN_CURVES_PATH])
+    assert saved == f"{artifacts.run_location(params)}/outputs"
+
+    # Another job's working folder: no models/ at all -> the run's own copy from storage.
+    monkeypatch.setenv("VAE_PROJECT_ROOT", str(tmp_path / "job-b"))
+    found = artifacts.model_dir_for(params)
+    assert found != tmp_path / "job-b" / "models" / "vae"
+    assert (found / "model.safetensors").read_bytes() == (
+        tmp_path / "job-a" / "models" / "vae" / "model.safetensors").read_bytes()
+    assert artifacts.load_trained_model(found).latent_dim == 2
+
+    # A stale model of another run in the workspace does not shadow this run's.
+    fake_training(tmp_path / "job-b", monkeypatch, "some-other-run")
+    assert artifacts.model_dir_for(params) == found
+
+    # The workspace's model of this very run (the DVC pipeline) is used as it is.
+    fake_training(tmp_path / "job-c", monkeypatch, name)
+    assert artifacts.model_dir_for(params) == tmp_path / "job-c" / "models" / "vae"
+
+    # Bring everything back.
+    source, files = artifacts.fetch_stage_outputs(params, tmp_path / "back")
+    assert source == saved
+    assert set(files) >= {"models/vae/model.safetensors", "reports/train_metrics.json"}
+    assert json.loads((tmp_path / "back" / "models" / "vae" / "run.json").read_text())["run_name"] == name
+
+
+def test_no_model_anywhere_names_both_places(s3, tmp_path, monkeypatch):
+    params = stage_params(s3, tmp_path)
+    monkeypatch.setenv("VAE_PROJECT_ROOT", str(tmp_path / "empty"))
+    with pytest.raises(StageError, match=r"model.safetensors is missing and the run's storage has no model "
+                                         r"\(s3://.*/outputs\)"):
+        artifacts.model_dir_for(params)
+    with pytest.raises(StageError, match="no stage outputs in s3://"):
+        artifacts.fetch_stage_outputs(params, tmp_path / "back")
+
+
+def test_ray_train_gets_an_s3_filesystem_with_the_endpoint_setting(s3, monkeypatch):
+    from pipeline.ray_runtime import run_storage
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # cluster.s3_endpoint_url wins
+    params = Params.model_validate({"cluster": {"s3_endpoint_url": s3.endpoint}})
+    location = f"{s3.prefix()}/runs"
+    config = run_storage(location, params)
+    assert config["storage_path"] == location[len("s3://"):]
+    with config["storage_filesystem"].open_output_stream(f"{config['storage_path']}/probe") as handle:
+        handle.write(b"checkpoint bytes")
+    bucket, key = f"{config['storage_path']}/probe".split("/", 1)
+    assert s3.client().get_object(Bucket=bucket, Key=key)["Body"].read() == b"checkpoint bytes"
+    assert run_storage("/tmp/runs", params) == {"storage_path": "/tmp/runs"}
+
+
+def test_a_resumed_run_on_object_storage_continues_its_mlflow_run(s3, tmp_path, monkeypatch):
+    from pipeline.tracking import open_training_run
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    params = Params.model_validate({"mlflow": {"experiment_name": "resume-on-s3"}})
+    run_folder = f"{s3.prefix()}/runs/vae-1234"
+    first, _ = open_training_run(params, "vae-1234", run_folder, {})
+    again, _ = open_training_run(params, "vae-1234", run_folder, {})
+    assert again == first
+    other, _ = open_training_run(params, "vae-1234", f"{s3.prefix()}/runs/vae-1234", {})
+    assert other != first
+
+
+def test_a_submission_carries_the_commit_of_the_submitting_checkout(monkeypatch):
+    from pipeline import jobs, tracking
+
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                          text=True, check=True).stdout.strip()
+    env = jobs.runtime_env({"EXTRA": "1"})["env_vars"]
+    assert env["VAE_GIT_COMMIT"] == head and env["VAE_GIT_DIRTY"] in ("true", "false")
+    assert env["EXTRA"] == "1"
+    # Inside the job (no .git in Ray's copy of the tree) the submitted values are the lineage.
+    monkeypatch.setenv("VAE_GIT_COMMIT", "0123abcd" * 5)
+    monkeypatch.setenv("VAE_GIT_DIRTY", "true")
+    monkeypatch.setattr(tracking, "REPO_ROOT", Path("/"))
+    assert tracking.lineage_tags() == {"git_commit": "0123abcd" * 5, "git_dirty": "true",
+                                       "mlflow.source.git.commit": "0123abcd" * 5}
+    monkeypatch.delenv("VAE_GIT_COMMIT")
+    monkeypatch.delenv("VAE_GIT_DIRTY")
+    assert tracking.lineage_tags()["git_commit"] == "unknown"
