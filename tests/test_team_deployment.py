@@ -8,6 +8,7 @@ Every command runs as a user types it (``ray job submit`` in a subprocess)."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import signal
@@ -144,9 +145,11 @@ def run_folder(logs: str) -> str:
 
 
 def mlflow_client():
+    """A client of the team's server (explicitly: earlier tests in the session may have set MLflow's global
+    tracking URI); credentials from MLFLOW_TRACKING_USERNAME/PASSWORD, as env.sh sets them."""
     import mlflow
 
-    return mlflow.MlflowClient()
+    return mlflow.MlflowClient(tracking_uri=os.environ["MLFLOW_TRACKING_URI"])
 
 
 STEPS_PER_EPOCH = COUNTS["train"] // BATCH  # global batches: the same with 1 or 2 workers
@@ -295,8 +298,6 @@ def test_down_keeps_the_data_and_up_brings_it_back(team):
     assert "kept" in note and "S3 objects" in note
     team.up()
     for key, value in team.client_env().items():  # a new S3 key pair per start
-        import os
-
         os.environ[key] = value
     assert set(storage.list_files(f"{team.bucket_uri}/runs")) == objects_before
     runs_after = {r.info.run_id for r in mlflow_client().search_runs(
