@@ -184,14 +184,6 @@ def _not_found(error: OSError) -> bool:
     return "NO_SUCH_KEY" in str(error) or "does not exist" in str(error)
 
 
-def exists(location: str, endpoint: str | None = None) -> bool:
-    import pyarrow.fs as pafs
-
-    fs, path = filesystem(location, endpoint)
-    with _explained(location, endpoint, "reading"):
-        return fs.get_file_info(path).type != pafs.FileType.NotFound
-
-
 def write_bytes(location: str, data: bytes, endpoint: str | None = None) -> None:
     """Write one file. Local: atomically (temporary file + rename). S3: a PUT (or multipart upload) becomes
     visible only when complete, so a reader never sees part of it."""
@@ -369,14 +361,12 @@ def upload_tree(root: Path, relative: list[Path], location: str, endpoint: str |
     return done
 
 
-def download_tree(location: str, root: Path, endpoint: str | None = None, prefix: str = "") -> list[str]:
-    """Download every file under ``location``/``prefix`` into ``root`` (same relative paths); returns them."""
+def download_tree(location: str, root: Path, endpoint: str | None = None) -> list[str]:
+    """Download every file under ``location`` into ``root`` (same relative paths); returns them."""
     done = []
-    base = join(location, prefix) if prefix else location
-    for rel in list_files(base, endpoint):
-        full = f"{prefix.strip('/')}/{rel}" if prefix else rel
-        download_file(join(location, full), root / full, endpoint)
-        done.append(full)
+    for rel in list_files(location, endpoint):
+        download_file(join(location, rel), root / rel, endpoint)
+        done.append(rel)
     return done
 
 
