@@ -1,15 +1,19 @@
 """A real multi-node Ray cluster on this one machine, plus an MLflow tracking server, for tests and demos;
 with ``--team`` the team deployment: an S3 endpoint, PostgreSQL behind MLflow with basic-auth, node-local
-data caches and no shared folder (infra/team_services.py).
+data caches and no shared folder (infra/team_services.py); with ``--hosts`` (root) each worker node and the
+MLflow server on a host of its own: a network namespace with its own address (infra/host_network.py).
 
-    python infra/local_cluster.py up [--team] [--workers N --head-cpus C --worker-cpus C ... --state-dir DIR]
+    python infra/local_cluster.py up [--team] [--hosts] [--workers N --head-cpus C ... --state-dir DIR]
     python infra/local_cluster.py status [--json]
     python infra/local_cluster.py env          # the shell exports; `eval "$(infra/local-cluster.sh env)"`
+    python infra/local_cluster.py restart-node worker-K | mlflow stop|start|restart | logs NAME [-n N]
+    python infra/local_cluster.py partition NAME | heal NAME     # --hosts: cut / reconnect a host's link
     python infra/local_cluster.py down [--keep-logs] [--wipe]
 
 What it starts, how token authentication is set and how `down` finds exactly its own processes:
 infra/README.md, section 2. Python API (used by the tests): ``LocalCluster(ClusterSettings(...))`` with
-``up``, ``down``, ``wait_for_nodes``, ``kill_node``, ``start_node``, ``stop_mlflow``, ``start_mlflow``.
+``up``, ``down``, ``wait_for_nodes``, ``kill_node``, ``start_node``, ``restart_node``, ``stop_mlflow``,
+``start_mlflow``, ``partition``, ``heal``.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from typing import Any
 
 if str(Path(__file__).resolve().parent) not in sys.path:  # infra/ is a folder of scripts, not a package
     sys.path.insert(0, str(Path(__file__).resolve().parent))
+import host_network as hostnet  # noqa: E402
 import team_services as team  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -110,9 +115,15 @@ class ClusterSettings:
     # the dashboard agent of node k (head k=0) = base+10+k.
     base_port: int = dataclasses.field(default_factory=lambda: _env("VAE_CLUSTER_BASE_PORT", 26300, int))
     mlflow: bool = True
+    # MLflow 3's GenAI job runner (huey consumers, one per job type): training never submits such jobs, so
+    # it is off unless asked for; `benchmarks/cluster_footprint.py` measures what it costs.
+    mlflow_jobs: bool = False
     # The team deployment: an S3 endpoint (data, checkpoints, MLflow artifacts), PostgreSQL behind MLflow,
     # MLflow's basic-auth, each node with its own data cache and no shared folder (infra/team_services.py).
     team: bool = dataclasses.field(default_factory=lambda: _env("VAE_CLUSTER_TEAM", "0") in ("1", "true"))
+    # Hosts of their own (root): each worker node and the MLflow server in a network namespace with its own
+    # address on a private bridge, each node with its own HOME, TMPDIR and data cache (infra/host_network.py).
+    hosts: bool = dataclasses.field(default_factory=lambda: _env("VAE_CLUSTER_HOSTS", "0") in ("1", "true"))
     # Ray's session dirs hold unix sockets (path limit ~107 bytes), so they live under a short /tmp path.
     ray_temp_root: Path | None = dataclasses.field(
         default_factory=lambda: Path(p) if (p := os.environ.get("VAE_CLUSTER_RAY_TMP")) else None
@@ -264,12 +275,12 @@ class LocalCluster:
         return self.state_dir / "mlflow_auth.ini"
 
     def node_cache(self, node: str) -> Path:
-        """A node's own data cache (``VAE_DATA_CACHE``) in the team deployment."""
+        """A node's own data cache (``VAE_DATA_CACHE``) in the team deployment and with ``--hosts``."""
         return self.state_dir / "nodes" / node / "cache"
 
     @property
     def s3_url(self) -> str | None:
-        return f"http://127.0.0.1:{self.settings.s3_port}" if self.settings.team else None
+        return f"http://{self.host_ip('s3')}:{self.settings.s3_port}" if self.settings.team else None
 
     @property
     def bucket_uri(self) -> str | None:
@@ -278,11 +289,28 @@ class LocalCluster:
     def credentials(self) -> dict[str, str]:
         return team.credentials(self.credentials_path)
 
+    @property
+    def network(self) -> hostnet.HostNetwork | None:
+        """The hosts' namespaces and bridge (``--hosts``), else None (every node on 127.0.0.1)."""
+        return hostnet.HostNetwork(self.settings.base_port) if self.settings.hosts else None
+
+    def host_ip(self, host: str) -> str:
+        """The address of ``host`` ("head", "mlflow", "worker-K"): its own with ``--hosts``, else loopback.
+        The S3 endpoint and PostgreSQL live on the head host."""
+        network = self.network
+        if network is None:
+            return team.LOOPBACK
+        return network.address(HEAD if host in ("s3", "postgres") else host)
+
+    def host_dir(self, host: str) -> Path:
+        """A worker host's private folder (HOME, TMPDIR, its data cache): nothing else reads it."""
+        return self.state_dir / "nodes" / host
+
     # ------------------------------------------------------------------------------------- addresses
     @property
     def address(self) -> str:
         """The GCS address for ``ray.init(address=...)``, ``ray status`` and ``ray start --address``."""
-        return f"127.0.0.1:{self.settings.gcs_port}"
+        return f"{self.host_ip(HEAD)}:{self.settings.gcs_port}"
 
     @property
     def dashboard_url(self) -> str:
@@ -291,7 +319,9 @@ class LocalCluster:
 
     @property
     def mlflow_url(self) -> str | None:
-        return f"http://127.0.0.1:{self.settings.mlflow_port}" if self.settings.mlflow else None
+        if not self.settings.mlflow:
+            return None
+        return f"http://{self.host_ip('mlflow')}:{self.settings.mlflow_port}"
 
     @property
     def cluster_id(self) -> str | None:
@@ -341,8 +371,18 @@ class LocalCluster:
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
         env["RAY_USAGE_STATS_ENABLED"] = "0"
         env.update(self.settings.ray_env)
-        if self.settings.team and node not in SERVICES:
+        if (self.settings.team or self.settings.hosts) and node not in SERVICES:
             env["VAE_DATA_CACHE"] = str(self.node_cache(node))  # each node its own, nothing shared
+        if self.settings.hosts and node not in SERVICES:
+            # The hosts share this machine's hostname, which resolves to loopback; torch.distributed must take
+            # the host's own interface (a real host's hostname resolves to its address).
+            network = hostnet.HostNetwork(self.settings.base_port)
+            interface = "eth0" if node.startswith("worker-") else network.bridge
+            env["GLOO_SOCKET_IFNAME"] = env["NCCL_SOCKET_IFNAME"] = interface
+        if self.settings.hosts and node.startswith("worker-"):
+            for key, sub in (("HOME", "home"), ("TMPDIR", "tmp"), ("XDG_CACHE_HOME", "home/.cache")):
+                (self.host_dir(node) / sub).mkdir(parents=True, exist_ok=True)
+                env[key] = str(self.host_dir(node) / sub)
         env[MARKER] = str(self.cluster_id)
         env[NODE_MARKER] = f"{self.cluster_id}/{node}"
         return env
@@ -410,7 +450,10 @@ class LocalCluster:
         cluster is already running, report it and start nothing. On failure, stop what was started."""
         with self._lock():
             if self.is_up():
-                return self.status(note="already up; nothing started")
+                restored = self.restore_missing()
+                did = f"restarted {', '.join(restored)}" if restored else "nothing started"
+                note = f"already up; {did}"
+                return self.status(note=note)
             if self.state:  # stale state of a cluster that died (reboot, kill -9): clear it first
                 self._cleanup_files(keep_logs=True)
                 self.settings = self.requested
@@ -424,6 +467,8 @@ class LocalCluster:
                 f"Ray's dashboard (the job-submission API) needs ray[default]; missing modules: {missing}. "
                 "Install it: pip install 'ray[default]' (same version as ray)."
             )
+        if s.hosts and (why := hostnet.available()):
+            raise ClusterError(why)
         busy = [port for port in s.ports() if port_in_use(port)]
         if busy:
             raise ClusterError(
@@ -445,6 +490,18 @@ class LocalCluster:
         }
         self._save()
         try:
+            if self.network:
+                workers = [f"worker-{k}" for k in range(1, s.num_workers + 1)]
+                hosts = [*(["mlflow"] if s.mlflow else []), *workers]
+                self.network.create(hosts)
+                self.state["hosts"] = {
+                    host: {"address": self.host_ip(host), "namespace": self.network.namespace(host),
+                           "link": self.network.veth(host) if host != HEAD else self.network.bridge}
+                    for host in [HEAD, *hosts]
+                }
+                self._save()
+                self._say(f"hosts on bridge {self.network.bridge}: "
+                          + ", ".join(f"{h} {v['address']}" for h, v in self.state["hosts"].items()))
             if s.team:
                 self.start_s3()
                 self.start_postgres()
@@ -463,6 +520,86 @@ class LocalCluster:
             raise
         team.write_private(self.env_path, self.env_script())  # it holds the token path and, --team, secrets
         return self.status(note="started")
+
+    def missing_parts(self) -> list[str]:
+        """The nodes without a raylet and the services without a process (s3, postgres, mlflow)."""
+        missing = [n for n in self.state.get("nodes", {}) if not any(
+            _name(p) == "raylet" for p in self.processes(n))]
+        services = ["s3", "postgres"] if self.settings.team else []
+        services += ["mlflow"] if self.settings.mlflow else []
+        return missing + [name for name in services if not self.processes(name)]
+
+    def restore_missing(self) -> list[str]:
+        """Bring back what died in a running cluster: services first, then worker nodes (each cleaned of its
+        leftovers first). Returns what was restarted.
+
+        Raises:
+            ClusterError: the head is down (its GCS holds the cluster: `down`, then `up`).
+        """
+        missing = self.missing_parts()
+        if HEAD in missing:
+            raise ClusterError("the head node is down, and with it the cluster's GCS: run `down`, then `up`")
+        for name in ("s3", "postgres"):
+            if name in missing:
+                {"s3": self.start_s3, "postgres": self.start_postgres}[name]()
+        for name in missing:
+            if name.startswith("worker-"):
+                self.restart_node(name)
+        if "mlflow" in missing:
+            self.start_mlflow(wait=True)
+        return missing
+
+    def restart_node(self, name: str) -> list[str]:
+        """Stop whatever is left of node ``name`` (a dead raylet's log monitor, agents, workers), start it
+        again with its original settings and wait until it is alive. Returns the leftovers it stopped."""
+        if name not in self.state.get("nodes", {}):
+            nodes = ", ".join(self.state.get("nodes", {}))
+            raise ClusterError(f"no node {name!r} in this cluster; nodes: {nodes}")
+        if name == HEAD:
+            raise ClusterError("the head holds the cluster's GCS: restart the cluster (`down`, then `up`)")
+        leftovers = self.processes(name)
+        described = [self._describe(p) for p in leftovers]
+        survivors = self._terminate(leftovers, grace_s=3.0)
+        if survivors:
+            left = [self._describe(p) for p in survivors]
+            raise ClusterError(f"{name}: processes survived SIGKILL: {left}")
+        expected = len(self.state["nodes"])
+        self.start_node(name)
+        self.wait_for_nodes(expected, timeout_s=self.settings.start_timeout_s)
+        return described
+
+    def partition(self, host: str) -> None:
+        """Cut ``host``'s link (a worker host or "mlflow"; ``--hosts`` only): nothing reaches it or leaves
+        it until :meth:`heal`. Its processes keep running, as on a machine behind a failed switch port."""
+        self._set_link(host, up=False)
+
+    def heal(self, host: str) -> None:
+        """Reconnect ``host``. Ray does not take back a node its GCS declared dead: that raylet exits when
+        it hears so, and `restart-node` (or `up`) starts the node again."""
+        self._set_link(host, up=True)
+
+    def _set_link(self, host: str, up: bool) -> None:
+        if self.network is None:
+            raise ClusterError("partitions need hosts of their own: start the cluster with `up --hosts`")
+        if host not in self.state.get("hosts", {}) or host == HEAD:
+            hosts = ", ".join(h for h in self.state.get("hosts", {}) if h != HEAD)
+            raise ClusterError(f"no host {host!r} to partition; hosts: {hosts}")
+        self.network.set_link(host, up)
+
+    def restart_mlflow(self) -> None:
+        """Stop (SIGTERM, SIGKILL after 5 s) and start the MLflow server; returns once it answers."""
+        self.stop_mlflow()
+        self.start_mlflow(wait=True)
+
+    def log_files(self, name: str) -> list[Path]:
+        """The log files of a node or service: its start log and Ray's raylet logs, or the service's log."""
+        if name in SERVICES:
+            return [self.logs_dir / f"{name}.log"]
+        if name not in self.state.get("nodes", {}):
+            known = [*self.state.get("nodes", {}), *(s for s in SERVICES if self.state.get(s))]
+            raise ClusterError(f"no node or service {name!r}; known: {', '.join(known)}")
+        ray_logs = Path(self.state["nodes"][name]["temp_dir"]) / "session_latest" / "logs"
+        return [self.logs_dir / f"{name}.start.log", ray_logs / "raylet.out", ray_logs / "raylet.err"]
 
     def start_node(self, name: str) -> None:
         """Start the head (``name == "head"``) or a worker node (``"worker-K"``); also restarts a killed
@@ -497,9 +634,12 @@ class LocalCluster:
             raise ClusterError(f"node {name} is already running")
         temp_dir = s.ray_temp_root / name
         temp_dir.mkdir(parents=True, exist_ok=True)
-        # No --node-ip-address: Ray 2.60 replaces 127.0.0.1 by the machine's IP anyway (so the GCS listens on
-        # all interfaces -- token auth guards it); the dashboard and MLflow bind to 127.0.0.1 only.
+        # Single host: no --node-ip-address, Ray 2.60 replaces 127.0.0.1 by the machine's IP anyway (so the
+        # GCS listens on all interfaces -- token auth guards it). --hosts: each node its own address. The
+        # dashboard (job API) binds to 127.0.0.1 only, on the head.
+        network = self.network
         common = [
+            *(["--node-ip-address", self.host_ip(name)] if network else []),
             "--temp-dir",
             str(temp_dir),
             "--dashboard-agent-listen-port",
@@ -545,6 +685,7 @@ class LocalCluster:
                 str(s.worker_memory),
                 *common,
             ]
+        cmd = [*(network.exec_prefix(name) if network else []), *cmd]
         log = self.logs_dir / f"{name}.start.log"
         with open(log, "w") as out:
             # A new session: the daemons `ray start` leaves behind are not in our caller's process group
@@ -575,10 +716,12 @@ class LocalCluster:
         artifacts = self.mlflow_dir / "artifacts"
         artifacts.mkdir(parents=True, exist_ok=True)
         env = self._node_env("mlflow")
+        env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "true" if s.mlflow_jobs else "false"
         if s.team:
             creds = self.credentials()
-            team.write_auth_config(self.auth_config_path, s.postgres_port, creds)
-            store = team.mlflow_team_args(s.postgres_port, creds)
+            pg_host = self.host_ip("postgres")
+            team.write_auth_config(self.auth_config_path, s.postgres_port, creds, pg_host)
+            store = team.mlflow_team_args(s.postgres_port, creds, pg_host)
             env.update(
                 MLFLOW_AUTH_CONFIG_PATH=str(self.auth_config_path),
                 MLFLOW_FLASK_SERVER_SECRET_KEY=creds["flask_secret_key"],
@@ -588,13 +731,14 @@ class LocalCluster:
             store = ["--backend-store-uri", f"sqlite:///{self.mlflow_dir / 'mlflow.db'}",
                      "--artifacts-destination", str(artifacts)]
         cmd = [
+            *(self.network.exec_prefix("mlflow") if self.network else []),
             sys.executable,
             "-m",
             "mlflow",
             "server",
             *store,
             "--host",
-            "127.0.0.1",
+            self.host_ip("mlflow"),
             "--port",
             str(s.mlflow_port),
             "--workers",
@@ -642,13 +786,15 @@ class LocalCluster:
         return proc.pid
 
     def start_s3(self) -> None:
-        """Start the S3 endpoint (moto's server) on 127.0.0.1 and load the objects `down` kept."""
+        """Start the S3 endpoint (moto's server) on the head host's address and load the objects `down`
+        kept."""
         if self.processes("s3"):
             raise ClusterError("the S3 endpoint is already running")
-        self._start_service("s3", team.s3_command(sys.executable, self.settings.s3_port), self.state_dir,
-                            team.S3_ENV)
+        host = self.host_ip("s3")
+        command = team.s3_command(sys.executable, self.settings.s3_port, host)
+        self._start_service("s3", command, self.state_dir, team.S3_ENV)
         try:
-            team.wait_for_port(self.settings.s3_port, self.settings.start_timeout_s)
+            team.wait_for_port(self.settings.s3_port, self.settings.start_timeout_s, host)
             creds = team.update_credentials(self.credentials_path, team.provision_s3(str(self.s3_url)))
             restored = team.restore_bucket(str(self.s3_url), creds, self.saved_bucket)
         except team.ServiceError as error:
@@ -657,22 +803,26 @@ class LocalCluster:
         self._say(f"S3 endpoint on {self.s3_url}, bucket {self.bucket_uri} ({restored} objects restored)")
 
     def start_postgres(self) -> None:
-        """Start the private PostgreSQL (``initdb`` on first use) on 127.0.0.1."""
+        """Start the private PostgreSQL (``initdb`` on first use) on the head host's address."""
         if self.processes("postgres"):
             raise ClusterError("PostgreSQL is already running")
         creds = self.credentials()
+        host = self.host_ip("postgres")
         try:
             data_dir = team.postgres_data_dir(self.postgres_dir)
             if team.init_postgres(data_dir, creds["postgres_password"], self.logs_dir / "initdb.log"):
                 self._say(f"PostgreSQL data directory created in {self.postgres_dir}")
-            self._start_service("postgres", team.postgres_command(data_dir, self.settings.postgres_port),
-                                self.state_dir)
+            if self.network:  # MLflow's server connects from its own host, `up` from the head's address
+                for client in (HEAD, "mlflow"):
+                    team.allow_postgres_client(data_dir, self.host_ip(client))
+            command = team.postgres_command(data_dir, self.settings.postgres_port, host)
+            self._start_service("postgres", command, self.state_dir)
             team.wait_for_postgres(self.settings.postgres_port, creds["postgres_password"],
-                                   self.settings.start_timeout_s)
+                                   self.settings.start_timeout_s, host)
         except team.ServiceError as error:
             log = self.logs_dir / "postgres.log"
             raise ClusterError(f"{error}; {log}:\n{_tail(log)}") from None
-        self._say(f"PostgreSQL on 127.0.0.1:{self.settings.postgres_port}")
+        self._say(f"PostgreSQL on {host}:{self.settings.postgres_port}")
 
     def s3_healthy(self) -> bool:
         try:
@@ -732,10 +882,13 @@ class LocalCluster:
         survivors += self._terminate(self.processes(), sig=signal.SIGKILL, grace_s=2.0)
         if survivors:
             raise ClusterError(f"processes survived SIGKILL: {[self._describe(p) for p in survivors]}")
+        removed = self.network.remove() if self.network else []
         self._cleanup_files(keep_logs=keep_logs)
         if wipe:
             self._wipe()
-        note = f"stopped {len(described)} processes" + (f"; kept {', '.join(kept)}" if kept else "")
+        note = f"stopped {len(described)} processes"
+        note += f"; removed the hosts' {len(removed)} namespaces and links" if removed else ""
+        note += f"; kept {', '.join(kept)}" if kept else ""
         return {"stopped": described, "note": note + ("; data wiped" if wipe else "")}
 
     def _wipe(self) -> None:
@@ -819,11 +972,15 @@ class LocalCluster:
         for name in [*self.state.get("nodes", {}), *(s for s in SERVICES if self.state.get(s))]:
             procs = self.processes(name)
             raylets = [p.pid for p in procs if _name(p) == "raylet"]
-            by_node[name] = {"processes": len(procs), "raylet_pid": raylets[0] if raylets else None}
+            by_node[name] = {"processes": len(procs), "raylet_pid": raylets[0] if raylets else None,
+                             "address": self.host_ip(name)}
+            if self.network and name in self.state.get("hosts", {}) and name != HEAD:
+                by_node[name]["link_up"] = self.network.link_up(name)
         try:
             ray_nodes = [
                 {
                     "node_id": n["node_id"],
+                    "node_ip": n.get("node_ip"),
                     "head": n.get("is_head_node", False),
                     "state": n["state"],
                     "resources": n.get("resources_total", {}),
@@ -838,6 +995,7 @@ class LocalCluster:
         return {
             "up": alive > 0,
             "healthy": alive == expected and (self.mlflow_healthy() or not self.settings.mlflow)
+            and all(info.get("link_up", True) for info in by_node.values())
             and (not self.settings.team or bool(self.processes("postgres") and self.s3_healthy())),
             "note": note,
             "cluster_id": self.cluster_id,
@@ -851,12 +1009,15 @@ class LocalCluster:
             "bucket": self.bucket_uri,
             "s3_healthy": self.s3_healthy() if self.settings.team else None,
             "postgres_port": self.settings.postgres_port if self.settings.team else None,
+            "postgres_address": f"{self.host_ip('postgres')}:{self.settings.postgres_port}"
+            if self.settings.team else None,
             "env_file": str(self.env_path),
             "alive_nodes": alive,
             "expected_nodes": expected,
             "ray_nodes": ray_nodes,
             "ray_error": ray_error,
             "processes": by_node,
+            "hosts": self.state.get("hosts"),
         }
 
     # ---------------------------------------------------------------------------------------- helpers
@@ -931,7 +1092,8 @@ def format_status(status: dict[str, Any]) -> str:
         cpus = node["resources"].get("CPU", 0)
         gpus = node["resources"].get("GPU", 0)
         lines.append(
-            f"  {'head  ' if node['head'] else 'worker'} {node['node_id'][:12]}  {node['state']:<5}"
+            f"  {'head  ' if node['head'] else 'worker'} {node['node_id'][:12]}"
+            f"  {node.get('node_ip') or '':<13}  {node['state']:<5}"
             f"  CPU {cpus:g}  GPU {gpus:g}  memory {node['resources'].get('memory', 0) / GIB:.1f} GiB"
         )
     if status.get("ray_error"):
@@ -951,13 +1113,19 @@ def format_status(status: dict[str, Any]) -> str:
             else [
                 f"  S3 endpoint: {status['s3_url']}, bucket {status['bucket']}"
                 + ("  (healthy)" if status.get("s3_healthy") else "  (NOT answering)"),
-                f"  PostgreSQL (MLflow's store): 127.0.0.1:{status['postgres_port']}",
+                f"  PostgreSQL (MLflow's store): {status['postgres_address']}",
             ]
+        ),
+        *(
+            ["  Hosts (own network namespaces): " + ", ".join(
+                f"{host} {info['address']}" for host, info in status["hosts"].items())]
+            if status.get("hosts") else []
         ),
         "  Processes: "
         + ", ".join(
             f"{name} {info['processes']}"
             + ("" if name in SERVICES else f" (raylet {info['raylet_pid'] or 'DOWN'})")
+            + (" [link CUT]" if info.get("link_up") is False else "")
             for name, info in status["processes"].items()
         ),
         f"Use it from a shell:  source {status['env_file']}",
@@ -998,6 +1166,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     up.add_argument("--no-mlflow", action="store_true", help="do not start the MLflow server")
     up.add_argument(
+        "--hosts",
+        action="store_true",
+        help="root: each worker node and the MLflow server in its own network namespace with its own address "
+        "on a private bridge, each node its own HOME/TMPDIR/cache (VAE_CLUSTER_HOSTS=1)",
+    )
+    up.add_argument("--mlflow-jobs", action="store_true",
+                    help="start MLflow's GenAI job runner too (off: training does not use it)")
+    up.add_argument(
         "--team",
         action="store_true",
         help="the team deployment: an S3 endpoint for data, checkpoints and artifacts, PostgreSQL behind "
@@ -1015,6 +1191,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     status.add_argument("--json", action="store_true")
     sub.add_parser("env", help="print the shell exports for this cluster")
+    restart = sub.add_parser("restart-node", help="clean a node's leftovers and start it again")
+    restart.add_argument("name", help="worker-K")
+    mlflow = sub.add_parser("mlflow", help="stop, start or restart the MLflow server")
+    mlflow.add_argument("action", choices=["stop", "start", "restart"])
+    for verb, what in (("partition", "cut a host's network link (--hosts)"),
+                       ("heal", "reconnect a host (then `restart-node` if Ray declared it dead)")):
+        sub.add_parser(verb, help=what).add_argument("name", help="worker-K or mlflow")
+    logs = sub.add_parser("logs", help="the last lines of a node's or service's logs")
+    logs.add_argument("name", help="head, worker-K, mlflow, s3 or postgres")
+    logs.add_argument("-n", "--lines", type=int, default=40)
     down = sub.add_parser("down", help="stop exactly what `up` started")
     down.add_argument("--keep-logs", action="store_true", help="keep Ray's temp dirs (logs)")
     down.add_argument(
@@ -1045,6 +1231,10 @@ def settings_from_args(args: argparse.Namespace) -> ClusterSettings:
         overrides["mlflow"] = False
     if getattr(args, "team", False):
         overrides["team"] = True
+    if getattr(args, "hosts", False):
+        overrides["hosts"] = True
+    if getattr(args, "mlflow_jobs", False):
+        overrides["mlflow_jobs"] = True
     if getattr(args, "ray_env", None):
         pairs = [item.split("=", 1) for item in args.ray_env]
         if any(len(pair) != 2 or not pair[0] for pair in pairs):
@@ -1062,6 +1252,29 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "down":
             print(cluster.down(keep_logs=args.keep_logs, wipe=args.wipe)["note"])
+            return 0
+        if args.command in ("restart-node", "mlflow", "logs", "partition", "heal") and not cluster.state:
+            print(f"local-cluster: no cluster in {cluster.state_dir}; start one with `up`", file=sys.stderr)
+            return 3
+        if args.command in ("partition", "heal"):
+            getattr(cluster, args.command)(args.name)
+            print(f"{args.name}: link {'cut' if args.command == 'partition' else 'up again'}")
+            return 0
+        if args.command == "restart-node":
+            stopped = cluster.restart_node(args.name)
+            print(f"{args.name}: stopped {len(stopped)} leftover process(es), started again, alive")
+            return 0
+        if args.command == "mlflow":
+            if args.action in ("stop", "restart"):
+                cluster.stop_mlflow()
+            if args.action in ("start", "restart"):
+                cluster.start_mlflow(wait=True)
+            where = "stopped" if args.action == "stop" else f"answers on {cluster.mlflow_url}"
+            print(f"MLflow {args.action}: {where}")
+            return 0
+        if args.command == "logs":
+            for path in cluster.log_files(args.name):
+                print(f"==> {path} <==\n{_tail(path, args.lines)}\n")
             return 0
         if args.command == "env":
             if not cluster.state:

@@ -67,24 +67,25 @@ def credentials(path: Path) -> dict[str, str]:
 
 
 # ------------------------------------------------------------------------------------------------ S3
+LOOPBACK = "127.0.0.1"  # where the services listen, unless the cluster's hosts have their own addresses
 S3_ENV = {"INITIAL_NO_AUTH_ACTION_COUNT": "3"}  # the three IAM calls of provision_s3, then signatures checked
 
 
-def s3_command(python: str, port: int) -> list[str]:
-    return [python, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+def s3_command(python: str, port: int, host: str = LOOPBACK) -> list[str]:
+    return [python, "-m", "moto.server", "-H", host, "-p", str(port)]
 
 
-def wait_for_port(port: int, timeout_s: float) -> None:
+def wait_for_port(port: int, timeout_s: float, host: str = LOOPBACK) -> None:
     import socket
 
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            socket.create_connection((host, port), timeout=1).close()
             return
         except OSError:
             time.sleep(0.2)
-    raise ServiceError(f"nothing listens on 127.0.0.1:{port} after {timeout_s:.0f}s")
+    raise ServiceError(f"nothing listens on {host}:{port} after {timeout_s:.0f}s")
 
 
 def provision_s3(endpoint: str) -> dict[str, str]:
@@ -255,26 +256,36 @@ def init_postgres(data_dir: Path, password: str, log: Path) -> bool:
     return True
 
 
-def postgres_command(data_dir: Path, port: int) -> list[str]:
+def allow_postgres_client(data_dir: Path, address: str) -> None:
+    """Let ``address`` (the MLflow host of ``local-cluster up --hosts``) log in with a password: initdb's
+    pg_hba.conf admits loopback only. Idempotent; takes effect at the next start."""
+    hba = data_dir / "pg_hba.conf"
+    line = f"host all all {address}/32 scram-sha-256"
+    if line not in hba.read_text().splitlines():
+        with open(hba, "a") as handle:
+            handle.write(line + "\n")
+
+
+def postgres_command(data_dir: Path, port: int, host: str = LOOPBACK) -> list[str]:
     return [*run_as(), postgres_bin("postgres"), "-D", str(data_dir), "-p", str(port),
-            "-c", "listen_addresses=127.0.0.1", "-c", "unix_socket_directories=",
+            "-c", f"listen_addresses={host}", "-c", "unix_socket_directories=",
             "-c", "max_connections=60", "-c", "shared_buffers=32MB"]
 
 
-def postgres_url(port: int, password: str, database: str) -> str:
+def postgres_url(port: int, password: str, database: str, host: str = LOOPBACK) -> str:
     from urllib.parse import quote
 
-    return f"postgresql://{PG_USER}:{quote(password, safe='')}@127.0.0.1:{port}/{database}"
+    return f"postgresql://{PG_USER}:{quote(password, safe='')}@{host}:{port}/{database}"
 
 
-def wait_for_postgres(port: int, password: str, timeout_s: float) -> None:
+def wait_for_postgres(port: int, password: str, timeout_s: float, host: str = LOOPBACK) -> None:
     """Wait until PostgreSQL accepts a login, then create the tracking and auth databases if missing."""
     import psycopg
 
     deadline, error = time.monotonic() + timeout_s, None
     while time.monotonic() < deadline:
         try:
-            with psycopg.connect(postgres_url(port, password, "postgres"), autocommit=True,
+            with psycopg.connect(postgres_url(port, password, "postgres", host), autocommit=True,
                                  connect_timeout=2) as conn:
                 existing = {row[0] for row in conn.execute("SELECT datname FROM pg_database")}
                 for name in (TRACKING_DB, AUTH_DB):
@@ -284,17 +295,17 @@ def wait_for_postgres(port: int, password: str, timeout_s: float) -> None:
         except psycopg.OperationalError as exc:
             error = exc
             time.sleep(0.3)
-    raise ServiceError(f"PostgreSQL on 127.0.0.1:{port} did not accept a login in {timeout_s:.0f}s ({error})")
+    raise ServiceError(f"PostgreSQL on {host}:{port} did not accept a login in {timeout_s:.0f}s ({error})")
 
 
 # ------------------------------------------------------------------------------------------- MLflow
-def write_auth_config(path: Path, pg_port: int, creds: dict[str, str]) -> None:
+def write_auth_config(path: Path, pg_port: int, creds: dict[str, str], pg_host: str = LOOPBACK) -> None:
     """The basic-auth app's ini (``MLFLOW_AUTH_CONFIG_PATH``): users in PostgreSQL, the generated admin
     password, READ for new users by default. Mode 0600: it holds two passwords."""
     config = configparser.ConfigParser(interpolation=None)
     config["mlflow"] = {
         "default_permission": "READ",
-        "database_uri": postgres_url(pg_port, creds["postgres_password"], AUTH_DB),
+        "database_uri": postgres_url(pg_port, creds["postgres_password"], AUTH_DB, pg_host),
         "admin_username": ADMIN_USER,
         "admin_password": creds["mlflow_admin_password"],
         "authorization_function": "mlflow.server.auth:authenticate_request_basic_auth",
@@ -306,11 +317,11 @@ def write_auth_config(path: Path, pg_port: int, creds: dict[str, str]) -> None:
     write_private(path, buffer.getvalue())
 
 
-def mlflow_team_args(pg_port: int, creds: dict[str, str]) -> list[str]:
+def mlflow_team_args(pg_port: int, creds: dict[str, str], pg_host: str = LOOPBACK) -> list[str]:
     """``mlflow server`` arguments of the team deployment: PostgreSQL store, artifacts proxied to the bucket
     (clients need no S3 credentials), the basic-auth app."""
     return ["--app-name", "basic-auth",
-            "--backend-store-uri", postgres_url(pg_port, creds["postgres_password"], TRACKING_DB),
+            "--backend-store-uri", postgres_url(pg_port, creds["postgres_password"], TRACKING_DB, pg_host),
             "--artifacts-destination", f"s3://{BUCKET}/mlflow"]
 
 

@@ -202,7 +202,10 @@ class TrainConfig(Section):
         description="checkpoints: a path (relative = project root) or a URI such as s3://bucket/runs",
     )
     run_name: str = Field("vae-celeba64", min_length=1)
-    log_every_n_steps: int = Field(50, ge=1)
+    log_every_n_steps: int = Field(50, ge=1, description="per-step metrics to MLflow every this many steps")
+    print_steps: bool = Field(
+        False, description="also print a progress line every log_every_n_steps (else one line per epoch)"
+    )
     use_best_params: bool = Field(False, description="take model/beta/lr from reports/tune/best_params.yaml")
     max_steps_per_epoch: int | None = Field(None, ge=1, description="cap steps per epoch (smoke runs)")
 
@@ -227,6 +230,7 @@ RUN_IDENTITY_EXCLUDES = frozenset(
         "storage_path",
         "run_name",
         "log_every_n_steps",
+        "print_steps",
         "use_best_params",
     }
 )

@@ -31,6 +31,15 @@ def all_reduce_sum(values: torch.Tensor, world_size: int) -> torch.Tensor:
     return values
 
 
+def gather_objects(value: Any, world_size: int) -> list[Any]:
+    """Every rank's ``value`` (any picklable object), in rank order, on every rank; ``[value]`` alone."""
+    if world_size > 1 and dist.is_available() and dist.is_initialized():
+        gathered: list[Any] = [None] * world_size
+        dist.all_gather_object(gathered, value)
+        return gathered
+    return [value]
+
+
 def rank_seed(seed: int, rank: int, step: int = 0) -> int:
     """The seed of rank ``rank``'s generators: at the start (step 0) and when a resumed run's world size
     differs from its checkpoint's (then per step, so each resumption draws new noise)."""

@@ -37,6 +37,10 @@ class RaySession:
         self.world_rank = context.get_world_rank()
         self.world_size = context.get_world_size()
         self.local_rank = context.get_local_rank()
+        # Where this rank runs, for the run's first log line (distinct hosts show distinct addresses).
+        self.placement = {"node_ip": ray.util.get_node_ip_address(), "node_rank": context.get_node_rank()}
+        quiet_report_logging()
+
 
     def load_checkpoint(self):
         """The state to resume from: Ray's registered checkpoint, or a newer one already on storage (see
@@ -88,6 +92,20 @@ class RaySession:
             f"{storage.experiment_fs_path}/{NON_FINITE_FILE}"
         ) as out:
             out.write(str(error).encode())
+
+
+def quiet_report_logging() -> None:
+    """Ray Train logs every ``ray.train.report`` of every rank at INFO ("Reporting training result N:
+    TrainingReport(... the whole metrics dict ...) from rank R"), which buries rank 0's one line per epoch in
+    a job's log. Its logger is named after its file, so that name is looked up rather than typed."""
+    import logging
+
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+    except ImportError:  # another Ray layout: keep its logging as it is
+        return
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+
 
 
 def broadcast_from_rank0(value: Any) -> Any:

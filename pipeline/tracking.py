@@ -174,21 +174,33 @@ class _Record:
     step: int = 0
     key: str = ""
     attempts: int = 0
+    # Set when the value is logged, not when it is sent: a record sent twice (a retry, or a resumed run
+    # re-sending its checkpoint's records) is then the same row, which MLflow's store keeps once.
+    timestamp_ms: int = field(default_factory=lambda: int(time.time() * 1000))
 
 
 @dataclass
 class RunLogger:
     """Logs to one MLflow run from a training process without ever blocking or failing training.
 
+    With ``hold_until_commit`` (training), records wait until :meth:`commit`, which the training loop calls
+    once the checkpoint that covers them is written: an attempt that dies before its next checkpoint has
+    sent nothing that the resumed attempt will log again, so every step and epoch has one value in MLflow.
+    The held metric records also travel in the checkpoint (:meth:`held_metrics`, :meth:`resend`), so the
+    ones of an attempt that died between its checkpoint and the sending are sent by the next.
+
     Args:
         run_id: the MLflow run (opened by the driver).
         tracking_uri: where the run lives.
         lost_path: where to write what could not be logged by :meth:`close`.
+        hold_until_commit: keep records until :meth:`commit` instead of sending them at once.
     """
 
     run_id: str | None
     tracking_uri: str
     lost_path: Path | None = None
+    hold_until_commit: bool = False
+    _held: list = field(default_factory=list)
     _queue: queue.Queue = field(default_factory=queue.Queue)
     _failed: list = field(default_factory=list)
     _errors: list = field(default_factory=list)
@@ -205,16 +217,40 @@ class RunLogger:
     # -- public, non-blocking ------------------------------------------------------------------------------
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         if self.run_id:
-            self._queue.put(_Record("metrics", {k: float(v) for k, v in metrics.items()}, step))
+            self._put(_Record("metrics", {k: float(v) for k, v in metrics.items()}, step))
 
     def log_image(self, image: np.ndarray, key: str, step: int) -> None:
         if self.run_id:
-            self._queue.put(_Record("image", image, step, key))
+            self._put(_Record("image", image, step, key))
+
+    def _put(self, record: _Record) -> None:
+        if self.hold_until_commit:
+            self._held.append(record)
+        else:
+            self._queue.put(record)
+
+    def held_metrics(self) -> list[dict[str, Any]]:
+        """The metric records waiting for :meth:`commit`, as plain data for a checkpoint."""
+        return [{"metrics": r.payload, "step": r.step, "timestamp_ms": r.timestamp_ms}
+                for r in self._held if r.kind == "metrics"]
+
+    def commit(self) -> None:
+        """Send everything held so far (its checkpoint is written)."""
+        held, self._held = self._held, []
+        for record in held:
+            self._queue.put(record)
+
+    def resend(self, records: list[dict[str, Any]]) -> None:
+        """Send again the :meth:`held_metrics` of a checkpoint; rows already in MLflow stay single."""
+        if self.run_id:
+            for item in records:
+                self._queue.put(_Record("metrics", dict(item["metrics"]), int(item["step"]),
+                                        timestamp_ms=int(item["timestamp_ms"])))
 
     def drain(self, timeout_s: float = 10.0) -> bool:
-        """Wait (up to ``timeout_s``) until every record queued so far has been handled: sent, or kept for a
-        retry when the server is away. Called before each checkpoint, so a process that dies after the
-        checkpoint has lost none of the records of the epochs it holds. Returns whether the queue drained."""
+        """Wait (up to ``timeout_s``) until every record queued so far (committed, with ``hold_until_commit``)
+        has been handled: sent, or kept for a retry when the server is away. Returns whether the queue
+        drained."""
         if self._thread is None:
             return True
         deadline = time.monotonic() + timeout_s
@@ -289,10 +325,9 @@ class RunLogger:
         if record.kind == "metrics":
             from mlflow.entities import Metric
 
-            now = int(time.time() * 1000)
             client.log_batch(
                 self.run_id,
-                metrics=[Metric(k, v, now, record.step) for k, v in record.payload.items()],
+                metrics=[Metric(k, v, record.timestamp_ms, record.step) for k, v in record.payload.items()],
                 synchronous=True,
             )
         elif record.kind == "image":
@@ -453,6 +488,19 @@ def log_final_model(params: Params, run_id: str, uri: str, model, example) -> No
     import torch
 
     model = model.cpu().eval()
+    # MLflow warns on every pickle-format log_model. The pickle is chosen on purpose (see above; torch.export
+    # would keep only forward), the weights are also in models/vae/model.safetensors (loaded without
+    # unpickling by the evaluate stage), so the warning is kept out of the job log.
+    quiet = logging.getLogger("mlflow.pytorch")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        _log_model(mlflow, params, run_id, model, example, torch)
+    finally:
+        quiet.setLevel(level)
+
+
+def _log_model(mlflow, params: Params, run_id: str, model, example, torch) -> None:
     with mlflow.start_run(run_id=run_id):
         with torch.no_grad():
             prediction = model(torch.from_numpy(example)).numpy()

@@ -24,7 +24,14 @@ from torch import nn
 from pipeline.common import format_seconds, say
 from pipeline.config import ModelConfig, Params, TrainConfig
 from pipeline.data import BatchSource, dataset_folder, evaluation_indices, load_images, training_indices
-from pipeline.distributed import all_reduce_sum, pick_device, rank_seed, restore_rng_states, rng_states
+from pipeline.distributed import (
+    all_reduce_sum,
+    gather_objects,
+    pick_device,
+    rank_seed,
+    restore_rng_states,
+    rng_states,
+)
 from pipeline.figures import autocast_for, epoch_images, evaluate_elbo
 from pipeline.sessions import LocalSession, NonFiniteLossError, Session, WorkerConfig
 from pipeline.tracking import RunLogger, image_grid
@@ -122,6 +129,12 @@ def set_up(config: WorkerConfig, session: Session) -> TrainingRun:
     if world_size > 1:
         objective = nn.parallel.DistributedDataParallel(
             objective, device_ids=[device.index] if device.type == "cuda" else None)
+    placement = getattr(session, "placement", None)  # Ray Train workers: their node's address and rank
+    if placement is not None:
+        places = gather_objects(placement, world_size)
+        if rank == 0:
+            say(f"[train] {world_size} worker(s): " + ", ".join(
+                f"rank {r} on {p['node_ip']} (node rank {p['node_rank']})" for r, p in enumerate(places)))
     optimizer = make_optimizer(model, train, device)
 
     local_batch = train.batch_size // world_size
@@ -171,6 +184,7 @@ def set_up(config: WorkerConfig, session: Session) -> TrainingRun:
             config.mlflow_run_id if rank == 0 else None,
             config.tracking_uri or "",
             Path(config.lost_records_path) if config.lost_records_path else None,
+            hold_until_commit=True,  # sent once their checkpoint is written: no step logged twice
         ),
     )
     torch.manual_seed(rank_seed(train.seed, rank))  # each rank its own noise from here on
@@ -185,6 +199,7 @@ def set_up(config: WorkerConfig, session: Session) -> TrainingRun:
             list(state["history"]),
         )
         note = restore_rng_states(state["rng"], rank, world_size, train.seed, run.step, device)
+        run.logger.resend(state.get("mlflow_records", []))  # in case the last attempt died before sending
         if rank == 0:
             say(
                 f"[train] resumed from the checkpoint of epoch {run.start_epoch} (step {run.step})"
@@ -297,10 +312,11 @@ def train_one_epoch(run: TrainingRun, epoch: int) -> tuple[float, float, float]:
                 * (time.perf_counter() - run.started)
                 / max(1, run.step - run.steps_at_start)
             )
-            say(
-                f"[train]   step {run.step}/{run.total_steps} loss {loss:.2f} (rec {reconstruction:.2f} + KL "
-                f"{kl:.2f}) beta {beta:.3g} {images_per_s:.0f} img/s ETA {format_seconds(eta)}"
-            )
+            if train.print_steps:
+                say(
+                    f"[train]   step {run.step}/{run.total_steps} loss {loss:.2f} (rec {reconstruction:.2f} "
+                    f"+ KL {kl:.2f}) beta {beta:.3g} {images_per_s:.0f} img/s ETA {format_seconds(eta)}"
+                )
             window = [0.0, 0.0, 0.0, 0.0]
             window_steps, window_start = 0, time.perf_counter()
     epoch_sums = all_reduce_sum(
@@ -380,11 +396,10 @@ def end_of_epoch(
             "rng": rng,
             "model_config": model.config,
             "params": params.model_dump(mode="json"),
+            "mlflow_records": run.logger.held_metrics(),
         }
-        run.logger.drain(
-            timeout_s=2.0
-        )  # the epoch's records leave before its checkpoint (slow server: <= 2 s)
     session.report(metrics, state, epoch + 1)
+    run.logger.commit()  # the checkpoint covering them is written: send the epoch's records
     return metrics
 
 

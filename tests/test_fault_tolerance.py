@@ -68,6 +68,7 @@ def job_params(cluster, workspace, name: str, **overrides) -> Path:
         "train.batch_size": BATCH,
         "train.num_workers": 2,
         "train.log_every_n_steps": 1,
+        "train.print_steps": True,  # the tests follow the step lines
         "train.max_failures": 3,
         "train.run_name": name,
         "mlflow.experiment_name": "fault-tolerance",

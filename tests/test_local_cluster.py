@@ -54,6 +54,30 @@ def test_settings_ports_and_short_temp_dir(tmp_path):
     assert not {6379, 8265, 10001, 52365} & set(ClusterSettings(state_dir=tmp_path).ports())
 
 
+def test_hosts_mode_gives_every_host_its_own_address_and_private_folders(tmp_path):
+    """--hosts: clients reach the head and MLflow on their own addresses (no loopback, no machine IP); two
+    clusters on different base ports get different subnets; names fit the kernel's 15-character limit."""
+    cluster = LocalCluster(ClusterSettings(state_dir=tmp_path, base_port=27000, hosts=True, num_workers=2))
+    cluster.state = {"cluster_id": "abc"}
+    network = cluster.network
+    subnet = network.subnet
+    assert subnet == "10.205.120" and subnet != LocalCluster(ClusterSettings(
+        state_dir=tmp_path, base_port=27100, hosts=True)).network.subnet
+    assert cluster.address == f"{subnet}.1:27000" and cluster.mlflow_url == f"http://{subnet}.2:27003"
+    assert [network.address(h) for h in ("worker-1", "worker-2")] == [f"{subnet}.11", f"{subnet}.12"]
+    assert network.exec_prefix("worker-1") == ["ip", "netns", "exec", "vae27000-worker-1"]
+    assert network.exec_prefix("head") == []
+    names = (network.bridge, network.veth("mlflow"), network.veth("worker-99"))
+    assert all(len(name) <= 15 for name in names)
+    env = cluster._node_env("worker-2")
+    assert env["HOME"].startswith(str(tmp_path / "nodes" / "worker-2"))
+    assert env["TMPDIR"].startswith(str(tmp_path / "nodes" / "worker-2"))
+    assert env["GLOO_SOCKET_IFNAME"] == "eth0"
+    assert cluster._node_env("head")["GLOO_SOCKET_IFNAME"] == "vaebr27000"
+    with pytest.raises(ValueError, match="worker-K"):
+        network.address("node-1")
+
+
 def test_env_script_sets_token_auth_and_addresses(tmp_path):
     cluster = LocalCluster(ClusterSettings(state_dir=tmp_path, base_port=27000))
     cluster.state = {"cluster_id": "abc"}
@@ -249,6 +273,48 @@ def test_kill_and_restart_a_worker_node(cluster):
     cluster.start_node("worker-2")
     cluster.wait_for_nodes(3, timeout_s=90)
     assert detected_s < 30, f"the GCS took {detected_s:.0f}s to notice the dead node"
+
+
+def cli(cluster, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, "--state-dir", str(cluster.state_dir), *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_operator_commands_restart_a_node_bring_back_missing_parts_and_control_mlflow(cluster):
+    """`restart-node` after only the raylet died (its log monitor and agents left behind), `up` on a
+    partly-dead cluster, `mlflow stop|start|restart`, `logs` - the shell commands an operator types."""
+    cluster.kill_node("worker-1", raylet_only=True)
+    cluster.wait_for_nodes(2, timeout_s=90)
+    leftovers = cluster.processes("worker-1")
+    assert leftovers, "a raylet killed alone leaves its node's other processes"
+    done = cli(cluster, "restart-node", "worker-1")
+    assert done.returncode == 0, done.stderr
+    assert "alive" in done.stdout and not [p for p in leftovers if _running(p.pid)]
+    assert len(cluster.alive_nodes()) == 3
+
+    # `up` on a cluster with a dead node and a stopped MLflow restores both.
+    cluster.kill_node("worker-2")
+    cluster.stop_mlflow()
+    cluster.wait_for_nodes(2, timeout_s=90)
+    again = cli(cluster, "up")
+    assert again.returncode == 0, again.stderr
+    assert "restarted worker-2, mlflow" in again.stdout
+    assert len(cluster.alive_nodes()) == 3 and cluster.mlflow_healthy()
+
+    stopped = cli(cluster, "mlflow", "stop")
+    assert stopped.returncode == 0 and not cluster.processes("mlflow") and not cluster.mlflow_healthy()
+    assert cli(cluster, "status").returncode == 1  # degraded
+    assert cli(cluster, "mlflow", "start").returncode == 0 and cluster.mlflow_healthy()
+    before = {p.pid for p in cluster.processes("mlflow")}
+    assert cli(cluster, "mlflow", "restart").returncode == 0 and cluster.mlflow_healthy()
+    assert not before & {p.pid for p in cluster.processes("mlflow")}
+
+    logs = cli(cluster, "logs", "worker-2", "-n", "5")
+    assert logs.returncode == 0 and "worker-2.start.log" in logs.stdout and "raylet.out" in logs.stdout
+    assert "mlflow.log" in cli(cluster, "logs", "mlflow").stdout
+    unknown = cli(cluster, "restart-node", "worker-9")
+    assert unknown.returncode == 2 and "no node 'worker-9'" in unknown.stderr
 
 
 @pytest.mark.slow

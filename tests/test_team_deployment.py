@@ -191,6 +191,9 @@ def test_walkthrough_train_then_evaluate_after_the_workspace_changed(team, datas
     params = params_uri(team, dataset, "walk")
     logs = submit(team, workdir, "pipeline.train", params, "team-train-1").output
     folder = run_folder(logs)
+    # A log a person reads: one line per epoch from rank 0, no per-rank metric dumps, no pickle warning.
+    assert len(re.findall(r"\[train\] epoch \d/4", logs)) == 4
+    assert "Reporting training result" not in logs and "Pickle" not in logs and "[train]   step" not in logs
     epochs = sorted(checkpoint_epoch(name) for name in {p.split("/")[0] for p in storage.list_files(folder)})
     assert epochs[-1] == 4, epochs
     # Each worker node read the data through its own cache; the nodes share no folder.

@@ -41,6 +41,36 @@ def test_drain_delivers_every_queued_record_before_returning(tmp_path):
     assert not (tmp_path / "lost.json").exists()
 
 
+def test_held_records_leave_at_commit_once_and_a_resumed_attempt_logs_each_step_once(tmp_path):
+    """Training holds its records until the checkpoint covering them is written; an attempt that dies before
+    that sends nothing, and the checkpoint's records sent again by the next attempt stay single rows."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("held")).info.run_id
+
+    def history():
+        return [(m.step, m.value) for m in client.get_metric_history(run_id, "loss")]
+
+    first = RunLogger(run_id, uri, hold_until_commit=True)
+    first.log_metrics({"loss": 3.0}, 1)
+    first.log_metrics({"loss": 2.0}, 2)
+    assert first.drain(timeout_s=30) and history() == []  # held: no checkpoint yet
+    checkpointed = first.held_metrics()  # what the epoch's checkpoint carries
+    assert [r["step"] for r in checkpointed] == [1, 2]
+    first.commit()
+    assert first.drain(timeout_s=30) and history() == [(1, 3.0), (2, 2.0)]
+    first.log_metrics({"loss": 1.9}, 3)  # after the checkpoint ...
+    first.close(timeout_s=10)  # ... and the attempt dies: step 3 was never sent
+    assert history() == [(1, 3.0), (2, 2.0)]
+
+    second = RunLogger(run_id, uri, hold_until_commit=True)
+    second.resend(checkpointed)  # the resumed attempt re-sends its checkpoint's records
+    second.log_metrics({"loss": 1.7}, 3)  # step 3 trained again, another value
+    second.commit()
+    assert second.close(timeout_s=30)["sent_all"]
+    assert history() == [(1, 3.0), (2, 2.0), (3, 1.7)]
+
+
 def test_unreachable_server_never_blocks_and_lost_records_are_listed(tmp_path):
     with socket.socket() as probe:  # a port nothing listens on
         probe.bind(("127.0.0.1", 0))
