@@ -228,6 +228,23 @@ def test_crash_right_after_a_checkpoint_resumes_from_that_checkpoint(ray_instanc
     ]
 
 
+def test_a_crash_mid_epoch_logs_every_step_once(ray_instance, workspace):
+    """The worker dies in the middle of epoch 2, after logging steps of it; the restarted worker trains those
+    steps again from epoch 1's checkpoint, with other values. MLflow ends with one value per logged step and
+    per epoch: what the dead attempt logged after its last checkpoint was never sent."""
+    params = params_for(workspace, **{"train.num_workers": 1, "train.epochs": 3, "train.max_failures": 1})
+    steps_per_epoch = TRAIN // 32
+    starts = workspace / "starts"
+    metrics = train_stage.train(params, functools.partial(
+        faulty_train_function, starts_dir=str(starts), exit_call=steps_per_epoch + 5))
+    assert len(list(starts.iterdir())) == 2 and metrics["steps"] == 3 * steps_per_epoch
+    client = mlflow.MlflowClient(f"sqlite:///{workspace / 'mlflow.db'}")
+    steps = [m.step for m in client.get_metric_history(metrics["mlflow_run_id"], "loss")]
+    assert sorted(steps) == list(range(2, 3 * steps_per_epoch + 1, 2))  # train.log_every_n_steps = 2
+    epochs = [m.step for m in client.get_metric_history(metrics["mlflow_run_id"], "val_negative_elbo")]
+    assert sorted(epochs) == [steps_per_epoch * e for e in (1, 2, 3)]
+
+
 def _write_checkpoint(run_dir, epoch, *, recorded_epoch=None, truncate=False):
     from pipeline.checkpoints import save_state
 
