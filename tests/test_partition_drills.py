@@ -198,15 +198,19 @@ def test_cut_the_mlflow_host_for_a_whole_epoch(hosts, workspace):
     params = job_params(hosts, workspace, "cut-mlflow", **{"train.epochs": EPOCHS})
     job = start_training(hosts, workspace, params, "drill-cut-mlflow")
     wait_for_log(hosts, job, r"\[train\] epoch 1/")
-    hosts.partition("mlflow")
+    cut = cli(hosts, "partition", "mlflow")  # the operator's command
     cut_at = time.monotonic()
     try:
+        assert cut.returncode == 0, cut.stderr
         wait_for_log(hosts, job, r"\[train\] epoch 2/")
         wait_for_log(hosts, job, rf"\[train\]   step {2 * STEPS_PER_EPOCH + 2}/")  # a whole epoch passed
         assert not hosts.mlflow_healthy()
         cut_for = time.monotonic() - cut_at
+        status = cli(hosts, "status")
+        assert status.returncode == 1 and re.search(r"mlflow \d+ \[link CUT\]", status.stdout), status.stdout
     finally:
-        hosts.heal("mlflow")
+        healed = cli(hosts, "heal", "mlflow")
+    assert healed.returncode == 0, healed.stderr
     logs = finished_ok(hosts, job)
     report = {"cut_s": round(cut_for, 1), "lost_records": "could not be logged" in logs,
               **mlflow_completeness(hosts, logs)}

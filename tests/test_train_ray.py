@@ -187,6 +187,7 @@ OTHER_TRAIN_VALUES = {
     "storage_path": "elsewhere",
     "run_name": "other",
     "log_every_n_steps": 7,
+    "print_steps": True,
     "use_best_params": True,
     "max_steps_per_epoch": 3,
 }
