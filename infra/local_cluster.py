@@ -599,7 +599,10 @@ class LocalCluster:
             known = [*self.state.get("nodes", {}), *(s for s in SERVICES if self.state.get(s))]
             raise ClusterError(f"no node or service {name!r}; known: {', '.join(known)}")
         ray_logs = Path(self.state["nodes"][name]["temp_dir"]) / "session_latest" / "logs"
-        return [self.logs_dir / f"{name}.start.log", ray_logs / "raylet.out", ray_logs / "raylet.err"]
+        # A node started again in the same session writes raylet.1.out, raylet.2.out, ...: show the newest.
+        newest = [max(ray_logs.glob(f"raylet*.{kind}"), key=lambda p: p.stat().st_mtime,
+                      default=ray_logs / f"raylet.{kind}") for kind in ("out", "err")]
+        return [self.logs_dir / f"{name}.start.log", *newest]
 
     def start_node(self, name: str) -> None:
         """Start the head (``name == "head"``) or a worker node (``"worker-K"``); also restarts a killed

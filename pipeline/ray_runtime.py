@@ -96,8 +96,10 @@ class RaySession:
 
 def quiet_report_logging() -> None:
     """Ray Train logs every ``ray.train.report`` of every rank at INFO ("Reporting training result N:
-    TrainingReport(... the whole metrics dict ...) from rank R"), which buries rank 0's one line per epoch in
-    a job's log. Its logger is named after its file, so that name is looked up rather than typed."""
+    TrainingReport(... the whole metrics dict ...) from rank R") and every checkpoint upload ("Checkpoint
+    successfully created at: ..."), which bury rank 0's one line per epoch in a job's log (the run's first
+    line names the checkpoint folder). The first logger is named after its file, so that name is looked up
+    rather than typed."""
     import logging
 
     try:
@@ -105,7 +107,7 @@ def quiet_report_logging() -> None:
     except ImportError:  # another Ray layout: keep its logging as it is
         return
     logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
-
+    logging.getLogger("ray.train.v2._internal.execution.storage").setLevel(logging.WARNING)
 
 
 def broadcast_from_rank0(value: Any) -> Any:

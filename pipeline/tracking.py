@@ -491,13 +491,19 @@ def log_final_model(params: Params, run_id: str, uri: str, model, example) -> No
     # MLflow warns on every pickle-format log_model. The pickle is chosen on purpose (see above; torch.export
     # would keep only forward), the weights are also in models/vae/model.safetensors (loaded without
     # unpickling by the evaluate stage), so the warning is kept out of the job log.
+    # The run's link is printed once, when the run ends, not also when this block's start_run closes.
     quiet = logging.getLogger("mlflow.pytorch")
-    level = quiet.level
+    level, printing = quiet.level, os.environ.get("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT")
     quiet.setLevel(logging.ERROR)
+    os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     try:
         _log_model(mlflow, params, run_id, model, example, torch)
     finally:
         quiet.setLevel(level)
+        if printing is None:
+            os.environ.pop("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", None)
+        else:
+            os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = printing
 
 
 def _log_model(mlflow, params: Params, run_id: str, model, example, torch) -> None:

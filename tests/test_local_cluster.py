@@ -311,7 +311,8 @@ def test_operator_commands_restart_a_node_bring_back_missing_parts_and_control_m
     assert not before & {p.pid for p in cluster.processes("mlflow")}
 
     logs = cli(cluster, "logs", "worker-2", "-n", "5")
-    assert logs.returncode == 0 and "worker-2.start.log" in logs.stdout and "raylet.out" in logs.stdout
+    assert logs.returncode == 0 and "worker-2.start.log" in logs.stdout
+    assert "raylet.1.out <==" in logs.stdout  # the restarted raylet's log, not the dead one's
     assert "mlflow.log" in cli(cluster, "logs", "mlflow").stdout
     unknown = cli(cluster, "restart-node", "worker-9")
     assert unknown.returncode == 2 and "no node 'worker-9'" in unknown.stderr

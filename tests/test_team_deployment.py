@@ -194,6 +194,8 @@ def test_walkthrough_train_then_evaluate_after_the_workspace_changed(team, datas
     # A log a person reads: one line per epoch from rank 0, no per-rank metric dumps, no pickle warning.
     assert len(re.findall(r"\[train\] epoch \d/4", logs)) == 4
     assert "Reporting training result" not in logs and "Pickle" not in logs and "[train]   step" not in logs
+    assert "Checkpoint successfully created" not in logs  # the first line names the checkpoint folder
+    assert logs.count("View run") == 1  # MLflow's link, once, when the run ends
     epochs = sorted(checkpoint_epoch(name) for name in {p.split("/")[0] for p in storage.list_files(folder)})
     assert epochs[-1] == 4, epochs
     # Each worker node read the data through its own cache; the nodes share no folder.
