@@ -886,9 +886,19 @@ class LocalCluster:
         if survivors:
             raise ClusterError(f"processes survived SIGKILL: {[self._describe(p) for p in survivors]}")
         removed = self.network.remove() if self.network else []
+        temp_root = self.settings.ray_temp_root
+        if keep_logs and temp_root and temp_root.exists():
+            kept.append(f"Ray's logs in {temp_root}")
         self._cleanup_files(keep_logs=keep_logs)
         if wipe:
             self._wipe()
+        else:
+            for path, what in ((self.mlflow_dir, "the MLflow store"),
+                               (self.shared_storage, "the shared folder"),
+                               (self.state_dir / "nodes", "the nodes' folders"),
+                               (self.logs_dir, "the start logs")):
+                if path.exists():
+                    kept.append(f"{what} in {path}")
         note = f"stopped {len(described)} processes"
         note += f"; removed the hosts' {len(removed)} namespaces and links" if removed else ""
         note += f"; kept {', '.join(kept)}" if kept else ""

@@ -312,7 +312,10 @@ def test_operator_commands_restart_a_node_bring_back_missing_parts_and_control_m
 
     logs = cli(cluster, "logs", "worker-2", "-n", "5")
     assert logs.returncode == 0 and "worker-2.start.log" in logs.stdout
-    assert "raylet.1.out <==" in logs.stdout  # the restarted raylet's log, not the dead one's
+    # The restarted raylet's log (raylet.N.out, the session's newest), not the dead one's raylet.out.
+    ray_logs = Path(cluster.state["nodes"]["worker-2"]["temp_dir"]) / "session_latest" / "logs"
+    newest = max(ray_logs.glob("raylet*.out"), key=lambda path: path.stat().st_mtime)
+    assert newest.name != "raylet.out" and f"{newest} <==" in logs.stdout
     assert "mlflow.log" in cli(cluster, "logs", "mlflow").stdout
     unknown = cli(cluster, "restart-node", "worker-9")
     assert unknown.returncode == 2 and "no node 'worker-9'" in unknown.stderr
@@ -323,7 +326,8 @@ def test_down_leaves_nothing_running(cluster):
     cluster_id, temp_root = cluster.cluster_id, str(cluster.settings.ray_temp_root)
     pids = [proc.pid for proc in cluster.processes()]
     assert any(proc.name() == "raylet" for proc in cluster.processes()) and cluster.processes("mlflow")
-    cluster.down()
+    note = cluster.down()["note"]
+    assert f"kept the MLflow store in {cluster.mlflow_dir}" in note  # what it kept, said
     leftovers = []
     for proc in psutil.process_iter():
         try:
