@@ -61,6 +61,7 @@ class HostNetwork:
 
     @property
     def bridge(self) -> str:
+        """The Linux bridge joining the hosts (the head's interface), ``vaebr<base port>``."""
         return f"vaebr{self.base_port}"
 
     def namespace(self, host: str) -> str | None:
@@ -72,6 +73,11 @@ class HostNetwork:
         return f"v{self.base_port}m" if host == TRACKING else f"v{self.base_port}w{_worker_index(host)}"
 
     def address(self, host: str) -> str:
+        """``host``'s IPv4 address: .1 the head, .2 the MLflow host, .10+K worker K.
+
+        Raises:
+            ValueError: ``host`` is not "head", "mlflow" or "worker-K" (K <= 200).
+        """
         if host == HEAD:
             return f"{self.subnet}.1"
         if host == TRACKING:
@@ -85,7 +91,11 @@ class HostNetwork:
 
     def create(self, hosts: list[str]) -> None:
         """Make the bridge (the head's address on it) and one namespace + veth pair per host in ``hosts``.
-        Leftovers of an earlier cluster on the same base port are removed first."""
+        Leftovers of an earlier cluster on the same base port are removed first.
+
+        Raises:
+            NetworkError: an ``ip`` command failed (its message says which and why).
+        """
         self.remove()
         _ip("link", "add", self.bridge, "type", "bridge")
         _ip("addr", "add", f"{self.address(HEAD)}/24", "dev", self.bridge)
@@ -94,6 +104,12 @@ class HostNetwork:
             self.add_host(host)
 
     def add_host(self, host: str) -> None:
+        """Make ``host``'s namespace, with ``eth0`` at :meth:`address` joined to the bridge by a veth pair.
+
+        Raises:
+            ValueError: ``host`` is the head (it lives in the root namespace) or not a host name.
+            NetworkError: an ``ip`` command failed (e.g. the namespace exists already).
+        """
         namespace, outer = self.namespace(host), self.veth(host)
         if namespace is None:
             raise ValueError("the head lives in the root namespace")
@@ -129,7 +145,12 @@ class HostNetwork:
         return re.findall(rf"^\d+: (v{self.base_port}(?:m|w\d+))[@:]", out, flags=re.M)
 
     def set_link(self, host: str, up: bool) -> None:
-        """Connect (``up``) or partition ``host``: its veth on the bridge up or down."""
+        """Connect (``up``) or partition ``host``: its veth on the bridge up or down.
+
+        Raises:
+            ValueError: ``host`` is the head.
+            NetworkError: ``host`` has no link (the cluster was not started with its hosts).
+        """
         if host == HEAD:
             raise ValueError("the head is the root namespace; partition a worker host or the mlflow host")
         _ip("link", "set", self.veth(host), "up" if up else "down")

@@ -530,8 +530,8 @@ class LocalCluster:
         return missing + [name for name in services if not self.processes(name)]
 
     def restore_missing(self) -> list[str]:
-        """Bring back what died in a running cluster: services first, then worker nodes (each cleaned of its
-        leftovers first). Returns what was restarted.
+        """Bring back what died in a running cluster: S3 and PostgreSQL, then the worker nodes one by one
+        (each cleaned of its leftovers first), then MLflow. Returns what was restarted.
 
         Raises:
             ClusterError: the head is down (its GCS holds the cluster: `down`, then `up`).
@@ -551,7 +551,12 @@ class LocalCluster:
 
     def restart_node(self, name: str) -> list[str]:
         """Stop whatever is left of node ``name`` (a dead raylet's log monitor, agents, workers), start it
-        again with its original settings and wait until it is alive. Returns the leftovers it stopped."""
+        again with its original settings and wait until it is alive. Returns the leftovers it stopped.
+
+        Raises:
+            ClusterError: no such node, the head (its GCS holds the cluster), a leftover survived SIGKILL, or
+                the node did not join within ``start_timeout_s``.
+        """
         if name not in self.state.get("nodes", {}):
             nodes = ", ".join(self.state.get("nodes", {}))
             raise ClusterError(f"no node {name!r} in this cluster; nodes: {nodes}")
@@ -563,14 +568,18 @@ class LocalCluster:
         if survivors:
             left = [self._describe(p) for p in survivors]
             raise ClusterError(f"{name}: processes survived SIGKILL: {left}")
-        expected = len(self.state["nodes"])
+        known = {n["node_id"] for n in self.nodes()}
         self.start_node(name)
-        self.wait_for_nodes(expected, timeout_s=self.settings.start_timeout_s)
+        self.wait_for_new_node(known, timeout_s=self.settings.start_timeout_s)
         return described
 
     def partition(self, host: str) -> None:
         """Cut ``host``'s link (a worker host or "mlflow"; ``--hosts`` only): nothing reaches it or leaves
-        it until :meth:`heal`. Its processes keep running, as on a machine behind a failed switch port."""
+        it until :meth:`heal`. Its processes keep running, as on a machine behind a failed switch port.
+
+        Raises:
+            ClusterError: the cluster has no hosts of its own (not `up --hosts`) or no host ``host``.
+        """
         self._set_link(host, up=False)
 
     def heal(self, host: str) -> None:
@@ -592,7 +601,12 @@ class LocalCluster:
         self.start_mlflow(wait=True)
 
     def log_files(self, name: str) -> list[Path]:
-        """The log files of a node or service: its start log and Ray's raylet logs, or the service's log."""
+        """The log files of a node or service: its start log and Ray's newest raylet logs, or the service's
+        log.
+
+        Raises:
+            ClusterError: no node or service ``name``.
+        """
         if name in SERVICES:
             return [self.logs_dir / f"{name}.log"]
         if name not in self.state.get("nodes", {}):
@@ -712,8 +726,15 @@ class LocalCluster:
         return name, proc, log, time.monotonic()
 
     def start_mlflow(self, wait: bool = True) -> None:
-        """Start (or restart, after :meth:`stop_mlflow`) the tracking server on its recorded port."""
+        """Start (or restart, after :meth:`stop_mlflow`) the tracking server on its recorded port.
+
+        Raises:
+            ClusterError: the cluster runs without MLflow (`up --no-mlflow`), the server is already running,
+                or it did not answer within ``start_timeout_s`` (with ``wait``).
+        """
         s = self.settings
+        if not s.mlflow:
+            raise ClusterError("this cluster runs without an MLflow server (`up --no-mlflow`)")
         if self.processes("mlflow"):
             raise ClusterError("the MLflow server is already running")
         artifacts = self.mlflow_dir / "artifacts"
@@ -858,10 +879,12 @@ class LocalCluster:
         PostgreSQL) and remove the state files. The data stay (the bucket's objects are saved first, the
         PostgreSQL data directory and node caches are kept) unless ``wipe``."""
         if not self.state:
+            removed = self.network.remove() if self.network else []  # a failed `up --hosts` leaves links
+            gone = f"; removed {len(removed)} leftover namespaces and links" if removed else ""
             if wipe:
                 self._wipe()
-                return {"stopped": [], "note": f"no cluster running in {self.state_dir}; data wiped"}
-            return {"stopped": [], "note": f"no cluster state in {self.state_dir}; nothing to stop"}
+                return {"stopped": [], "note": f"no cluster running in {self.state_dir}; data wiped{gone}"}
+            return {"stopped": [], "note": f"no cluster state in {self.state_dir}; nothing to stop{gone}"}
         kept = []
         if self.settings.team and not wipe and self.processes("s3"):
             try:
@@ -877,15 +900,18 @@ class LocalCluster:
                 kept.append(f"the PostgreSQL data in {self.postgres_dir}")
         procs = self.processes()
         described = [self._describe(p) for p in procs]
-        # Raylets and the rest first, the GCS last (as `ray stop` does: others complain when it goes first).
-        gcs = [p for p in procs if _name(p) == "gcs_server"]
-        survivors = self._terminate([p for p in procs if p not in gcs], grace_s=grace_s)
-        survivors += self._terminate(gcs, grace_s=2.0)
-        # Anything spawned meanwhile (a worker the raylet was starting) goes too.
-        survivors += self._terminate(self.processes(), sig=signal.SIGKILL, grace_s=2.0)
-        if survivors:
-            raise ClusterError(f"processes survived SIGKILL: {[self._describe(p) for p in survivors]}")
-        removed = self.network.remove() if self.network else []
+        try:
+            # Raylets and the rest first, the GCS last (as `ray stop` does: others complain when it goes
+            # first).
+            gcs = [p for p in procs if _name(p) == "gcs_server"]
+            survivors = self._terminate([p for p in procs if p not in gcs], grace_s=grace_s)
+            survivors += self._terminate(gcs, grace_s=2.0)
+            # Anything spawned meanwhile (a worker the raylet was starting) goes too.
+            survivors += self._terminate(self.processes(), sig=signal.SIGKILL, grace_s=2.0)
+            if survivors:
+                raise ClusterError(f"processes survived SIGKILL: {[self._describe(p) for p in survivors]}")
+        finally:  # the links go whatever happened to the processes
+            removed = self.network.remove() if self.network else []
         temp_root = self.settings.ray_temp_root
         if keep_logs and temp_root and temp_root.exists():
             kept.append(f"Ray's logs in {temp_root}")
@@ -956,6 +982,23 @@ class LocalCluster:
             + (f" (last error: {error})" if error and not last else "")
             + f"; node start logs are in {self.logs_dir}, Ray logs in {self.settings.ray_temp_root}"
         )
+
+    def wait_for_new_node(self, known: set[str], timeout_s: float = 120.0) -> dict[str, Any]:
+        """Block until a node whose ID is not in ``known`` is ALIVE (a restarted node registers anew),
+        whatever other nodes are dead meanwhile.
+
+        Raises:
+            ClusterError: none joined within ``timeout_s``.
+        """
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError, urllib.error.URLError, KeyError, ValueError):
+                new = [n for n in self.alive_nodes() if n["node_id"] not in known]
+                if new:
+                    return new[0]
+            time.sleep(1.0)
+        raise ClusterError(f"waited {timeout_s:.0f}s for the restarted node to join; its start log is in "
+                           f"{self.logs_dir}, Ray logs in {self.settings.ray_temp_root}")
 
     def mlflow_healthy(self) -> bool:
         if not self.mlflow_url:
@@ -1298,7 +1341,7 @@ def main(argv: list[str] | None = None) -> int:
         status = cluster.status()
         print(json.dumps(status, indent=2) if args.json else format_status(status))
         return 3 if not cluster.state else (0 if status["healthy"] else 1)
-    except (ClusterError, team.ServiceError, ValueError) as exc:
+    except (ClusterError, team.ServiceError, hostnet.NetworkError, ValueError) as exc:
         print(f"local-cluster: {exc}", file=sys.stderr)
         return 2
 

@@ -41,7 +41,6 @@ class RaySession:
         self.placement = {"node_ip": ray.util.get_node_ip_address(), "node_rank": context.get_node_rank()}
         quiet_report_logging()
 
-
     def load_checkpoint(self):
         """The state to resume from: Ray's registered checkpoint, or a newer one already on storage (see
         :func:`newest_persisted_checkpoint`). Rank 0 chooses and the other ranks load its choice, so every

@@ -175,7 +175,8 @@ class _Record:
     key: str = ""
     attempts: int = 0
     # Set when the value is logged, not when it is sent: a record sent twice (a retry, or a resumed run
-    # re-sending its checkpoint's records) is then the same row, which MLflow's store keeps once.
+    # re-sending its checkpoint's records) is then the same row, which MLflow's SQL stores (SQLite,
+    # PostgreSQL, MySQL: what a tracking server runs on) keep once; a file store would append it again.
     timestamp_ms: int = field(default_factory=lambda: int(time.time() * 1000))
 
 
@@ -186,8 +187,10 @@ class RunLogger:
     With ``hold_until_commit`` (training), records wait until :meth:`commit`, which the training loop calls
     once the checkpoint that covers them is written: an attempt that dies before its next checkpoint has
     sent nothing that the resumed attempt will log again, so every step and epoch has one value in MLflow.
-    The held metric records also travel in the checkpoint (:meth:`held_metrics`, :meth:`resend`), so the
-    ones of an attempt that died between its checkpoint and the sending are sent by the next.
+    The metric records not yet confirmed sent (held, or committed but still queued or waiting for the
+    server) also travel in the checkpoint (:meth:`held_metrics`, :meth:`resend`), so those of an attempt
+    that died before sending them are sent by the next. Images are sent at most once: one lost with a dead
+    attempt can be drawn again from the checkpoint's weights.
 
     Args:
         run_id: the MLflow run (opened by the driver).
@@ -201,6 +204,8 @@ class RunLogger:
     lost_path: Path | None = None
     hold_until_commit: bool = False
     _held: list = field(default_factory=list)
+    _unsent: dict = field(default_factory=dict)  # id -> record, committed and not yet confirmed sent
+    _lock: threading.Lock = field(default_factory=threading.Lock)
     _queue: queue.Queue = field(default_factory=queue.Queue)
     _failed: list = field(default_factory=list)
     _errors: list = field(default_factory=list)
@@ -227,25 +232,34 @@ class RunLogger:
         if self.hold_until_commit:
             self._held.append(record)
         else:
-            self._queue.put(record)
+            self._enqueue(record)
+
+    def _enqueue(self, record: _Record) -> None:
+        with self._lock:
+            self._unsent[id(record)] = record
+        self._queue.put(record)
 
     def held_metrics(self) -> list[dict[str, Any]]:
-        """The metric records waiting for :meth:`commit`, as plain data for a checkpoint."""
+        """The metric records not yet confirmed sent - waiting for :meth:`commit`, or committed and still
+        queued or kept for a retry - as plain data for a checkpoint."""
+        with self._lock:
+            unsent = list(self._unsent.values())
         return [{"metrics": r.payload, "step": r.step, "timestamp_ms": r.timestamp_ms}
-                for r in self._held if r.kind == "metrics"]
+                for r in [*unsent, *self._held] if r.kind == "metrics"]
 
     def commit(self) -> None:
         """Send everything held so far (its checkpoint is written)."""
         held, self._held = self._held, []
         for record in held:
-            self._queue.put(record)
+            self._enqueue(record)
 
     def resend(self, records: list[dict[str, Any]]) -> None:
-        """Send again the :meth:`held_metrics` of a checkpoint; rows already in MLflow stay single."""
+        """Send again the :meth:`held_metrics` of a checkpoint; rows already in MLflow stay single (SQL
+        stores)."""
         if self.run_id:
             for item in records:
-                self._queue.put(_Record("metrics", dict(item["metrics"]), int(item["step"]),
-                                        timestamp_ms=int(item["timestamp_ms"])))
+                self._enqueue(_Record("metrics", dict(item["metrics"]), int(item["step"]),
+                                      timestamp_ms=int(item["timestamp_ms"])))
 
     def drain(self, timeout_s: float = 10.0) -> bool:
         """Wait (up to ``timeout_s``) until every record queued so far (committed, with ``hold_until_commit``)
@@ -336,6 +350,8 @@ class RunLogger:
     def _send_or_keep(self, record: _Record) -> bool:
         try:
             self._send(record)
+            with self._lock:
+                self._unsent.pop(id(record), None)
             return True
         except Exception as error:  # noqa: BLE001 - any failure: keep the record, training goes on
             record.attempts += 1

@@ -425,6 +425,9 @@ def train_worker(config: WorkerConfig, session: Session) -> dict[str, Any]:
                 if run.rank == 0:
                     say(f"[train] stopped after epoch {epoch + 1}/{epochs} by the runner (early stopping)")
                 break
+    except NonFiniteLossError:
+        run.logger.commit()  # not retried: the steps up to the divergence are what explains it
+        raise
     finally:  # flush what was logged so far, also when training stops with an error
         summary = run.logger.close()
     if run.rank == 0 and not summary["sent_all"]:

@@ -293,13 +293,14 @@ def test_operator_commands_restart_a_node_bring_back_missing_parts_and_control_m
     assert "alive" in done.stdout and not [p for p in leftovers if _running(p.pid)]
     assert len(cluster.alive_nodes()) == 3
 
-    # `up` on a cluster with a dead node and a stopped MLflow restores both.
+    # `up` on a cluster with two dead nodes and a stopped MLflow restores all three.
+    cluster.kill_node("worker-1")
     cluster.kill_node("worker-2")
     cluster.stop_mlflow()
-    cluster.wait_for_nodes(2, timeout_s=90)
+    cluster.wait_for_nodes(1, timeout_s=90)
     again = cli(cluster, "up")
     assert again.returncode == 0, again.stderr
-    assert "restarted worker-2, mlflow" in again.stdout
+    assert "restarted worker-1, worker-2, mlflow" in again.stdout
     assert len(cluster.alive_nodes()) == 3 and cluster.mlflow_healthy()
 
     stopped = cli(cluster, "mlflow", "stop")

@@ -71,6 +71,30 @@ def test_held_records_leave_at_commit_once_and_a_resumed_attempt_logs_each_step_
     assert history() == [(1, 3.0), (2, 2.0), (3, 1.7)]
 
 
+def test_a_checkpoint_carries_what_was_not_sent_and_the_next_attempt_sends_it(tmp_path):
+    """Epoch 1 is committed while the server is away (kept for a retry), epoch 2 is held; the attempt dies
+    after epoch 2's checkpoint. The checkpoint carries both, and the next attempt sends them."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("unsent")).info.run_id
+    with socket.socket() as probe:  # a port nothing listens on: the server is away
+        probe.bind(("127.0.0.1", 0))
+        away = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    first = RunLogger(run_id, away, hold_until_commit=True)
+    first.log_metrics({"loss": 3.0}, 1)
+    first.commit()  # epoch 1's checkpoint is written ...
+    assert first.drain(timeout_s=30)  # ... but its record could not be sent
+    first.log_metrics({"loss": 2.0}, 2)
+    checkpointed = first.held_metrics()  # epoch 2's checkpoint
+    assert [r["step"] for r in checkpointed] == [1, 2]
+    first.close(timeout_s=0.1)  # the attempt dies
+
+    second = RunLogger(run_id, uri, hold_until_commit=True)
+    second.resend(checkpointed)
+    assert second.close(timeout_s=30)["sent_all"]
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "loss")] == [(1, 3.0), (2, 2.0)]
+
+
 def test_unreachable_server_never_blocks_and_lost_records_are_listed(tmp_path):
     with socket.socket() as probe:  # a port nothing listens on
         probe.bind(("127.0.0.1", 0))
