@@ -376,8 +376,7 @@ class LocalCluster:
         if self.settings.hosts and node not in SERVICES:
             # The hosts share this machine's hostname, which resolves to loopback; torch.distributed must take
             # the host's own interface (a real host's hostname resolves to its address).
-            network = hostnet.HostNetwork(self.settings.base_port)
-            interface = "eth0" if node.startswith("worker-") else network.bridge
+            interface = "eth0" if node.startswith("worker-") else self.network.bridge
             env["GLOO_SOCKET_IFNAME"] = env["NCCL_SOCKET_IFNAME"] = interface
         if self.settings.hosts and node.startswith("worker-"):
             for key, sub in (("HOME", "home"), ("TMPDIR", "tmp"), ("XDG_CACHE_HOME", "home/.cache")):
@@ -539,9 +538,9 @@ class LocalCluster:
         missing = self.missing_parts()
         if HEAD in missing:
             raise ClusterError("the head node is down, and with it the cluster's GCS: run `down`, then `up`")
-        for name in ("s3", "postgres"):
+        for name, start in (("s3", self.start_s3), ("postgres", self.start_postgres)):
             if name in missing:
-                {"s3": self.start_s3, "postgres": self.start_postgres}[name]()
+                start()
         for name in missing:
             if name.startswith("worker-"):
                 self.restart_node(name)
@@ -1321,10 +1320,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{args.name}: stopped {len(stopped)} leftover process(es), started again, alive")
             return 0
         if args.command == "mlflow":
-            if args.action in ("stop", "restart"):
-                cluster.stop_mlflow()
-            if args.action in ("start", "restart"):
-                cluster.start_mlflow(wait=True)
+            {"stop": cluster.stop_mlflow, "start": cluster.start_mlflow, "restart": cluster.restart_mlflow}[
+                args.action]()
             where = "stopped" if args.action == "stop" else f"answers on {cluster.mlflow_url}"
             print(f"MLflow {args.action}: {where}")
             return 0

@@ -47,6 +47,8 @@ class Session(Protocol):
     world_rank: int
     world_size: int
     local_rank: int
+    # Where this rank runs ({"node_ip": str, "node_rank": int}) when a cluster placed it; None in-process.
+    placement: dict[str, Any] | None
 
     def load_checkpoint(self) -> dict[str, Any] | None: ...
 
@@ -61,6 +63,7 @@ class LocalSession:
     ``torch.distributed`` group makes its own session on the same folder; rank 0 writes."""
 
     local_rank = 0
+    placement = None
 
     def __init__(self, directory: Path | str, num_to_keep: int = 2, world_rank: int = 0, world_size: int = 1):
         self.directory = Path(directory)

@@ -129,9 +129,8 @@ def set_up(config: WorkerConfig, session: Session) -> TrainingRun:
     if world_size > 1:
         objective = nn.parallel.DistributedDataParallel(
             objective, device_ids=[device.index] if device.type == "cuda" else None)
-    placement = getattr(session, "placement", None)  # Ray Train workers: their node's address and rank
-    if placement is not None:
-        places = gather_objects(placement, world_size)
+    if session.placement is not None:
+        places = gather_objects(session.placement, world_size)
         if rank == 0:
             say(f"[train] {world_size} worker(s): " + ", ".join(
                 f"rank {r} on {p['node_ip']} (node rank {p['node_rank']})" for r, p in enumerate(places)))
@@ -307,12 +306,12 @@ def train_one_epoch(run: TrainingRun, epoch: int) -> tuple[float, float, float]:
                 },
                 run.step,
             )
-            eta = (
-                (run.total_steps - run.step)
-                * (time.perf_counter() - run.started)
-                / max(1, run.step - run.steps_at_start)
-            )
             if train.print_steps:
+                eta = (
+                    (run.total_steps - run.step)
+                    * (time.perf_counter() - run.started)
+                    / max(1, run.step - run.steps_at_start)
+                )
                 say(
                     f"[train]   step {run.step}/{run.total_steps} loss {loss:.2f} (rec {reconstruction:.2f} "
                     f"+ KL {kl:.2f}) beta {beta:.3g} {images_per_s:.0f} img/s ETA {format_seconds(eta)}"

@@ -122,6 +122,12 @@ class JobResult:
     seconds: float
 
 
+def cluster_cli(cluster: Any, *args: str, timeout_s: float = 300) -> subprocess.CompletedProcess:
+    """Run ``infra/local_cluster.py ARGS`` on ``cluster``'s state folder, as an operator types it."""
+    return subprocess.run([sys.executable, str(INFRA_DIR / "local_cluster.py"), "--state-dir",
+                           str(cluster.state_dir), *args], capture_output=True, text=True, timeout=timeout_s)
+
+
 def ray_cli(cluster: Any, *args: str, timeout_s: float = 120, cwd: Path | None = None,
             env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Run ``ray ARGS`` as a user in a shell that sourced the cluster's env.sh would."""

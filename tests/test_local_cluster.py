@@ -22,6 +22,7 @@ from tests.cluster_helpers import (
     INFRA_DIR,
     ClusterSettings,
     LocalCluster,
+    cluster_cli,
     local_cluster,
     local_cluster_module,
     ray_cli,
@@ -275,11 +276,6 @@ def test_kill_and_restart_a_worker_node(cluster):
     assert detected_s < 30, f"the GCS took {detected_s:.0f}s to notice the dead node"
 
 
-def cli(cluster, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
-    return subprocess.run([*CLI, "--state-dir", str(cluster.state_dir), *args], capture_output=True,
-                          text=True, timeout=timeout)
-
-
 @pytest.mark.slow
 def test_operator_commands_restart_a_node_bring_back_missing_parts_and_control_mlflow(cluster):
     """`restart-node` after only the raylet died (its log monitor and agents left behind), `up` on a
@@ -288,7 +284,7 @@ def test_operator_commands_restart_a_node_bring_back_missing_parts_and_control_m
     cluster.wait_for_nodes(2, timeout_s=90)
     leftovers = cluster.processes("worker-1")
     assert leftovers, "a raylet killed alone leaves its node's other processes"
-    done = cli(cluster, "restart-node", "worker-1")
+    done = cluster_cli(cluster, "restart-node", "worker-1")
     assert done.returncode == 0, done.stderr
     assert "alive" in done.stdout and not [p for p in leftovers if _running(p.pid)]
     assert len(cluster.alive_nodes()) == 3
@@ -298,27 +294,27 @@ def test_operator_commands_restart_a_node_bring_back_missing_parts_and_control_m
     cluster.kill_node("worker-2")
     cluster.stop_mlflow()
     cluster.wait_for_nodes(1, timeout_s=90)
-    again = cli(cluster, "up")
+    again = cluster_cli(cluster, "up")
     assert again.returncode == 0, again.stderr
     assert "restarted worker-1, worker-2, mlflow" in again.stdout
     assert len(cluster.alive_nodes()) == 3 and cluster.mlflow_healthy()
 
-    stopped = cli(cluster, "mlflow", "stop")
+    stopped = cluster_cli(cluster, "mlflow", "stop")
     assert stopped.returncode == 0 and not cluster.processes("mlflow") and not cluster.mlflow_healthy()
-    assert cli(cluster, "status").returncode == 1  # degraded
-    assert cli(cluster, "mlflow", "start").returncode == 0 and cluster.mlflow_healthy()
+    assert cluster_cli(cluster, "status").returncode == 1  # degraded
+    assert cluster_cli(cluster, "mlflow", "start").returncode == 0 and cluster.mlflow_healthy()
     before = {p.pid for p in cluster.processes("mlflow")}
-    assert cli(cluster, "mlflow", "restart").returncode == 0 and cluster.mlflow_healthy()
+    assert cluster_cli(cluster, "mlflow", "restart").returncode == 0 and cluster.mlflow_healthy()
     assert not before & {p.pid for p in cluster.processes("mlflow")}
 
-    logs = cli(cluster, "logs", "worker-2", "-n", "5")
+    logs = cluster_cli(cluster, "logs", "worker-2", "-n", "5")
     assert logs.returncode == 0 and "worker-2.start.log" in logs.stdout
     # The restarted raylet's log (raylet.N.out, the session's newest), not the dead one's raylet.out.
     ray_logs = Path(cluster.state["nodes"]["worker-2"]["temp_dir"]) / "session_latest" / "logs"
     newest = max(ray_logs.glob("raylet*.out"), key=lambda path: path.stat().st_mtime)
     assert newest.name != "raylet.out" and f"{newest} <==" in logs.stdout
-    assert "mlflow.log" in cli(cluster, "logs", "mlflow").stdout
-    unknown = cli(cluster, "restart-node", "worker-9")
+    assert "mlflow.log" in cluster_cli(cluster, "logs", "mlflow").stdout
+    unknown = cluster_cli(cluster, "restart-node", "worker-9")
     assert unknown.returncode == 2 and "no node 'worker-9'" in unknown.stderr
 
 

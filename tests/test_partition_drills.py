@@ -13,7 +13,6 @@ infra/README.md ("Partition drills"); run them with
 from __future__ import annotations
 
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from tests.cluster_helpers import INFRA_DIR, job_logs, local_cluster, local_cluster_module
+from tests.cluster_helpers import cluster_cli, job_logs, local_cluster, local_cluster_module
 from tests.fixtures.arrays import write_square_arrays
 from tests.test_fault_tolerance import (
     BATCH,
@@ -70,11 +69,6 @@ def workspace(hosts):
         root / "data" / "processed" / "fashion_mnist", {"train": TRAIN, "valid": VALID, "test": TEST}, 220
     )
     return root
-
-
-def cli(cluster, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(INFRA_DIR / "local_cluster.py"), "--state-dir",
-                           str(cluster.state_dir), *args], capture_output=True, text=True, timeout=300)
 
 
 def placement(cluster, job: str) -> dict[int, str]:
@@ -134,7 +128,7 @@ def cut_a_training_host_and_recover(hosts, workspace, name: str, rank: int) -> d
     # Steps trained again: from the checkpoint to the last step the driver saw before the resumption (step
     # lines that rank 0 printed on a cut host never arrive, so for rank 0 this is a lower bound).
     last_seen = max(steps_logged(logs[: logs.index(resumed.group(0))]))
-    restarted = cli(hosts, "restart-node", victim)
+    restarted = cluster_cli(hosts, "restart-node", victim)
     assert restarted.returncode == 0, restarted.stderr
     report = {
         "host": victim,
@@ -162,8 +156,8 @@ def test_hosts_have_their_own_addresses_and_a_run_spans_them(hosts, workspace):
         hosts.host_ip("mlflow")}
     assert not addresses & {"127.0.0.1"}
     # Only the hosts' own addresses: the subnet of this cluster's bridge.
-    assert all(a.startswith(hostnet.HostNetwork(hosts.settings.base_port).subnet + ".") for a in addresses)
-    status = cli(hosts, "status")
+    assert all(a.startswith(hosts.network.subnet + ".") for a in addresses)
+    status = cluster_cli(hosts, "status")
     assert status.returncode == 0 and "Hosts (own network namespaces)" in status.stdout
     # Each worker host has its own HOME / TMPDIR / data cache and nothing else reads them.
     homes = {h: local_cluster_module._environ(p).get("HOME") for h in ("worker-1", "worker-2", "worker-3")
@@ -198,7 +192,7 @@ def test_cut_the_mlflow_host_for_a_whole_epoch(hosts, workspace):
     params = job_params(hosts, workspace, "cut-mlflow", **{"train.epochs": EPOCHS})
     job = start_training(hosts, workspace, params, "drill-cut-mlflow")
     wait_for_log(hosts, job, r"\[train\] epoch 1/")
-    cut = cli(hosts, "partition", "mlflow")  # the operator's command
+    cut = cluster_cli(hosts, "partition", "mlflow")  # the operator's command
     cut_at = time.monotonic()
     try:
         assert cut.returncode == 0, cut.stderr
@@ -206,10 +200,10 @@ def test_cut_the_mlflow_host_for_a_whole_epoch(hosts, workspace):
         wait_for_log(hosts, job, rf"\[train\]   step {2 * STEPS_PER_EPOCH + 2}/")  # a whole epoch passed
         assert not hosts.mlflow_healthy()
         cut_for = time.monotonic() - cut_at
-        status = cli(hosts, "status")
+        status = cluster_cli(hosts, "status")
         assert status.returncode == 1 and re.search(r"mlflow \d+ \[link CUT\]", status.stdout), status.stdout
     finally:
-        healed = cli(hosts, "heal", "mlflow")
+        healed = cluster_cli(hosts, "heal", "mlflow")
     assert healed.returncode == 0, healed.stderr
     logs = finished_ok(hosts, job)
     report = {"cut_s": round(cut_for, 1), "lost_records": "could not be logged" in logs,
