@@ -210,6 +210,7 @@ class RunLogger:
     _failed: list = field(default_factory=list)
     _errors: list = field(default_factory=list)
     _thread: threading.Thread | None = None
+    _closing: threading.Event = field(default_factory=threading.Event)
 
     def __post_init__(self) -> None:
         if self.run_id is None:
@@ -275,6 +276,12 @@ class RunLogger:
     def close(self, timeout_s: float = 60.0) -> dict[str, Any]:
         """Flush (waiting up to ``timeout_s`` for the server), then record what was lost.
 
+        Every record handed to the sender and not confirmed sent is reported lost - also those the sender
+        thread still holds when a hanging server (requests that time out rather than fail) outlasts
+        ``timeout_s``; the thread then stops after its current request and sends nothing more. A record
+        whose request was in flight at that moment is listed as lost and may still have arrived. Records
+        held for a :meth:`commit` that never came are dropped on purpose (the resumed attempt logs them).
+
         Returns:
             {"sent_all": bool, "lost_records": int, "errors": [first error messages]}
         """
@@ -283,17 +290,14 @@ class RunLogger:
         deadline = time.monotonic() + timeout_s
         self._queue.put(None)
         self._thread.join(max(0.0, deadline - time.monotonic()))
-        while self._failed and time.monotonic() < deadline:  # the server may be back: one more pass
-            retry, self._failed = self._failed, []
-            for record in retry:
-                self._send_or_keep(record)
-            if self._failed:
-                time.sleep(min(2.0, max(0.0, deadline - time.monotonic())))
-        pending = list(self._failed)
-        while not self._queue.empty():
-            item = self._queue.get_nowait()
-            if item is not None:
-                pending.append(item)
+        if not self._thread.is_alive():  # the sender is done: the server may be back, one more pass here
+            while self._failed and time.monotonic() < deadline:
+                self._retry_failed()
+                if self._failed:
+                    time.sleep(min(2.0, max(0.0, deadline - time.monotonic())))
+        self._closing.set()  # a sender still waiting on the server sends nothing after this
+        with self._lock:
+            pending = list(self._unsent.values())
         summary = {"sent_all": not pending, "lost_records": len(pending), "errors": self._errors[:5]}
         if pending:
             lost = [
@@ -361,9 +365,21 @@ class RunLogger:
             self._failed.append(record)
             return False
 
+    def _retry_failed(self) -> None:
+        """Send the records kept for a retry, in order, up to the first that fails again (it and the rest
+        stay kept), or until :meth:`close` gave up."""
+        retry, self._failed = self._failed, []
+        for index, record in enumerate(retry):
+            if self._closing.is_set():
+                self._failed.extend(retry[index:])
+                return
+            if not self._send_or_keep(record):
+                self._failed.extend(retry[index + 1 :])
+                return
+
     def _work(self) -> None:
         backoff = 1.0
-        while True:
+        while not self._closing.is_set():
             try:
                 record = self._queue.get(timeout=backoff if self._failed else None)
             except queue.Empty:
@@ -380,14 +396,10 @@ class RunLogger:
         """Send ``record`` (or only retry, for "retry") after any earlier failures, kept in order; returns the
         next retry backoff in seconds."""
         if self._failed:
-            retry, self._failed = self._failed, []
-            for index, old in enumerate(retry):
-                if not self._send_or_keep(old):
-                    self._failed.extend(retry[index + 1 :])
-                    break
+            self._retry_failed()
             backoff = 1.0 if not self._failed else min(backoff * 2, 30.0)
         if isinstance(record, _Record):
-            if self._failed:
+            if self._failed or self._closing.is_set():
                 self._failed.append(record)
             else:
                 self._send_or_keep(record)

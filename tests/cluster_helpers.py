@@ -35,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -170,8 +171,9 @@ def submit_job(cluster: Any, entrypoint: Sequence[str] | str, working_dir: Path 
                      time.monotonic() - started)
 
 
-def _jobs_api(cluster: Any, path: str, method: str = "GET", timeout_s: float = 10) -> Any:
-    """Ray's job REST API (``/api/jobs/...``) with the cluster's bearer token."""
+def _dashboard_api(cluster: Any, path: str, method: str = "GET", timeout_s: float = 10) -> Any:
+    """Ray's dashboard REST API (jobs ``/api/jobs/...``, state ``/api/v0/...``) with the cluster's bearer
+    token."""
     request = urllib.request.Request(cluster.dashboard_url + path, method=method,
                                      headers={"Authorization": f"Bearer {cluster.token}"})
     with urllib.request.urlopen(request, timeout=timeout_s) as response:
@@ -180,16 +182,31 @@ def _jobs_api(cluster: Any, path: str, method: str = "GET", timeout_s: float = 1
 
 def job_info(cluster: Any, submission_id: str) -> dict[str, Any]:
     """status (PENDING/RUNNING/SUCCEEDED/FAILED/STOPPED), message, driver_exit_code, ..."""
-    return _jobs_api(cluster, f"/api/jobs/{submission_id}")
+    return _dashboard_api(cluster, f"/api/jobs/{submission_id}")
 
 
 def job_logs(cluster: Any, submission_id: str) -> str:
-    return _jobs_api(cluster, f"/api/jobs/{submission_id}/logs")["logs"]
+    return _dashboard_api(cluster, f"/api/jobs/{submission_id}/logs")["logs"]
+
+
+def job_actors(cluster: Any, submission_id: str, class_name: str, state: str = "ALIVE") -> list[dict[str, Any]]:
+    """The actors of class ``class_name`` that job ``submission_id`` created and that are in ``state``, from
+    Ray's state API (what ``ray list actors --detail`` shows): each a dict with ``pid``, ``node_id``,
+    ``actor_id``, ... E.g. a training job's Ray Train workers: ``job_actors(cluster, job, "RayTrainWorker")``.
+
+    Placement comes from Ray itself, not from log lines: only rank 0 prints, so a worker's pid in the logs
+    says nothing about the other ranks."""
+    job_id = job_info(cluster, submission_id).get("job_id")
+    query = urllib.parse.urlencode({"limit": 10000, "detail": "true", "filter_keys": "class_name",
+                                    "filter_predicates": "=", "filter_values": class_name})
+    reply = _dashboard_api(cluster, f"/api/v0/actors?{query}")
+    return [actor for actor in reply["data"]["result"]["result"]
+            if actor.get("state") == state and job_id is not None and actor.get("job_id") == job_id]
 
 
 def stop_job(cluster: Any, submission_id: str) -> bool:
     """Ask Ray to stop the job (SIGTERM to the driver, later SIGKILL); True if it was running."""
-    return bool(_jobs_api(cluster, f"/api/jobs/{submission_id}/stop", method="POST").get("stopped"))
+    return bool(_dashboard_api(cluster, f"/api/jobs/{submission_id}/stop", method="POST").get("stopped"))
 
 
 def wait_for_job(cluster: Any, submission_id: str, timeout_s: float = 600,

@@ -23,6 +23,7 @@ import pytest
 from pipeline.checkpoints import newest_persisted_checkpoint
 from tests.cluster_helpers import (
     REPO_ROOT,
+    job_actors,
     job_info,
     job_logs,
     local_cluster,
@@ -133,10 +134,10 @@ def finished_ok(cluster, submission_id: str, timeout_s: float = 600) -> str:
     return logs
 
 
-def train_worker_processes(cluster, logs: str, node: str | None = None) -> list[psutil.Process]:
-    """The live Ray Train worker processes of a job, found by the pids its log lines carry
-    ("(RayTrainWorker pid=N) ..."), on one node or on all."""
-    pids = {int(pid) for pid in re.findall(r"\(RayTrainWorker pid=(\d+)", logs)}
+def train_worker_processes(cluster, job: str, node: str | None = None) -> list[psutil.Process]:
+    """The live Ray Train worker processes of a job, on one node or on all: the RayTrainWorker actors Ray's
+    state API lists for the job, matched to the cluster's processes (every rank, whichever prints)."""
+    pids = {int(actor["pid"]) for actor in job_actors(cluster, job, "RayTrainWorker") if actor.get("pid")}
     return [process for process in cluster.processes(node) if process.pid in pids]
 
 
@@ -173,16 +174,15 @@ def test_killed_worker_node_training_goes_on_elastically(cluster, workspace):
     params = job_params(cluster, workspace, "kill-node", **{"train.min_workers": 1, "train.epochs": 3})
     job = start_training(cluster, workspace, params, "ft-kill-node")
     wait_for_log(cluster, job, rf"\[train\]   step {STEPS_PER_EPOCH + STEPS_PER_EPOCH // 2}/")
-    # A worker node that trains this job now (the head has 1 CPU, so one of the two workers is on a worker
-    # node; its pid shows in the logs once that rank has logged a line, by the end of epoch 1 at the latest).
+    # A worker node that trains this job now: the head has 1 CPU, so at least one of the two ranks is on a
+    # worker node, whichever rank that is (only rank 0 prints, so the logs cannot tell).
     deadline = time.monotonic() + 60
     while not (
-        nodes := [
-            n for n in ("worker-1", "worker-2") if train_worker_processes(cluster, job_logs(cluster, job), n)
-        ]
+        nodes := [n for n in ("worker-1", "worker-2") if train_worker_processes(cluster, job, n)]
     ):
         assert time.monotonic() < deadline, f"no Train worker of {job} found on a worker node"
         time.sleep(1)
+    assert len(train_worker_processes(cluster, job)) == 2  # every rank found, not only the one that prints
     node = nodes[0]
     cluster.kill_node(node)
     try:

@@ -109,6 +109,26 @@ def test_unreachable_server_never_blocks_and_lost_records_are_listed(tmp_path):
     assert [(r["step"], r["payload"]) for r in lost["records"]] == [(1, {"loss": 1.5}), (2, {"loss": 1.25})]
 
 
+def test_a_hanging_server_loses_nothing_silently_and_the_sender_stops_at_close(tmp_path, monkeypatch):
+    """A server that accepts connections and never answers (each request times out, unlike a refused
+    connection): close gives up at its timeout, every record not sent is listed as lost - also those the
+    sender thread was still retrying - and the sender stops instead of retrying after close."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "1")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    with socket.socket() as hanging:  # listens, never accepts: requests hang until their timeout
+        hanging.bind(("127.0.0.1", 0))
+        hanging.listen(64)
+        logger = RunLogger("0" * 32, f"http://127.0.0.1:{hanging.getsockname()[1]}", tmp_path / "lost.json")
+        for step in range(1, 21):
+            logger.log_metrics({"loss": 1.0 / step}, step)
+        summary = logger.close(timeout_s=2.5)
+        assert summary["sent_all"] is False and summary["lost_records"] == 20, summary
+        lost = json.loads((tmp_path / "lost.json").read_text())
+        assert [r["step"] for r in lost["records"]] == list(range(1, 21))
+        logger._thread.join(timeout=15)
+        assert not logger._thread.is_alive(), "the sender thread goes on retrying after close"
+
+
 def test_experiments_get_the_model_training_kind_new_or_old(tmp_path):
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     key, kind = EXPERIMENT_KIND_TAG
