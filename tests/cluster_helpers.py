@@ -189,7 +189,8 @@ def job_logs(cluster: Any, submission_id: str) -> str:
     return _dashboard_api(cluster, f"/api/jobs/{submission_id}/logs")["logs"]
 
 
-def job_actors(cluster: Any, submission_id: str, class_name: str, state: str = "ALIVE") -> list[dict[str, Any]]:
+def job_actors(cluster: Any, submission_id: str, class_name: str,
+               state: str = "ALIVE") -> list[dict[str, Any]]:
     """The actors of class ``class_name`` that job ``submission_id`` created and that are in ``state``, from
     Ray's state API (what ``ray list actors --detail`` shows): each a dict with ``pid``, ``node_id``,
     ``actor_id``, ... E.g. a training job's Ray Train workers: ``job_actors(cluster, job, "RayTrainWorker")``.
