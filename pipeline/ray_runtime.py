@@ -3,7 +3,6 @@ cluster, resource and storage checks that fail fast, and the ``TorchTrainer`` of
 
 from __future__ import annotations
 
-import contextlib
 import os
 import socket
 import tempfile
@@ -142,11 +141,20 @@ def non_finite_error(filesystem, run_path: str) -> str | None:
         return stream.readall().decode()
 
 
-def clear_non_finite(location: str, name: str, endpoint: str | None = None) -> None:
-    """Remove a divergence record an earlier attempt of this run left (a re-run decides afresh)."""
+def earlier_divergence(location: str, name: str, endpoint: str | None = None) -> str | None:
+    """The divergence an earlier attempt of run ``name`` (in run storage ``location``) recorded, or None.
+
+    A run that diverged is never resumed: the same weights, data and random state diverge again, and its
+    MLflow run already holds the steps that led there (a resumed run would log them a second time)."""
     filesystem, root = storage.filesystem(location, endpoint)
-    with contextlib.suppress(FileNotFoundError, OSError):
-        filesystem.delete_file(f"{root}/{name}/{NON_FINITE_FILE}")
+    return non_finite_error(filesystem, f"{root}/{name}")
+
+
+# What to say when a run diverged: what to change, not "re-run" (a re-run would diverge again).
+DIVERGENCE_ADVICE = (
+    "Change what makes it diverge - a lower train.learning_rate, train.grad_clip_norm, a longer beta warm-up "
+    "or another train.seed - which starts a new run"
+)
 
 
 def connect_ray(params: Params) -> None:

@@ -48,6 +48,13 @@ def train(params: Params, train_fn=None) -> dict[str, Any]:
     ray_runtime.check_storage(location, endpoint)
     run_dir = None if storage.is_uri(location) else Path(location) / name
     where = storage.join(location, name)
+    earlier = ray_runtime.earlier_divergence(location, name, endpoint)
+    if earlier:
+        raise StageError(
+            f"run {name} diverged before ({earlier}) and is not resumed: the same settings diverge again. "
+            f"{ray_runtime.DIVERGENCE_ADVICE}; or delete {where} to train these settings from scratch in a "
+            "new MLflow run."
+        )
     ray_runtime.connect_ray(params)
     use_gpu = ray_runtime.resolve_use_gpu(params)
     ray_runtime.check_cpu_capacity(params, use_gpu)
@@ -55,7 +62,6 @@ def train(params: Params, train_fn=None) -> dict[str, Any]:
     config = ray_runtime.worker_config(
         params, run_id, uri, run_dir / "lost_mlflow_records.json" if run_dir else None
     )
-    ray_runtime.clear_non_finite(location, name, endpoint)
     print(
         f"[train] run {name}: {params.train.num_workers} worker(s), {'GPU' if use_gpu else 'CPU'}, "
         f"checkpoints in {where}, MLflow run {run_id} at {uri}",
@@ -73,7 +79,10 @@ def train(params: Params, train_fn=None) -> dict[str, Any]:
     diverged = ray_runtime.non_finite_error(result.filesystem, result.path)
     if diverged:
         tracking.end_run(uri, run_id, "FAILED")
-        raise StageError(f"training diverged (not retried: it would diverge again): {diverged}")
+        raise StageError(
+            f"training diverged (not retried: the same settings diverge again): {diverged}. "
+            f"{ray_runtime.DIVERGENCE_ADVICE}."
+        )
     state = checkpoints.final_state(result)
     if state is None:
         raise StageError(f"training finished without a checkpoint in {where}")

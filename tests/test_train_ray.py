@@ -131,14 +131,16 @@ def test_two_worker_run_tracks_everything_and_evaluates(ray_instance, workspace,
         assert two[key] == pytest.approx(saved[key], rel=1e-6), key
 
 
-def test_nan_stops_the_run_at_once_and_a_rerun_resumes(ray_instance, workspace):
+def test_nan_stops_the_run_at_once_and_a_rerun_is_refused_until_something_changes(ray_instance, workspace):
     """A divergence is not retried, whatever train.max_failures (here its default, 2): it would only
-    repeat."""
+    repeat. A re-run of the same settings is refused too (it would diverge again, and log the steps after its
+    last checkpoint a second time), naming what to change; deleting the run as it says trains afresh."""
     params = params_for(workspace, **{"train.num_workers": 1, "train.epochs": 3, "train.max_failures": 2})
     steps_per_epoch = TRAIN // 32
     starts = workspace / "starts"
     with pytest.raises(
-        train_stage.StageError, match=rf"diverged .*epoch 2, step {steps_per_epoch + 1}: loss=nan"
+        train_stage.StageError,
+        match=rf"diverged .*epoch 2, step {steps_per_epoch + 1}: loss=nan.*learning_rate",
     ):
         train_stage.train(
             params,
@@ -152,13 +154,22 @@ def test_nan_stops_the_run_at_once_and_a_rerun_resumes(ray_instance, workspace):
     state = torch.load(run_dirs[0] / checkpoints[0] / "state.pt", weights_only=True)
     assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
     failed_run = (run_dirs[0] / "mlflow_run_id").read_text()
-
-    metrics = train_stage.train(params)  # same config: resumes the run from epoch 1
-    assert metrics["epochs"] == 3 and metrics["steps"] == 3 * steps_per_epoch
-    assert metrics["mlflow_run_id"] == failed_run
     client = mlflow.MlflowClient(f"sqlite:///{workspace / 'mlflow.db'}")
-    epochs_logged = [m.step for m in client.get_metric_history(failed_run, "val_negative_elbo")]
-    assert sorted(epochs_logged) == [steps_per_epoch * e for e in (1, 2, 3)]  # epoch 1 was not trained again
+    logged = [(m.step, m.value) for m in client.get_metric_history(failed_run, "loss")]
+    assert client.get_run(failed_run).info.status == "FAILED"
+
+    with pytest.raises(train_stage.StageError, match=rf"diverged before .*not resumed.*learning_rate.*delete "
+                                                     rf"{run_dirs[0]}"):
+        train_stage.train(params)  # the same settings: refused before any training
+    assert [(m.step, m.value) for m in client.get_metric_history(failed_run, "loss")] == logged
+    assert sorted(p.name for p in run_dirs[0].glob("checkpoint_epoch_*")) == checkpoints
+
+    shutil.rmtree(run_dirs[0])  # what the message offers: these settings from scratch, in a new MLflow run
+    metrics = train_stage.train(params)
+    assert metrics["epochs"] == 3 and metrics["steps"] == 3 * steps_per_epoch
+    assert metrics["mlflow_run_id"] != failed_run
+    steps = [m.step for m in client.get_metric_history(metrics["mlflow_run_id"], "loss")]
+    assert len(steps) == len(set(steps)) == 3 * steps_per_epoch // params.train.log_every_n_steps
 
 
 # Another valid value for every train setting (a new setting must be added here, and so classified).

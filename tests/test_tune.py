@@ -12,14 +12,16 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import mlflow
 import pytest
 import yaml
 
-from pipeline import artifacts
+from pipeline import artifacts, ray_runtime
 from pipeline.common import StageError
 from pipeline.config import load_params
+from pipeline.sessions import NonFiniteLossError
 from pipeline.tune import sweep as tune_stage
 from tests.fixtures.arrays import write_square_arrays
 from tests.fixtures.faults import epoch_recording_trial_function
@@ -345,6 +347,31 @@ def test_a_killed_driver_resumes_and_finishes_only_the_unfinished_trials(tmp_pat
         elif interrupted.get(row["trial_id"]):
             # Resumed from its last checkpoint: at most the epoch cut short by the crash is logged twice.
             assert len(steps) <= epochs + 1, steps
+
+
+def test_a_trial_that_diverged_is_not_trained_again_when_the_sweep_resumes(tmp_path, monkeypatch):
+    """Tune's restore re-runs errored trials (resume_errored: those a dead node ended); a trial that diverged
+    - the one deliberate trial error - fails again at once, before any training or logging (it would diverge
+    again and log its steps twice)."""
+    import ray.tune
+
+    params = load_params(overrides=sweep_values())
+    sweep = tune_stage.Sweep(name="sweep-x", base=params, processed_dir=str(tmp_path),
+                             trials_storage=str(tmp_path / "trials"), runs=None, coordinator="nobody",
+                             decision_timeout_s=1.0, use_gpu=False)
+    record = tmp_path / "trials" / "sweep-x-t1" / ray_runtime.NON_FINITE_FILE
+    record.parent.mkdir(parents=True)
+    record.write_text("epoch 2, step 9: loss=nan")
+
+    def started(*args, **kwargs):
+        raise AssertionError("the diverged trial was started again")
+
+    monkeypatch.setattr(ray.tune, "get_context", lambda: SimpleNamespace(get_trial_id=lambda: "t1"))
+    monkeypatch.setattr(tune_stage, "actor", started)
+    monkeypatch.setattr(tune_stage.ray_runtime, "make_trainer", started)
+    config = {"beta_schedule": "constant", "constant": {"beta": 1.0}, "latent_dim": 2, "learning_rate": 1e-3}
+    with pytest.raises(NonFiniteLossError, match=r"t1 diverged in an earlier attempt .*step 9: loss=nan"):
+        tune_stage.run_trial(config, sweep)
 
 
 def _end_process_group(process: subprocess.Popen) -> None:

@@ -89,6 +89,13 @@ def run_trial(config: dict[str, Any], sweep: Sweep) -> None:
     trial_id = ray.tune.get_context().get_trial_id()
     params = trial_values(config).apply(sweep.base)
     name = f"{sweep.name}-{trial_id}"
+    # Tune's restore re-runs errored trials (resume_errored, for trials a dead node ended); a trial that
+    # diverged would only diverge again and log its steps twice, so it ends at once with the same error.
+    earlier = ray_runtime.earlier_divergence(sweep.trials_storage, name, params.cluster.s3_endpoint_url)
+    if earlier:
+        raise NonFiniteLossError(
+            f"trial {trial_id} diverged in an earlier attempt (not trained again): {earlier}"
+        )
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", CONTROLLER_POLL_S)
     run_id = ray.get(actor(sweep.coordinator).get_run.remote(trial_id, 120.0))
     if run_id is None:
@@ -103,7 +110,6 @@ def run_trial(config: dict[str, Any], sweep: Sweep) -> None:
         "trial_id": trial_id,
         "timeout_s": sweep.decision_timeout_s,
     }
-    ray_runtime.clear_non_finite(sweep.trials_storage, name, params.cluster.s3_endpoint_url)
     trainer = ray_runtime.make_trainer(
         params,
         train_config,
