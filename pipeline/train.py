@@ -18,6 +18,7 @@ from pipeline.cli import run_stage, stage_argument_parser
 from pipeline.common import StageError, resolve
 from pipeline.config import Params, load_params
 from pipeline.data import data_hashes, dataset_folder
+from pipeline.train_loop import check_batch_fits
 
 __all__ = ["run_name", "train", "main"]
 
@@ -42,6 +43,8 @@ def train(params: Params, train_fn=None) -> dict[str, Any]:
         raise StageError(str(error)) from None
     if not (processed / "train_images.npy").is_file():
         raise StageError(f"no preprocessed data in {processed}: run `dvc repro preprocess` first")
+    train = params.train
+    check_batch_fits(train, processed, [train.num_workers, train.min_workers or train.num_workers])
     hashes = data_hashes(processed)
     name = run_name(params, hashes)
     location = artifacts.storage_location(params)

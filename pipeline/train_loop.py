@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.common import format_seconds, say
+from pipeline.common import StageError, format_seconds, say
 from pipeline.config import ModelConfig, Params, TrainConfig
 from pipeline.data import BatchSource, dataset_folder, evaluation_indices, load_images, training_indices
 from pipeline.distributed import (
@@ -100,6 +100,51 @@ class TrainingRun:
     steps_at_start: int = 0
 
 
+def batch_plan(train: TrainConfig, num_train_images: int, world_size: int) -> tuple[int, int]:
+    """This rank's batch and the optimisation steps of an epoch when ``world_size`` workers share the training
+    split (every epoch drops the last partial global batch; see :func:`pipeline.data.training_indices`).
+
+    Returns:
+        (local batch in images = ``train.batch_size // world_size``, steps per epoch, at most
+        ``train.max_steps_per_epoch`` when set).
+    Raises:
+        ValueError: fewer images in ``train.batch_size`` than workers, or a training split smaller than one
+            global batch; the message names the setting to change. Deterministic: the train stage checks it
+            before Ray starts, so no runner retries it.
+    """
+    local_batch = train.batch_size // world_size
+    if local_batch < 1:
+        raise ValueError(
+            f"train.batch_size ({train.batch_size}) must be >= the number of workers ({world_size}); raise "
+            "train.batch_size or lower train.num_workers"
+        )
+    steps_per_epoch = num_train_images // (local_batch * world_size)
+    if train.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, train.max_steps_per_epoch)
+    if steps_per_epoch < 1:
+        raise ValueError(
+            f"the training split ({num_train_images} images) is smaller than one batch of "
+            f"{local_batch * world_size}; lower train.batch_size"
+        )
+    return local_batch, steps_per_epoch
+
+
+def check_batch_fits(train: TrainConfig, processed_dir: Path, world_sizes: Iterable[int]) -> None:
+    """:func:`batch_plan` for each of ``world_sizes`` on the preprocessed training split in ``processed_dir``:
+    what the stages check before they start Ray, since a setting that cannot work fails the same way on
+    every retry.
+
+    Raises:
+        StageError: :func:`batch_plan`'s error, for the first world size that does not fit.
+    """
+    num_train_images = np.load(Path(processed_dir) / "train_images.npy", mmap_mode="r").shape[0]
+    for world_size in sorted(set(world_sizes)):
+        try:
+            batch_plan(train, num_train_images, world_size)
+        except ValueError as error:
+            raise StageError(f"{error} (nothing was started)") from None
+
+
 def set_up(config: WorkerConfig, session: Session) -> TrainingRun:
     """Device, data, model, optimiser, schedules and tracking for this rank; resumed from the session's
     checkpoint when it has one.
@@ -136,19 +181,7 @@ def set_up(config: WorkerConfig, session: Session) -> TrainingRun:
                 f"rank {r} on {p['node_ip']} (node rank {p['node_rank']})" for r, p in enumerate(places)))
     optimizer = make_optimizer(model, train, device)
 
-    local_batch = train.batch_size // world_size
-    if local_batch < 1:
-        raise ValueError(
-            f"train.batch_size ({train.batch_size}) must be >= the number of workers ({world_size})"
-        )
-    steps_per_epoch = train_images.shape[0] // (local_batch * world_size)
-    if train.max_steps_per_epoch:
-        steps_per_epoch = min(steps_per_epoch, train.max_steps_per_epoch)
-    if steps_per_epoch < 1:
-        raise ValueError(
-            f"the training split ({train_images.shape[0]} images) is smaller than one batch of "
-            f"{local_batch * world_size}; lower train.batch_size"
-        )
+    local_batch, steps_per_epoch = batch_plan(train, train_images.shape[0], world_size)
     total_steps = train.epochs * steps_per_epoch
     schedule = params.beta_schedule
     if isinstance(schedule, CyclicalBeta):

@@ -347,3 +347,34 @@ def test_batch_source_gathers_whole_batches_for_training_and_every_image_for_eva
     evaluation = list(source.all_batches(order, 4))
     assert [b.shape[0] for b in evaluation] == [4, 4, 2]
     assert sorted(torch.cat(evaluation)[:, 0, 0, 0].tolist()) == [4 * i for i in range(10)]
+
+
+@pytest.mark.parametrize("stage", ["train", "tune"])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"train.batch_size": 256}, r"training split \(192 images\) is smaller than one batch of 256"),
+        ({"train.batch_size": 2, "train.num_workers": 4, "tune.workers_per_trial": 4},
+         r"train.batch_size \(2\) must be >= the number of workers \(4\)"),
+    ],
+)
+def test_settings_that_cannot_work_are_refused_before_ray_starts(tmp_path, monkeypatch, stage, overrides,
+                                                                 message):
+    """A batch larger than the training split, or smaller than the number of workers, fails the same way on
+    every retry: the train and tune stages refuse it before they start Ray, naming the setting."""
+    from pipeline import ray_runtime
+    from pipeline import train as train_stage
+    from pipeline.common import StageError
+    from pipeline.tune import sweep as tune_stage
+
+    monkeypatch.setenv("VAE_PROJECT_ROOT", str(tmp_path))
+    splits = {"train": TRAIN, "valid": VALID, "test": 48}
+    write_square_arrays(tmp_path / "data/processed/fashion_mnist", splits)
+
+    def started(*args, **kwargs):
+        raise AssertionError("Ray was started for settings that cannot work")
+
+    monkeypatch.setattr(ray_runtime, "connect_ray", started)
+    run = train_stage.train if stage == "train" else tune_stage.tune_sweep
+    with pytest.raises(StageError, match=message + r".*\(nothing was started\)"):
+        run(tiny_params(**overrides))

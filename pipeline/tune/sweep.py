@@ -28,6 +28,7 @@ from pipeline.config import RUN_IDENTITY_EXCLUDES, Params, load_params
 from pipeline.data import data_hashes, dataset_folder
 from pipeline.sessions import NonFiniteLossError
 from pipeline.tracking import lineage_tags, tracking_uri
+from pipeline.train_loop import check_batch_fits
 from pipeline.tune import tracking
 from pipeline.tune.results import best_row, trial_rows, trials_csv
 from pipeline.tune.space import suggest_trial_config, trial_values
@@ -302,6 +303,7 @@ def tune_sweep(params: Params, worker_fn=None) -> dict[str, Any]:
     processed = dataset_folder(params.data.processed_location(), params.cluster.s3_endpoint_url)
     if not (processed / "train_images.npy").is_file() or not (processed / "valid_images.npy").is_file():
         raise StageError(f"no preprocessed data in {processed}: run `dvc repro preprocess` first")
+    check_batch_fits(params.train, processed, [params.tune.workers_per_trial])
     hashes = data_hashes(processed)
     name = sweep_name(params, hashes)
     tune_storage = ray_runtime.storage_uri(params.train.storage_path).rstrip("/") + "/tune"
