@@ -12,6 +12,7 @@ import queue
 import subprocess
 import threading
 import time
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from pipeline import storage
-from pipeline.common import REPO_ROOT, resolve
+from pipeline.common import REPO_ROOT, StageError, resolve
 from pipeline.config import Params
 
 RUN_ID_FILE = "mlflow_run_id"  # in a run's checkpoint folder: the MLflow run a resumed run logs to again
@@ -142,10 +143,23 @@ def promote_if_best(client, model_name: str, run_id: str, figures: dict[str, Any
 
 def tracking_uri(configured: str | None) -> str:
     """``MLFLOW_TRACKING_URI`` if set, else params' ``mlflow.tracking_uri``, else ``sqlite:///<project>/mlflow.db``
-    (an absolute path: Ray changes the working directory of its workers)."""
+    (an absolute path: Ray changes the working directory of its workers).
+
+    Raises:
+        StageError: a file store (``file:`` or a bare path). Every record reaches MLflow exactly once only
+            because a record sent again (a retry, a resumed run re-sending its checkpoint's records) is the
+            same row, which MLflow's SQL stores - SQLite, PostgreSQL, MySQL, and a tracking server on one of
+            them - keep once; a file store appends it again, silently.
+    """
     uri = os.environ.get("MLFLOW_TRACKING_URI") or configured
     if not uri:
         return f"sqlite:///{resolve('mlflow.db')}"
+    if urllib.parse.urlparse(uri).scheme in ("", "file"):
+        raise StageError(
+            f"MLflow tracking URI {uri!r} is a file store, which logs a record sent twice (a retry, a resumed "
+            "run) twice; use a SQL store (sqlite:///path/mlflow.db) or a tracking server "
+            "(http://host:port), in mlflow.tracking_uri or MLFLOW_TRACKING_URI"
+        )
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         return f"sqlite:///{resolve(uri.removeprefix('sqlite:///'))}"
     return uri

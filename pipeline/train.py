@@ -58,6 +58,7 @@ def train(params: Params, train_fn=None) -> dict[str, Any]:
             f"{ray_runtime.DIVERGENCE_ADVICE}; or delete {where} to train these settings from scratch in a "
             "new MLflow run."
         )
+    tracking.tracking_uri(params.mlflow.tracking_uri)  # a store that breaks exactly-once: refused before Ray
     ray_runtime.connect_ray(params)
     use_gpu = ray_runtime.resolve_use_gpu(params)
     ray_runtime.check_cpu_capacity(params, use_gpu)

@@ -11,6 +11,7 @@ import mlflow
 import numpy as np
 import pytest
 
+from pipeline.common import StageError
 from pipeline.config import load_params
 from pipeline.tracking import (
     BEST_ALIAS,
@@ -20,6 +21,7 @@ from pipeline.tracking import (
     ensure_experiment,
     image_grid,
     promote_if_best,
+    tracking_uri,
     ui_url,
 )
 
@@ -127,6 +129,19 @@ def test_a_hanging_server_loses_nothing_silently_and_the_sender_stops_at_close(t
         assert [r["step"] for r in lost["records"]] == list(range(1, 21))
         logger._thread.join(timeout=15)
         assert not logger._thread.is_alive(), "the sender thread goes on retrying after close"
+
+
+@pytest.mark.parametrize("uri", ["file:///tmp/mlruns", "mlruns", "/srv/mlflow/mlruns"])
+def test_a_file_store_is_refused_since_it_would_log_a_resent_record_twice(uri, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with pytest.raises(StageError, match=r"is a file store.*sqlite:///path/mlflow.db.*http://"):
+        tracking_uri(uri)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # the environment's URI is checked the same way
+    with pytest.raises(StageError, match="is a file store"):
+        tracking_uri(None)
+    for fine in ("sqlite:////srv/mlflow.db", "http://127.0.0.1:5000", "postgresql://db/mlflow"):
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", fine)
+        assert tracking_uri(None) == fine
 
 
 def test_experiments_get_the_model_training_kind_new_or_old(tmp_path):
