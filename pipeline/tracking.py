@@ -156,8 +156,8 @@ def tracking_uri(configured: str | None) -> str:
         return f"sqlite:///{resolve('mlflow.db')}"
     if urllib.parse.urlparse(uri).scheme in ("", "file"):
         raise StageError(
-            f"MLflow tracking URI {uri!r} is a file store, which logs a record sent twice (a retry, a resumed "
-            "run) twice; use a SQL store (sqlite:///path/mlflow.db) or a tracking server "
+            f"MLflow tracking URI {uri!r} is a file store, which logs a record sent twice (a retry, a "
+            "resumed run) twice; use a SQL store (sqlite:///path/mlflow.db) or a tracking server "
             "(http://host:port), in mlflow.tracking_uri or MLFLOW_TRACKING_URI"
         )
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):

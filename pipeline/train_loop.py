@@ -100,6 +100,12 @@ class TrainingRun:
     steps_at_start: int = 0
 
 
+# The epoch's figures go to MLflow at the epoch's last step, where a logged step may already have put its own
+# beta (of the step trained) and images/s (of its window): the epoch's get names of their own, so every metric
+# has one value per step.
+EPOCH_METRIC_NAMES = {"beta": "epoch_end_beta", "images_per_s": "epoch_images_per_s"}
+
+
 def batch_plan(train: TrainConfig, num_train_images: int, world_size: int) -> tuple[int, int]:
     """This rank's batch and the optimisation steps of an epoch when ``world_size`` workers share the training
     split (every epoch drops the last partial global batch; see :func:`pipeline.data.training_indices`).
@@ -403,7 +409,8 @@ def end_of_epoch(
     state = None
     if run.rank == 0:
         epochs = params.train.epochs
-        run.logger.log_metrics({k: v for k, v in metrics.items() if k not in ("epoch", "step")}, run.step)
+        logged = {EPOCH_METRIC_NAMES.get(k, k): v for k, v in metrics.items() if k not in ("epoch", "step")}
+        run.logger.log_metrics(logged, run.step)
         if (epoch + 1) % params.mlflow.log_images_every_n_epochs == 0 or epoch + 1 == epochs:
             with run.autocast():
                 pictures = epoch_images(model, run.picture_batch, run.fixed_z, params.evaluate.num_image_rows)

@@ -95,6 +95,10 @@ def test_two_worker_run_tracks_everything_and_evaluates(ray_instance, workspace,
     for key in ("val_negative_elbo", "val_bits_per_dim", "train_kl"):
         assert len(client.get_metric_history(run.info.run_id, key)) == 2, key
     assert {m.key for m in client.get_metric_history(run.info.run_id, "images_per_s")}
+    assert len(client.get_metric_history(run.info.run_id, "epoch_images_per_s")) == 2
+    for key in run.data.metrics:  # one value per step and metric (epoch 1 ends on a logged step)
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+        assert len(steps) == len(set(steps)), (key, steps)
     images = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
     for key in ("samples", "reconstructions", "traversals"):
         assert any(key in path for path in images), (key, images)
