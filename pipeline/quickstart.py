@@ -9,6 +9,7 @@ workspace is left as found (the experiment stays in ``dvc exp show``; ``dvc exp 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -88,27 +89,72 @@ def _git(root: Path, *args: str) -> str | None:
     return done.stdout.strip() if done.returncode == 0 else None
 
 
-def _staged(root: Path) -> set[str]:
-    """The files of :data:`KEPT` that git's index holds changes of (empty outside a git repository)."""
-    return set((_git(root, "diff", "--cached", "--name-only", "--", *KEPT) or "").split())
+def _index_entries(root: Path) -> dict[str, str]:
+    """git's index entries of the files in :data:`KEPT`: path -> "mode blob-id stage" (empty outside a git
+    repository, or for a file the index does not hold)."""
+    entries = {}
+    for line in (_git(root, "ls-files", "--stage", "--", *KEPT) or "").splitlines():
+        info, _, path = line.partition("\t")
+        entries[path] = info
+    return entries
+
+
+def _restore_index(root: Path, before: dict[str, str]) -> None:
+    """Put git's index entries of :data:`KEPT` back to ``before`` (:func:`_index_entries`): a file staged
+    before the run is staged again with the content it had, one the run staged anew is unstaged."""
+    after = _index_entries(root)
+    for name in KEPT:
+        if after.get(name) == before.get(name):
+            continue
+        if name in before:
+            mode, blob, _ = before[name].split()
+            _git(root, "update-index", "--add", "--cacheinfo", f"{mode},{blob},{name}")
+        else:
+            _git(root, "rm", "-q", "--cached", "--ignore-unmatch", "--", name)
+
+
+# After SIGTERM or Ctrl-C, how long `dvc exp run` and its stages (and their Ray) get to stop before SIGKILL.
+STOP_GRACE_S = 30.0
 
 
 def _terminate(signum, frame):
     raise SystemExit(128 + signum)
 
 
+def _run_stoppable(command: list[str], root: Path, env: dict[str, str], grace_s: float = STOP_GRACE_S) -> int:
+    """Run ``command`` in a process group of its own; when this process is interrupted (SIGTERM, Ctrl-C),
+    the whole group - dvc, the stage it runs, that stage's children - gets SIGTERM, then SIGKILL after
+    ``grace_s`` seconds, so nothing of it outlives the interruption and writes after the files are put back.
+    Returns the command's exit status; re-raises the interruption."""
+    process = subprocess.Popen(command, cwd=root, env=env, start_new_session=True)
+    try:
+        return process.wait()
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            pass
+        with contextlib.suppress(ProcessLookupError):  # what is left of the group: stages, their children
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        raise
+
+
 def run_experiment(root: Path, command: list[str]) -> int:
     """Run ``command`` in ``root`` and put the files in :data:`KEPT` back as they were, whatever happens (an
-    error, Ctrl-C, SIGTERM), in the working tree and in git's index (``dvc exp run`` stages dvc.lock); a
-    branch that a killed ``dvc exp run`` left detached (HEAD on the same commit) is checked out again.
-    Returns the command's exit status."""
+    error, Ctrl-C, SIGTERM), in the working tree and in git's index (``dvc exp run`` stages dvc.lock; a file
+    the user had staged stays staged with the user's content); a branch that a killed ``dvc exp run`` left
+    detached (HEAD on the same commit) is checked out again. An interrupted command is stopped with its
+    stages first (:func:`_run_stoppable`). Returns the command's exit status."""
     saved = {name: (root / name).read_bytes() if (root / name).is_file() else None for name in KEPT}
-    staged_before = _staged(root)
+    index_before = _index_entries(root)
     branch, commit = _git(root, "symbolic-ref", "-q", "HEAD"), _git(root, "rev-parse", "HEAD")
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     previous = signal.signal(signal.SIGTERM, _terminate)  # SIGTERM unwinds like Ctrl-C: the finally runs
     try:
-        return subprocess.run(command, cwd=root, env=env).returncode
+        return _run_stoppable(command, root, env)
     finally:
         signal.signal(signal.SIGTERM, previous)
         for name, content in saved.items():
@@ -120,9 +166,7 @@ def run_experiment(root: Path, command: list[str]) -> int:
         detached = _git(root, "symbolic-ref", "-q", "HEAD") is None
         if branch and detached and _git(root, "rev-parse", "HEAD") == commit:
             _git(root, "symbolic-ref", "HEAD", branch)  # re-attach; the working tree is not touched
-        newly_staged = sorted(_staged(root) - staged_before)
-        if newly_staged:
-            _git(root, "reset", "-q", "--", *newly_staged)
+        _restore_index(root, index_before)
 
 
 def summary(root: Path) -> str:

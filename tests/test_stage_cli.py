@@ -4,6 +4,7 @@ command inside that job (``VAE_SUBMITTED=1``, same params file) runs the stage; 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import subprocess
@@ -157,19 +158,52 @@ def test_compare_writes_one_row_per_model_and_a_rerun_replaces_only_its_row(tmp_
     assert json.loads((reports / "model_table.json").read_text())["budget"]["train.epochs"] == "2"
 
 
-def test_quickstart_puts_params_and_lock_back_when_terminated(tmp_path):
-    """SIGTERM (a killed job, `kill`) while `dvc exp run` runs: params.yaml is restored, the dvc.lock the
-    run created and staged is gone from the working tree and from git's index, and the branch is checked
-    out again."""
-    subprocess.run(["git", "init", "-q", "-b", "main"], cwd=tmp_path, check=True)
-    (tmp_path / "params.yaml").write_text("mine\n")
-    subprocess.run(["git", "add", "params.yaml"], cwd=tmp_path, check=True)
+def _git_repo(root: Path) -> None:
+    subprocess.run(["git", "init", "-q", "-b", "main"], cwd=root, check=True)
+    (root / "params.yaml").write_text("mine\n")
+    subprocess.run(["git", "add", "params.yaml"], cwd=root, check=True)
     subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "params"],
-                   cwd=tmp_path, check=True)
-    script = ("import subprocess, time; open('params.yaml', 'w').write('changed'); "
-              "open('dvc.lock', 'w').write('lock'); subprocess.run(['git', 'add', 'dvc.lock']); "
-              "subprocess.run(['git', 'checkout', '-q', '--detach']); "
-              "open('started', 'w').close(); time.sleep(60)")
+                   cwd=root, check=True)
+
+
+def _index(root: Path, name: str) -> str:
+    """The content git's index holds for ``name`` ("" when it holds none)."""
+    done = subprocess.run(["git", "show", f":{name}"], cwd=root, capture_output=True, text=True)
+    return done.stdout if done.returncode == 0 else ""
+
+
+def test_quickstart_leaves_a_file_the_user_had_staged_staged_with_the_users_content(tmp_path):
+    from pipeline import quickstart
+
+    _git_repo(tmp_path)
+    (tmp_path / "dvc.lock").write_text("my staged lock\n")
+    subprocess.run(["git", "add", "dvc.lock"], cwd=tmp_path, check=True)
+    (tmp_path / "dvc.lock").write_text("my lock, edited after staging\n")
+    script = ("import subprocess; open('dvc.lock', 'w').write('experiment lock'); "
+              "subprocess.run(['git', 'add', 'dvc.lock', 'params.yaml'])")
+    assert quickstart.run_experiment(tmp_path, [sys.executable, "-c", script]) == 0
+    assert (tmp_path / "dvc.lock").read_text() == "my lock, edited after staging\n"
+    assert _index(tmp_path, "dvc.lock") == "my staged lock\n"
+    assert _index(tmp_path, "params.yaml") == "mine\n"
+
+
+def test_quickstart_puts_params_and_lock_back_when_terminated(tmp_path):
+    """SIGTERM (a killed job, `kill`) while `dvc exp run` runs: dvc and what it started (a stage) get SIGTERM
+    and stop before the files are put back - none is left running to write after the restore; params.yaml is
+    restored, the dvc.lock the run created and staged is gone from the working tree and from git's index, and
+    the branch is checked out again."""
+    import psutil
+
+    _git_repo(tmp_path)
+    stage = "import time\nwhile True:\n    open('stage_writes', 'a').write('x')\n    time.sleep(0.05)"
+    script = ("import signal, subprocess, sys, time\n"
+              "def stop(*_):\n    open('dvc_stopped', 'w').close()\n    sys.exit(143)\n"
+              "signal.signal(signal.SIGTERM, stop)\n"
+              "open('params.yaml', 'w').write('changed'); open('dvc.lock', 'w').write('lock')\n"
+              "subprocess.run(['git', 'add', 'dvc.lock'])\n"
+              "subprocess.run(['git', 'checkout', '-q', '--detach'])\n"
+              f"stage = subprocess.Popen([sys.executable, '-c', {stage!r}])\n"
+              "open('stage.pid', 'w').write(str(stage.pid)); open('started', 'w').close(); time.sleep(60)")
     driver = ("import sys; from pathlib import Path; from pipeline import quickstart; "
               f"sys.exit(quickstart.run_experiment(Path({str(tmp_path)!r}), "
               f"[sys.executable, '-c', {script!r}]))")
@@ -179,6 +213,13 @@ def test_quickstart_puts_params_and_lock_back_when_terminated(tmp_path):
         time.sleep(0.1)
     process.send_signal(signal.SIGTERM)
     assert process.wait(30) == 128 + signal.SIGTERM
+    assert (tmp_path / "dvc_stopped").exists(), "dvc was killed without a chance to stop its stage"
+    stage_pid = int((tmp_path / "stage.pid").read_text())
+    with contextlib.suppress(psutil.NoSuchProcess):
+        assert psutil.Process(stage_pid).status() == psutil.STATUS_ZOMBIE, "the stage outlived the run"
+    written = (tmp_path / "stage_writes").stat().st_size
+    time.sleep(0.3)
+    assert (tmp_path / "stage_writes").stat().st_size == written  # nothing writes after the restore
     assert (tmp_path / "params.yaml").read_text() == "mine\n" and not (tmp_path / "dvc.lock").exists()
     staged = subprocess.run(["git", "diff", "--cached", "--name-only"], cwd=tmp_path, capture_output=True,
                             text=True).stdout
