@@ -242,9 +242,11 @@ def fid_figures(params: Params, model: VAE, test: np.ndarray, data_hash: str, de
 
 
 def _pictures_and_fid(params: Params, model_config: dict[str, Any], weights: dict[str, torch.Tensor],
-                      processed_dir: str) -> tuple[dict, dict]:
+                      processed_location: str) -> tuple[dict, dict]:
     """Pictures and FID (run here or as a Ray task, on a GPU when there is one): returns (figures, pictures).
-    FID's weights are loaded first, so a missing file fails before any other work."""
+    FID's weights are loaded first, so a missing file fails before any other work. ``processed_location`` is
+    the data's path or URI, read through the cache of the node this runs on (a Ray task may run on another
+    node than the driver)."""
     from pipeline.distributed import pick_device
     from pipeline.fid import digest
 
@@ -253,13 +255,14 @@ def _pictures_and_fid(params: Params, model_config: dict[str, Any], weights: dic
     device = pick_device("auto")
     if device.type == "cpu":
         torch.set_num_threads(max(1, os.cpu_count() or 1))
+    processed_dir = dataset_folder(processed_location, params.cluster.s3_endpoint_url)
     test = load_images(processed_dir, "test")
     if params.evaluate.max_images:
         test = test[: params.evaluate.max_images]
-    hashes = {k: v for k, v in data_hashes(Path(processed_dir)).items() if ".test" in k or "test_" in k}
+    hashes = {k: v for k, v in data_hashes(processed_dir).items() if ".test" in k or "test_" in k}
     figures = fid_figures(params, model, test, digest(hashes), device)
     celeba = params.data.dataset == "celeba"
-    attributes = attribute_sets(Path(processed_dir), params.evaluate.attributes) if celeba else {}
+    attributes = attribute_sets(processed_dir, params.evaluate.attributes) if celeba else {}
     pictures = test_pictures(model, test, params.evaluate.num_image_rows, device, attributes,
                              seed=params.train.seed)
     return figures, pictures
@@ -295,7 +298,7 @@ def evaluate(params: Params) -> dict[str, Any]:
     scatter = scatter_classes(params, processed, len(test))
     address = params.cluster.address or os.environ.get("RAY_ADDRESS")
     use_ray = bool(address) or evaluation.num_workers > 1
-    args = (params, model.config, model.state_dict(), str(processed))
+    args = (params, model.config, model.state_dict(), params.data.processed_location())
     if use_ray:
         import ray
 

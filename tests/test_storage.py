@@ -207,6 +207,41 @@ def test_a_stage_finds_the_run_outputs_in_storage_wherever_it_runs(s3, tmp_path,
     assert json.loads((tmp_path / "back" / "models" / "vae" / "run.json").read_text())["run_name"] == name
 
 
+def test_the_pictures_task_reads_the_data_through_the_cache_of_its_own_node(s3, tmp_path, monkeypatch):
+    """The evaluate stage's pictures-and-FID work may run as a Ray task on another node than the driver: it
+    gets the data's location (not the driver's node-local cache path) and reads through its own node's
+    cache."""
+    from pipeline import evaluate
+
+    params = stage_params(s3, tmp_path)
+    params = params.model_copy(update={"evaluate": params.evaluate.model_copy(
+        update={"fid": False, "num_image_rows": 2, "max_images": 8, "latent_scatter": "none"})})
+    name = artifacts.run_location(params).rsplit("/", 1)[-1]
+    fake_training(tmp_path / "job", monkeypatch, name)
+    monkeypatch.setenv("VAE_DATA_CACHE", str(tmp_path / "driver-node"))
+    handed = []
+
+    def task(*args):
+        handed.append(args)
+        raise KeyboardInterrupt  # stop the stage here: what the task was given is what matters
+
+    monkeypatch.setattr(evaluate, "_pictures_and_fid", task)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate.evaluate(params)
+    location = handed[0][3]
+    assert location == params.data.processed_location() and location.startswith("s3://")
+
+    monkeypatch.undo()
+    for key, value in s3.env().items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("VAE_PROJECT_ROOT", str(tmp_path / "job"))
+    monkeypatch.setenv("VAE_DATA_CACHE", str(tmp_path / "other-node"))  # a node that never saw the data
+    model = artifacts.load_trained_model(tmp_path / "job" / "models" / "vae")
+    figures, pictures = evaluate._pictures_and_fid(*handed[0][:2], model.state_dict(), location)
+    assert pictures["reconstructions"].shape[1:] == (1, 28, 28)
+    assert (tmp_path / "other-node").is_dir()  # read through this node's own cache
+
+
 def test_no_model_anywhere_names_both_places(s3, tmp_path, monkeypatch):
     params = stage_params(s3, tmp_path)
     monkeypatch.setenv("VAE_PROJECT_ROOT", str(tmp_path / "empty"))
