@@ -64,7 +64,7 @@ def final_state(directory: Path) -> dict:
     return torch.load(sorted(directory.glob("checkpoint_*"))[-1] / "state.pt", weights_only=True)
 
 
-def assert_same_weights(a: dict, b: dict, atol: float = 1e-6) -> None:
+def assert_same_weights(a: dict, b: dict, atol: float = 0.0) -> None:
     for name, tensor in a.items():
         torch.testing.assert_close(tensor, b[name], rtol=0, atol=atol, msg=f"parameter {name} differs")
 
