@@ -116,6 +116,8 @@ def test_reference_statistics_are_computed_once_per_split_and_extractor(tmp_path
     np.testing.assert_array_equal(first.covariance, again.covariance)
     fid.reference_statistics(stand_in(), images, "cd" * 32, batch_size=16)  # other data: computed again
     assert len(calls) == 2
+    fewer = fid.reference_statistics(stand_in(), images[:24], "ab" * 32, batch_size=16)  # evaluate.max_images
+    assert len(calls) == 3 and fewer.count == 24  # the first 24 images are other statistics, not the cache's
 
 
 def test_missing_inception_weights_fail_fast_with_the_file_the_url_and_the_folder(tmp_path, monkeypatch):

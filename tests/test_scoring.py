@@ -62,26 +62,28 @@ def test_an_images_figures_do_not_depend_on_batch_or_chunking(model_and_images):
     assert twins.log_px[0] != twins.log_px[1]
 
 
-def test_the_estimate_is_the_log_mean_of_the_importance_weights(model_and_images):
-    """K = 1 is one importance weight, log p(x|z) + log p(z) - log q(z|x) at the image's own draw (recomputed
-    here from its generator); with K = 20 the estimate is higher on average than the ELBO (Burda et al. 2016,
-    theorem 1)."""
+@pytest.mark.parametrize("num_samples", [1, 3])
+def test_the_estimate_is_the_log_mean_of_the_importance_weights(model_and_images, num_samples):
+    """log p(x) ~= log (1/K) sum_k w_k, w_k = p(x|z_k) p(z_k) / q(z_k|x), at the image's own K draws
+    (recomputed here from its generator); with K = 20 the estimate is higher on average than the ELBO (Burda
+    et al. 2016, theorem 1)."""
     from vae.distributions import standard_normal_log_prob
 
     model, images = model_and_images
-    k1 = score(model, images, range(len(images)), 23, 1, num_samples=1)
+    scored = score(model, images, range(len(images)), 23, 2, num_samples=num_samples)
     for index in (0, 11):
         generator = scoring.image_generator(7, index)
         x = torch.from_numpy(images[index : index + 1])
         target = model.likelihood.prepare_target(x, generator)
         torch.randn(model.latent_dim, generator=generator)  # the ELBO's draw comes first
-        eps = torch.randn(1, model.latent_dim, generator=generator)
+        eps = torch.randn(num_samples, model.latent_dim, generator=generator)
         with torch.no_grad():
             posterior = model.encode(x)
-            z = posterior.mean + posterior.std * eps
-            expected = (model.likelihood.log_prob(model.decode(z), target) + standard_normal_log_prob(z)
-                        - posterior.log_prob(z))
-        assert k1.log_px[index] == pytest.approx(float(expected), abs=1e-4)
+            z = posterior.mean + posterior.std * eps  # (K, D): K draws of the one image
+            log_w = (model.likelihood.log_prob(model.decode(z), target.expand(num_samples, *target.shape[1:]))
+                     + standard_normal_log_prob(z) - posterior.log_prob(z))
+        expected = torch.logsumexp(log_w.double(), dim=0) - np.log(num_samples)
+        assert scored.log_px[index] == pytest.approx(float(expected), abs=1e-4)
     k20 = score(model, images, range(len(images)), 23, 20, num_samples=20)
     assert -k20.log_px.mean() < (k20.reconstruction + k20.kl).mean()
 

@@ -62,6 +62,35 @@ def test_a_node_caches_the_dataset_verifies_it_and_reuses_it(s3, tmp_path, monke
     assert dataset_folder(location).is_relative_to(tmp_path / "node-b")
 
 
+def test_workers_of_one_node_fill_its_cache_once(s3, tmp_path, monkeypatch):
+    """Several Train workers on one node ask for the dataset at the same time: one downloads each array, the
+    others wait for it and reuse the verified copy."""
+    import threading
+
+    location, local = published(s3, tmp_path)
+    monkeypatch.setenv("VAE_DATA_CACHE", str(tmp_path / "node"))
+    downloads = []
+    real = storage.download_file
+
+    def slow_download(source, target, *args, **kwargs):
+        downloads.append(source)
+        time.sleep(0.2)  # long enough for the other workers to look at the cache meanwhile
+        return real(source, target, *args, **kwargs)
+
+    monkeypatch.setattr(storage, "download_file", slow_download)
+    folders = []
+    workers = [threading.Thread(target=lambda: folders.append(dataset_folder(location))) for _ in range(3)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(60)
+    assert len(folders) == 3 and len(set(folders)) == 1
+    assert sorted(downloads) == sorted(set(downloads)) and len(downloads) == 3  # each array once
+    for split in COUNTS:
+        name = f"{split}_images.npy"
+        assert (folders[0] / name).read_bytes() == (local / name).read_bytes()
+
+
 def test_a_damaged_object_in_the_store_is_refused_and_never_cached(s3, tmp_path, monkeypatch):
     location, local = published(s3, tmp_path)
     monkeypatch.setenv("VAE_DATA_CACHE", str(tmp_path / "node"))

@@ -213,6 +213,46 @@ def test_a_resume_on_another_number_of_workers_derives_fresh_random_states(proce
     assert_same_weights(final_state(tmp_path / "a")["model"], final_state(tmp_path / "b")["model"], atol=0)
 
 
+def test_an_elastic_resume_draws_the_noise_of_seed_rank_and_step(processed, tmp_path):
+    """Resumed on another number of workers, each rank's generator is seeded from (train.seed, rank, step):
+    not the saved states of other ranks, and not the noise the run drew from its start."""
+    from pipeline.distributed import rank_seed, restore_rng_states
+
+    states = [{"torch": torch.Generator().manual_seed(s).get_state()} for s in (5, 6)]
+    saved = {"world_size": 2, "ranks": states}
+    torch.manual_seed(rank_seed(0, 0))  # what set_up does before the checkpoint is read
+    note = restore_rng_states(saved, rank=0, world_size=1, seed=0, step=40, device=torch.device("cpu"))
+    assert "world size 1 differs from the checkpoint's 2" in note
+    assert torch.equal(torch.get_rng_state(), torch.Generator().manual_seed(rank_seed(0, 0, 40)).get_state())
+    assert rank_seed(0, 0, 40) not in (rank_seed(0, 0), rank_seed(0, 0, 41), rank_seed(0, 1, 40))
+
+
+class DiesWritingTheSecondCheckpoint(LocalSession):
+    """A runner killed while it writes epoch 2's checkpoint: that checkpoint never exists."""
+
+    def report(self, metrics, state, epoch):
+        if epoch == 2:
+            raise KeyboardInterrupt("killed while writing the checkpoint")
+        super().report(metrics, state, epoch)
+
+
+def test_an_epochs_records_reach_mlflow_only_once_its_checkpoint_is_written(processed, tmp_path):
+    """An attempt killed before its checkpoint is written has sent nothing of that epoch: the resumed attempt
+    trains it again and logs it once."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("commit")).info.run_id
+    params = tiny_params(**{"train.epochs": 2, "train.log_every_n_steps": 1})
+    config = WorkerConfig(params, str(processed), run_id, uri)
+    with pytest.raises(KeyboardInterrupt):
+        train_worker(config, DiesWritingTheSecondCheckpoint(tmp_path / "checkpoints"))
+    steps_per_epoch = TRAIN // 32
+    assert [m.step for m in client.get_metric_history(run_id, "loss")] == list(range(1, steps_per_epoch + 1))
+    assert [m.step for m in client.get_metric_history(run_id, "val_negative_elbo")] == [steps_per_epoch]
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Data parallelism
 # ----------------------------------------------------------------------------------------------------------
