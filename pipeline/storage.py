@@ -288,13 +288,14 @@ def manifest_files(manifest: dict[str, Any]) -> dict[str, str]:
             for name, digest in (info.get("files") or {}).items()}
 
 
-def local_dataset(location: Path | str, endpoint: str | None = None) -> Path:
+def local_dataset(location: Path | str, endpoint: str | None = None, _retried: bool = False) -> Path:
     """A local folder with the preprocessed dataset at ``location``: the folder itself for a local path; for a
     URI, this node's cached copy, brought up to date.
 
     Every cached array is checked against the sha256 in the store's manifest.json; a missing, stale or
     corrupted one is downloaded again (to a temporary file, verified, then renamed), so a half-written cache
-    is never used. The manifest is written last.
+    is never used. The manifest is written last. When a publish replaces the dataset while this reads it
+    (the arrays of the manifest read are gone), the new manifest is read once more (``_retried``).
 
     Raises:
         StorageError: the store is unreachable or its data do not match their manifest.
@@ -323,26 +324,69 @@ def local_dataset(location: Path | str, endpoint: str | None = None) -> Path:
                 continue
             if target.exists():
                 say(f"[storage] cached {target} differs from the manifest: fetching it again")
-            download_file(join(location, name), target, endpoint, sha256=digest)
+            try:
+                _download_array(location, name, digest, target, endpoint)
+            except FileNotFoundError:
+                if _retried:  # gone twice: not a publish racing this read
+                    raise
+                gone = name
+                break
             fetched.append(name)
+        else:
+            gone = None
         cached_manifest = folder / MANIFEST
-        if not cached_manifest.is_file() or cached_manifest.read_bytes() != manifest_bytes:
+        if gone is None and (not cached_manifest.is_file() or cached_manifest.read_bytes() != manifest_bytes):
             with atomic_output(cached_manifest) as tmp:
                 tmp.write_bytes(manifest_bytes)
+    if gone is not None:  # a publish replaced the manifest read above and removed its arrays: read the new one
+        say(f"[storage] {location}: {gone} was replaced while this node read it; reading the new manifest")
+        return local_dataset(location, endpoint, _retried=True)
     if fetched:
         say(f"[storage] {location}: fetched {len(fetched)} file(s) into {folder}, reused {len(reused)}")
     return folder
 
 
+# Published arrays live under a key of their content, <location>/arrays/<sha256>/<name>: a publish never
+# overwrites an object that a reader of the previous manifest may be fetching.
+ARRAYS = "arrays"
+
+
+def array_key(name: str, digest: str) -> str:
+    """Where :func:`publish_dataset` puts the array ``name`` with content ``digest``, relative to the dataset's
+    location."""
+    return f"{ARRAYS}/{digest}/{name}"
+
+
+def _download_array(location: str, name: str, digest: str, target: Path, endpoint: str | None) -> None:
+    """Fetch one array of a published dataset, verified: its content-addressed key, or the plain name under
+    which datasets published before content addressing keep it."""
+    try:
+        download_file(join(location, array_key(name, digest)), target, endpoint, sha256=digest)
+    except FileNotFoundError:
+        download_file(join(location, name), target, endpoint, sha256=digest)
+
+
 def publish_dataset(folder: Path, location: str, endpoint: str | None = None) -> None:
-    """Upload a preprocessed dataset folder to ``location``: every array, then manifest.json, so a reader that
-    finds the manifest finds the arrays it lists."""
+    """Upload a preprocessed dataset folder to ``location``: every array under its content's key
+    (:func:`array_key`; one already there is not sent again), then manifest.json in one write, then the
+    arrays only the previous manifest listed. A reader always finds the arrays of the manifest it read: the
+    old ones stay until the new manifest is in place, and a reader that read the old manifest just before
+    they went reads the new one (:func:`local_dataset`)."""
     manifest = json.loads((folder / MANIFEST).read_text())
     check_location(location, endpoint, "data.processed_dir")
-    for name in sorted(manifest_files(manifest)):
-        upload_file(folder / name, join(location, name), endpoint)
+    wanted = {array_key(name, digest) for name, digest in manifest_files(manifest).items()}
+    present = set(list_files(join(location, ARRAYS), endpoint))
+    for name, digest in sorted(manifest_files(manifest).items()):
+        if array_key(name, digest).removeprefix(f"{ARRAYS}/") not in present:
+            upload_file(folder / name, join(location, array_key(name, digest)), endpoint)
     upload_file(folder / MANIFEST, join(location, MANIFEST), endpoint)
-    say(f"[storage] published {folder} to {location}")
+    stale = [f"{ARRAYS}/{key}" for key in present if f"{ARRAYS}/{key}" not in wanted]
+    fs, root = filesystem(location, endpoint)
+    for key in stale:
+        with contextlib.suppress(FileNotFoundError), _explained(location, endpoint, "deleting"):
+            fs.delete_file(f"{root}/{key}")
+    say(f"[storage] published {folder} to {location}" + (f" ({len(stale)} old array(s) removed)" if stale
+                                                          else ""))
 
 
 def upload_tree(root: Path, relative: list[Path], location: str, endpoint: str | None = None) -> list[str]:

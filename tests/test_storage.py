@@ -94,7 +94,9 @@ def test_workers_of_one_node_fill_its_cache_once(s3, tmp_path, monkeypatch):
 def test_a_damaged_object_in_the_store_is_refused_and_never_cached(s3, tmp_path, monkeypatch):
     location, local = published(s3, tmp_path)
     monkeypatch.setenv("VAE_DATA_CACHE", str(tmp_path / "node"))
-    bucket, key = storage.join(location, "test_images.npy")[len("s3://"):].split("/", 1)
+    digest = storage.manifest_files(json.loads((local / "manifest.json").read_text()))["test_images.npy"]
+    damaged = storage.join(location, storage.array_key("test_images.npy", digest))  # where it was published
+    bucket, key = damaged[len("s3://"):].split("/", 1)
     s3.client().put_object(Bucket=bucket, Key=key, Body=b"not the array the manifest lists")
     with pytest.raises(storage.StorageError, match="sha256 .* differs from the manifest"):
         dataset_folder(location)
@@ -102,6 +104,52 @@ def test_a_damaged_object_in_the_store_is_refused_and_never_cached(s3, tmp_path,
     assert not (folder / "test_images.npy").exists()
     assert not (folder / "manifest.json").exists()
     assert not [p.name for p in folder.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_reader_during_a_publish_gets_the_old_or_the_new_dataset_never_a_mix(s3, tmp_path, monkeypatch):
+    """Re-publishing to the same prefix: a node that reads while the new arrays go up gets the old dataset,
+    whole and verified; once the manifest is replaced, the new one; the old arrays are removed after that."""
+    location, old = published(s3, tmp_path)
+    new = write_square_arrays(tmp_path / "rebuilt" / "fashion_mnist", COUNTS, 90)  # other content
+    write_manifest(new)
+    during = {}
+    real_upload = storage.upload_file
+
+    def upload_then_read(source, target, endpoint=None):
+        real_upload(source, target, endpoint)
+        if Path(source).name == "train_images.npy":  # a new array is up, the old manifest still there
+            monkeypatch.setenv("VAE_DATA_CACHE", str(tmp_path / "node-during"))
+            during["folder"] = dataset_folder(location)
+
+    monkeypatch.setattr(storage, "upload_file", upload_then_read)
+    storage.publish_dataset(new, location)
+    for split in COUNTS:
+        name = f"{split}_images.npy"
+        assert (during["folder"] / name).read_bytes() == (old / name).read_bytes()
+    monkeypatch.setenv("VAE_DATA_CACHE", str(tmp_path / "node-after"))
+    after = dataset_folder(location)
+    for split in COUNTS:
+        name = f"{split}_images.npy"
+        assert (after / name).read_bytes() == (new / name).read_bytes()
+    digests = storage.manifest_files(json.loads((new / "manifest.json").read_text()))
+    assert sorted(storage.list_files(storage.join(location, storage.ARRAYS))) == sorted(
+        storage.array_key(name, digest).removeprefix("arrays/") for name, digest in digests.items())
+
+    # A reader that read the manifest just before a publish replaced it and removed its arrays reads again.
+    monkeypatch.setattr(storage, "upload_file", real_upload)
+    real_read, republished = storage.read_bytes, []
+
+    def read_then_publish(source, *args, **kwargs):
+        data = real_read(source, *args, **kwargs)
+        if source.endswith(storage.MANIFEST) and not republished:
+            republished.append(True)
+            storage.publish_dataset(old, location)  # the old content again, its arrays anew
+        return data
+
+    monkeypatch.setattr(storage, "read_bytes", read_then_publish)
+    monkeypatch.setenv("VAE_DATA_CACHE", str(tmp_path / "node-racing"))
+    racing = dataset_folder(location)
+    assert republished and (racing / "train_images.npy").read_bytes() == (old / "train_images.npy").read_bytes()
 
 
 def test_an_interrupted_publish_is_not_taken_as_data(s3, tmp_path, monkeypatch):
