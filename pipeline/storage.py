@@ -338,7 +338,7 @@ def local_dataset(location: Path | str, endpoint: str | None = None, _retried: b
         if gone is None and (not cached_manifest.is_file() or cached_manifest.read_bytes() != manifest_bytes):
             with atomic_output(cached_manifest) as tmp:
                 tmp.write_bytes(manifest_bytes)
-    if gone is not None:  # a publish replaced the manifest read above and removed its arrays: read the new one
+    if gone is not None:  # a publish replaced the manifest read above and removed its arrays: read anew
         say(f"[storage] {location}: {gone} was replaced while this node read it; reading the new manifest")
         return local_dataset(location, endpoint, _retried=True)
     if fetched:
@@ -352,8 +352,8 @@ ARRAYS = "arrays"
 
 
 def array_key(name: str, digest: str) -> str:
-    """Where :func:`publish_dataset` puts the array ``name`` with content ``digest``, relative to the dataset's
-    location."""
+    """Where :func:`publish_dataset` puts the array ``name`` with content ``digest``, relative to the
+    dataset's location."""
     return f"{ARRAYS}/{digest}/{name}"
 
 

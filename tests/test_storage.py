@@ -149,7 +149,8 @@ def test_a_reader_during_a_publish_gets_the_old_or_the_new_dataset_never_a_mix(s
     monkeypatch.setattr(storage, "read_bytes", read_then_publish)
     monkeypatch.setenv("VAE_DATA_CACHE", str(tmp_path / "node-racing"))
     racing = dataset_folder(location)
-    assert republished and (racing / "train_images.npy").read_bytes() == (old / "train_images.npy").read_bytes()
+    assert republished
+    assert (racing / "train_images.npy").read_bytes() == (old / "train_images.npy").read_bytes()
 
 
 def test_an_interrupted_publish_is_not_taken_as_data(s3, tmp_path, monkeypatch):
