@@ -24,6 +24,8 @@ from pipeline.train_loop import train_worker
 # Written into the run's storage folder by rank 0 when the loss diverged: the workers then end normally, since
 # Ray Train retries every worker exception (up to train.max_failures) and a divergence would only repeat.
 NON_FINITE_FILE = "non_finite_loss.txt"
+# Beside the checkpoints: the MLflow records a run could not log (pipeline.tracking.RunLogger.close).
+LOST_RECORDS_FILE = "lost_mlflow_records.json"
 
 
 class RaySession:
@@ -301,11 +303,9 @@ def storage_uri(path: Path | str) -> str:
 
 
 def worker_config(
-    params: Params, run_id: str | None, tracking: str | None, lost_path: Path | None
+    params: Params, run_id: str | None, tracking: str | None, run_location: str
 ) -> dict[str, Any]:
-    """The ``train_loop_config`` of a TorchTrainer: ``{"worker": WorkerConfig}``."""
-    return {
-        "worker": WorkerConfig(
-            params, params.data.processed_location(), run_id, tracking, str(lost_path) if lost_path else None
-        )
-    }
+    """The ``train_loop_config`` of a TorchTrainer: ``{"worker": WorkerConfig}``; MLflow records that never
+    got through are listed in ``run_location`` (the run's storage folder, path or URI)."""
+    lost = storage.join(run_location, LOST_RECORDS_FILE)
+    return {"worker": WorkerConfig(params, params.data.processed_location(), run_id, tracking, lost)}

@@ -209,13 +209,14 @@ class RunLogger:
     Args:
         run_id: the MLflow run (opened by the driver).
         tracking_uri: where the run lives.
-        lost_path: where to write what could not be logged by :meth:`close`.
+        lost_path: where to write what could not be logged by :meth:`close` (a path or a URI: the run's
+            storage folder, local or s3://).
         hold_until_commit: keep records until :meth:`commit` instead of sending them at once.
     """
 
     run_id: str | None
     tracking_uri: str
-    lost_path: Path | None = None
+    lost_path: str | None = None
     hold_until_commit: bool = False
     _held: list = field(default_factory=list)
     _unsent: dict = field(default_factory=dict)  # id -> record, committed and not yet confirmed sent
@@ -326,12 +327,13 @@ class RunLogger:
                 for r in pending
             ]
             if self.lost_path is not None:
-                self.lost_path.parent.mkdir(parents=True, exist_ok=True)
-                self.lost_path.write_text(
-                    json.dumps(
-                        {"run_id": self.run_id, "errors": self._errors[:20], "records": lost}, indent=1
-                    )
-                )
+                listing = {"run_id": self.run_id, "errors": self._errors[:20], "records": lost}
+                try:
+                    if not storage.is_uri(self.lost_path):
+                        Path(self.lost_path).parent.mkdir(parents=True, exist_ok=True)
+                    storage.write_bytes(str(self.lost_path), json.dumps(listing, indent=1).encode())
+                except Exception as error:  # noqa: BLE001 - the log line below still says how many
+                    log.warning("MLflow: could not list the lost records in %s: %s", self.lost_path, error)
             try:
                 self._client().set_tag(
                     self.run_id, "mlflow.lost_records", f"{len(pending)} records, see {self.lost_path}"
@@ -352,72 +354,110 @@ class RunLogger:
 
         return MlflowClient(self.tracking_uri)
 
-    def _send(self, record: _Record) -> None:
+    def _send(self, group: list[_Record]) -> None:
+        """One request: a group of metric records as one ``log_batch``, or one image."""
         client = self._client()
-        if record.kind == "metrics":
+        if group[0].kind == "metrics":
             from mlflow.entities import Metric
 
             client.log_batch(
                 self.run_id,
-                metrics=[Metric(k, v, record.timestamp_ms, record.step) for k, v in record.payload.items()],
+                metrics=[Metric(k, v, r.timestamp_ms, r.step) for r in group for k, v in r.payload.items()],
                 synchronous=True,
             )
-        elif record.kind == "image":
+        else:
+            (record,) = group
             client.log_image(self.run_id, record.payload, key=record.key, step=record.step, synchronous=True)
 
-    def _send_or_keep(self, record: _Record) -> bool:
+    def _send_or_keep(self, group: list[_Record]) -> bool:
+        """Send ``group``; on any failure keep all of it, in order, for a retry. Returns whether it went."""
         try:
-            self._send(record)
+            self._send(group)
             with self._lock:
-                self._unsent.pop(id(record), None)
+                for record in group:
+                    self._unsent.pop(id(record), None)
             return True
-        except Exception as error:  # noqa: BLE001 - any failure: keep the record, training goes on
-            record.attempts += 1
+        except Exception as error:  # noqa: BLE001 - any failure: keep the records, training goes on
+            for record in group:
+                record.attempts += 1
             message = f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
             if len(self._errors) < 50:
                 self._errors.append(message)
-            self._failed.append(record)
+            self._failed.extend(group)
             return False
 
-    def _retry_failed(self) -> None:
-        """Send the records kept for a retry, in order, up to the first that fails again (it and the rest
-        stay kept), or until :meth:`close` gave up."""
-        retry, self._failed = self._failed, []
-        for index, record in enumerate(retry):
+    def _send_in_order(self, records: list[_Record]) -> None:
+        """Send ``records`` in :func:`request_groups`, in order, up to the first group that fails (it and the
+        rest are kept for a retry), or until :meth:`close` gave up."""
+        groups = request_groups(records)
+        for index, group in enumerate(groups):
             if self._closing.is_set():
-                self._failed.extend(retry[index:])
+                self._failed.extend(r for rest in groups[index:] for r in rest)
                 return
-            if not self._send_or_keep(record):
-                self._failed.extend(retry[index + 1 :])
+            if not self._send_or_keep(group):
+                self._failed.extend(r for rest in groups[index + 1 :] for r in rest)
                 return
+
+    def _retry_failed(self) -> None:
+        retry, self._failed = self._failed, []
+        self._send_in_order(retry)
 
     def _work(self) -> None:
         backoff = 1.0
         while not self._closing.is_set():
             try:
-                record = self._queue.get(timeout=backoff if self._failed else None)
+                items = [self._queue.get(timeout=backoff if self._failed else None)]
             except queue.Empty:
-                record = "retry"
-            if record is None:
-                return
+                items = ["retry"]
+            while items[-1] is not None and len(items) < MAX_RECORDS_PER_PASS:  # whatever else is waiting
+                try:
+                    items.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
             try:
-                backoff = self._handle(record, backoff)
+                backoff = self._handle([item for item in items if isinstance(item, _Record)], backoff)
             finally:
-                if record != "retry":
-                    self._queue.task_done()
+                for item in items:
+                    if item != "retry":
+                        self._queue.task_done()
+            if items[-1] is None:
+                return
 
-    def _handle(self, record: _Record | str, backoff: float) -> float:
-        """Send ``record`` (or only retry, for "retry") after any earlier failures, kept in order; returns the
-        next retry backoff in seconds."""
+    def _handle(self, records: list[_Record], backoff: float) -> float:
+        """Send ``records`` after any earlier failures, kept in order; returns the next retry backoff in
+        seconds."""
         if self._failed:
             self._retry_failed()
             backoff = 1.0 if not self._failed else min(backoff * 2, 30.0)
-        if isinstance(record, _Record):
+        if records:
             if self._failed or self._closing.is_set():
-                self._failed.append(record)
+                self._failed.extend(records)
             else:
-                self._send_or_keep(record)
+                self._send_in_order(records)
         return backoff
+
+
+# A training process logs a record per logged step, faster than one request each can go (a tracking server
+# behind basic-auth checks the password on every request): what is waiting goes in few requests.
+MAX_RECORDS_PER_PASS = 500
+MAX_METRICS_PER_REQUEST = 1000  # MLflow's limit for one log_batch
+
+
+def request_groups(records: list[_Record]) -> list[list[_Record]]:
+    """``records`` in the order given, as the requests that send them: consecutive metric records together
+    (at most :data:`MAX_METRICS_PER_REQUEST` values a request), each image alone."""
+    groups: list[list[_Record]] = []
+    size = 0
+    for record in records:
+        joins = (record.kind == "metrics" and groups and groups[-1][0].kind == "metrics"
+                 and size + len(record.payload) <= MAX_METRICS_PER_REQUEST)
+        if joins:
+            groups[-1].append(record)
+            size += len(record.payload)
+        else:
+            groups.append([record])
+            size = len(record.payload) if record.kind == "metrics" else 0
+    return groups
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -9,7 +9,6 @@ Outputs (DVC): models/vae/, reports/train_metrics.json, reports/train_curves.csv
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import Any
 
 from pipeline import artifacts, checkpoints, ray_runtime, storage, tracking
@@ -49,7 +48,6 @@ def train(params: Params, train_fn=None) -> dict[str, Any]:
     name = run_name(params, hashes)
     location = artifacts.storage_location(params)
     ray_runtime.check_storage(location, endpoint)
-    run_dir = None if storage.is_uri(location) else Path(location) / name
     where = storage.join(location, name)
     earlier = ray_runtime.earlier_divergence(location, name, endpoint)
     if earlier:
@@ -64,7 +62,7 @@ def train(params: Params, train_fn=None) -> dict[str, Any]:
     ray_runtime.check_cpu_capacity(params, use_gpu)
     run_id, uri = tracking.open_training_run(params, name, where, hashes)
     config = ray_runtime.worker_config(
-        params, run_id, uri, run_dir / "lost_mlflow_records.json" if run_dir else None
+        params, run_id, uri, where
     )
     print(
         f"[train] run {name}: {params.train.num_workers} worker(s), {'GPU' if use_gpu else 'CPU'}, "

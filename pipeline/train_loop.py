@@ -221,7 +221,7 @@ def set_up(config: WorkerConfig, session: Session) -> TrainingRun:
         logger=RunLogger(
             config.mlflow_run_id if rank == 0 else None,
             config.tracking_uri or "",
-            Path(config.lost_records_path) if config.lost_records_path else None,
+            config.lost_records_path,
             hold_until_commit=True,  # sent once their checkpoint is written: no step logged twice
         ),
     )

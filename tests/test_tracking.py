@@ -43,6 +43,29 @@ def test_drain_delivers_every_queued_record_before_returning(tmp_path):
     assert not (tmp_path / "lost.json").exists()
 
 
+def test_waiting_records_go_in_few_requests(tmp_path, monkeypatch):
+    """A step's records are logged faster than one request each can go (a server behind basic-auth hashes the
+    password on every request): what is waiting goes together, in one log_batch of up to 1,000 values."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("batched")).info.run_id
+    requests = []
+    real = mlflow.MlflowClient.log_batch
+
+    def counted(self, *args, **kwargs):
+        requests.append(len(kwargs.get("metrics") or []))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(mlflow.MlflowClient, "log_batch", counted)
+    logger = RunLogger(run_id, uri, hold_until_commit=True)
+    for step in range(1, 301):
+        logger.log_metrics({"loss": 1.0 / step, "kl": 0.5}, step)
+    logger.commit()  # an epoch's 300 records at once
+    assert logger.close(timeout_s=60)["sent_all"]
+    assert [m.step for m in client.get_metric_history(run_id, "loss")] == list(range(1, 301))
+    assert sum(requests) == 600 and len(requests) <= 3, requests
+
+
 def test_held_records_leave_at_commit_once_and_a_resumed_attempt_logs_each_step_once(tmp_path):
     """Training holds its records until the checkpoint covering them is written; an attempt that dies before
     that sends nothing, and the checkpoint's records sent again by the next attempt stay single rows."""
@@ -142,6 +165,21 @@ def test_a_file_store_is_refused_since_it_would_log_a_resent_record_twice(uri, m
     for fine in ("sqlite:////srv/mlflow.db", "http://127.0.0.1:5000", "postgresql://db/mlflow"):
         monkeypatch.setenv("MLFLOW_TRACKING_URI", fine)
         assert tracking_uri(None) == fine
+
+
+def test_lost_records_are_listed_in_the_runs_storage_on_s3_too(s3):
+    """A run whose checkpoints are in the bucket lists the records it could not log there, beside them."""
+    from pipeline import storage
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        away = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    listing = f"{s3.prefix()}/runs/some-run/lost_mlflow_records.json"
+    logger = RunLogger("0" * 32, away, listing)
+    logger.log_metrics({"loss": 1.5}, 7)
+    assert logger.close(timeout_s=1)["lost_records"] == 1
+    lost = json.loads(storage.read_bytes(listing))
+    assert [(r["step"], r["payload"]) for r in lost["records"]] == [(7, {"loss": 1.5})]
 
 
 def test_experiments_get_the_model_training_kind_new_or_old(tmp_path):

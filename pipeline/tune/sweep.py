@@ -15,12 +15,11 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import ray
 
-from pipeline import artifacts, ray_runtime
+from pipeline import artifacts, ray_runtime, storage
 from pipeline.checkpoints import load_state
 from pipeline.cli import run_stage, stage_argument_parser
 from pipeline.common import StageError, atomic_write_text, resolve, say
@@ -101,10 +100,8 @@ def run_trial(config: dict[str, Any], sweep: Sweep) -> None:
     run_id = ray.get(actor(sweep.coordinator).get_run.remote(trial_id, 120.0))
     if run_id is None:
         say(f"[tune] trial {trial_id}: no MLflow run from the driver; training without tracking")
-    local = "://" not in sweep.trials_storage
     train_config = ray_runtime.worker_config(
-        params, run_id, sweep.runs.tracking_uri,
-        Path(sweep.trials_storage) / name / "lost_mlflow_records.json" if local else None)
+        params, run_id, sweep.runs.tracking_uri, storage.join(sweep.trials_storage, name))
     train_config["worker"] = dataclasses.replace(train_config["worker"], processed_dir=sweep.processed_dir)
     train_config["scheduler_decisions"] = {
         "actor": sweep.coordinator,
