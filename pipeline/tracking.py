@@ -10,9 +10,11 @@ import logging
 import os
 import queue
 import subprocess
+import tempfile
 import threading
 import time
 import urllib.parse
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -201,10 +203,11 @@ class RunLogger:
     With ``hold_until_commit`` (training), records wait until :meth:`commit`, which the training loop calls
     once the checkpoint that covers them is written: an attempt that dies before its next checkpoint has
     sent nothing that the resumed attempt will log again, so every step and epoch has one value in MLflow.
-    The metric records not yet confirmed sent (held, or committed but still queued or waiting for the
-    server) also travel in the checkpoint (:meth:`held_metrics`, :meth:`resend`), so those of an attempt
-    that died before sending them are sent by the next. Images are sent at most once: one lost with a dead
-    attempt can be drawn again from the checkpoint's weights.
+    The records not yet confirmed sent (held, or committed but still queued or waiting for the server)
+    also travel in the checkpoint (:meth:`held_records`, :meth:`resend`), so those of an attempt that died
+    before sending them are sent by the next. A record sent twice stays one: a metric row keeps the
+    timestamp it was logged with (SQL stores keep one row), and a picture is written under a name made of
+    the run, key, step and that timestamp (:func:`picture_name`), so a second write replaces the first.
 
     Args:
         run_id: the MLflow run (opened by the driver).
@@ -255,13 +258,23 @@ class RunLogger:
             self._unsent[id(record)] = record
         self._queue.put(record)
 
-    def held_metrics(self) -> list[dict[str, Any]]:
-        """The metric records not yet confirmed sent - waiting for :meth:`commit`, or committed and still
-        queued or kept for a retry - as plain data for a checkpoint."""
+    def held_records(self) -> list[dict[str, Any]]:
+        """The records not yet confirmed sent - waiting for :meth:`commit`, or committed and still queued or
+        kept for a retry - as plain data for a checkpoint (``torch.load(weights_only=True)`` reads it back):
+        ``{"metrics": {name: value}, "step", "timestamp_ms"}`` or ``{"image": uint8 tensor (H, W[, C]),
+        "key", "step", "timestamp_ms"}``."""
+        import torch
+
         with self._lock:
             unsent = list(self._unsent.values())
-        return [{"metrics": r.payload, "step": r.step, "timestamp_ms": r.timestamp_ms}
-                for r in [*unsent, *self._held] if r.kind == "metrics"]
+        records = []
+        for r in [*unsent, *self._held]:
+            if r.kind == "metrics":
+                records.append({"metrics": r.payload, "step": r.step, "timestamp_ms": r.timestamp_ms})
+            else:
+                image = torch.from_numpy(np.ascontiguousarray(r.payload))
+                records.append({"image": image, "key": r.key, "step": r.step, "timestamp_ms": r.timestamp_ms})
+        return records
 
     def commit(self) -> None:
         """Send everything held so far (its checkpoint is written)."""
@@ -270,12 +283,16 @@ class RunLogger:
             self._enqueue(record)
 
     def resend(self, records: list[dict[str, Any]]) -> None:
-        """Send again the :meth:`held_metrics` of a checkpoint; rows already in MLflow stay single (SQL
-        stores)."""
+        """Send again the :meth:`held_records` of a checkpoint; what already reached MLflow stays single."""
         if self.run_id:
             for item in records:
-                self._enqueue(_Record("metrics", dict(item["metrics"]), int(item["step"]),
-                                      timestamp_ms=int(item["timestamp_ms"])))
+                if "image" in item:
+                    record = _Record("image", item["image"].numpy(), int(item["step"]), str(item["key"]),
+                                     timestamp_ms=int(item["timestamp_ms"]))
+                else:
+                    record = _Record("metrics", dict(item["metrics"]), int(item["step"]),
+                                     timestamp_ms=int(item["timestamp_ms"]))
+                self._enqueue(record)
 
     def drain(self, timeout_s: float = 10.0) -> bool:
         """Wait (up to ``timeout_s``) until every record queued so far (committed, with ``hold_until_commit``)
@@ -367,7 +384,7 @@ class RunLogger:
             )
         else:
             (record,) = group
-            client.log_image(self.run_id, record.payload, key=record.key, step=record.step, synchronous=True)
+            log_picture(client, self.run_id, record.payload, record.key, record.step, record.timestamp_ms)
 
     def _send_or_keep(self, group: list[_Record]) -> bool:
         """Send ``group``; on any failure keep all of it, in order, for a retry. Returns whether it went."""
@@ -435,6 +452,34 @@ class RunLogger:
             else:
                 self._send_in_order(records)
         return backoff
+
+
+def picture_name(run_id: str, key: str, step: int, timestamp_ms: int) -> str:
+    """The artifact name of a picture in MLflow's series layout (``images/<key>+step+<step>+timestamp+<ms>+
+    <id>``, what its UI's image slider reads), with an id derived from run, key and step instead of
+    ``MlflowClient.log_image``'s random one: the same picture sent again gets the same name."""
+    identity = uuid.uuid5(uuid.NAMESPACE_URL, f"mlflow-run:{run_id}/{key}/{step}")
+    return f"{key.replace('/', '~')}+step+{step}+timestamp+{timestamp_ms}+{identity}"
+
+
+def log_picture(client, run_id: str, image: np.ndarray, key: str, step: int, timestamp_ms: int) -> None:
+    """What ``client.log_image(run_id, image, key=key, step=step, timestamp=timestamp_ms)`` writes - the
+    PNG, its compressed .webp preview and the run's logged-images tag - under :func:`picture_name`, so a
+    second send replaces the first instead of adding a copy.
+
+    Args:
+        image: uint8 (H, W) or (H, W, C). timestamp_ms: when the picture was made (ms since the epoch).
+    """
+    from mlflow.tracking.multimedia import compress_image_size, convert_to_pil_image
+    from mlflow.utils.mlflow_tags import MLFLOW_LOGGED_IMAGES
+
+    picture = convert_to_pil_image(image)
+    name = picture_name(run_id, key, step, timestamp_ms)
+    with tempfile.TemporaryDirectory(prefix="mlflow-picture-") as folder:
+        picture.save(Path(folder) / f"{name}.png")
+        compress_image_size(picture).save(Path(folder) / f"{name}+compressed.webp")
+        client.log_artifacts(run_id, folder, "images")
+    client.set_tag(run_id, MLFLOW_LOGGED_IMAGES, "true", synchronous=True)
 
 
 # A training process logs a record per logged step, faster than one request each can go (a tracking server

@@ -435,7 +435,7 @@ def end_of_epoch(
             "rng": rng,
             "model_config": model.config,
             "params": params.model_dump(mode="json"),
-            "mlflow_records": run.logger.held_metrics(),
+            "mlflow_records": run.logger.held_records(),
         }
     session.report(metrics, state, epoch + 1)
     run.logger.commit()  # the checkpoint covering them is written: send the epoch's records

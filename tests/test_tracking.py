@@ -80,7 +80,7 @@ def test_held_records_leave_at_commit_once_and_a_resumed_attempt_logs_each_step_
     first.log_metrics({"loss": 3.0}, 1)
     first.log_metrics({"loss": 2.0}, 2)
     assert first.drain(timeout_s=30) and history() == []  # held: no checkpoint yet
-    checkpointed = first.held_metrics()  # what the epoch's checkpoint carries
+    checkpointed = first.held_records()  # what the epoch's checkpoint carries
     assert [r["step"] for r in checkpointed] == [1, 2]
     first.commit()
     assert first.drain(timeout_s=30) and history() == [(1, 3.0), (2, 2.0)]
@@ -110,7 +110,7 @@ def test_a_checkpoint_carries_what_was_not_sent_and_the_next_attempt_sends_it(tm
     first.commit()  # epoch 1's checkpoint is written ...
     assert first.drain(timeout_s=30)  # ... but its record could not be sent
     first.log_metrics({"loss": 2.0}, 2)
-    checkpointed = first.held_metrics()  # epoch 2's checkpoint
+    checkpointed = first.held_records()  # epoch 2's checkpoint
     assert [r["step"] for r in checkpointed] == [1, 2]
     first.close(timeout_s=0.1)  # the attempt dies
 
@@ -118,6 +118,47 @@ def test_a_checkpoint_carries_what_was_not_sent_and_the_next_attempt_sends_it(tm
     second.resend(checkpointed)
     assert second.close(timeout_s=30)["sent_all"]
     assert [(m.step, m.value) for m in client.get_metric_history(run_id, "loss")] == [(1, 3.0), (2, 2.0)]
+
+
+def test_a_picture_an_attempt_could_not_send_is_sent_by_the_next_once(tmp_path):
+    """A picture committed while the server is away travels in the checkpoint; the next attempt sends it,
+    and sending it again (a third attempt resuming from the same checkpoint) leaves one picture, not two."""
+    import torch
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("pictures",
+                                                        artifact_location=str(tmp_path / "art"))).info.run_id
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        away = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    picture = np.arange(28 * 56, dtype=np.uint8).reshape(28, 56)
+    first = RunLogger(run_id, away, hold_until_commit=True)
+    first.log_image(picture, key="samples", step=3)
+    first.commit()
+    assert first.drain(timeout_s=30)
+    checkpointed = torch.load(_saved(first.held_records(), tmp_path), weights_only=True)
+    first.close(timeout_s=0.1)  # the attempt dies
+    for attempt in range(2):
+        logger = RunLogger(run_id, uri, hold_until_commit=True)
+        logger.resend(checkpointed)
+        assert logger.close(timeout_s=30)["sent_all"], attempt
+    names = sorted(a.path for a in client.list_artifacts(run_id, "images"))
+    assert len(names) == 2 and names[0].startswith("images/samples+step+3+timestamp+"), names  # .png, .webp
+    from PIL import Image
+
+    (png,) = [name for name in names if name.endswith(".png")]
+    sent = np.asarray(Image.open(client.download_artifacts(run_id, png, str(tmp_path / "back"))))
+    np.testing.assert_array_equal(sent, picture)
+
+
+def _saved(records, folder):
+    """``records`` through torch.save, as a checkpoint holds them."""
+    import torch
+
+    path = folder / "records.pt"
+    torch.save(records, path)
+    return path
 
 
 def test_unreachable_server_never_blocks_and_lost_records_are_listed(tmp_path):
