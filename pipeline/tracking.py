@@ -229,6 +229,7 @@ class RunLogger:
     _errors: list = field(default_factory=list)
     _thread: threading.Thread | None = None
     _closing: threading.Event = field(default_factory=threading.Event)
+    _failing_since: float | None = None  # monotonic time of the first failure of the current outage
 
     def __post_init__(self) -> None:
         if self.run_id is None:
@@ -393,6 +394,10 @@ class RunLogger:
             with self._lock:
                 for record in group:
                     self._unsent.pop(id(record), None)
+            if self._failing_since is not None:
+                log.warning("MLflow: sending again after %.0f s; the records kept meanwhile follow",
+                            time.monotonic() - self._failing_since)
+                self._failing_since = None
             return True
         except Exception as error:  # noqa: BLE001 - any failure: keep the records, training goes on
             for record in group:
@@ -400,6 +405,10 @@ class RunLogger:
             message = f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
             if len(self._errors) < 50:
                 self._errors.append(message)
+            if self._failing_since is None:
+                log.warning("MLflow: could not send (%s); training goes on, the records are kept and retried",
+                            message)
+                self._failing_since = time.monotonic()
             self._failed.extend(group)
             return False
 

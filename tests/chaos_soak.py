@@ -78,7 +78,7 @@ def timing(key: str) -> bool:
     return key.endswith(("_per_s", "seconds")) or key in ("device", "seconds")
 STEP_LINE = re.compile(r"\[train\]   step (\d+)/")
 RESUMED = re.compile(r"resumed from the checkpoint of epoch (\d+) \(step (\d+)\)")
-EPOCHS_PER_FAULT = 6
+EPOCHS_PER_FAULT = 4
 WAIT_S = 300.0  # the longest wait for any one thing (a step, a recovery, a job)
 # The checks of :func:`compare`, each a list of findings (empty: equal).
 CHECKS = ("state", "metrics", "pictures", "evaluate", "lost_records")
@@ -424,8 +424,11 @@ def compare(cluster, reference: Job, soaked: Job) -> dict[str, Any]:
     metric_findings = [_metric_difference(key, ref_metrics.get(key, []), soak_metrics.get(key, []))
                        for key in sorted(set(ref_metrics) | set(soak_metrics))
                        if ref_metrics.get(key) != soak_metrics.get(key)]
-    picture_findings = [f"{key}" for key in sorted(set(ref_pictures) | set(soak_pictures), key=str)
-                        if ref_pictures.get(key) != soak_pictures.get(key)]
+    picture_findings = [
+        f"{key}: " + ("missing" if key not in soak_pictures else "extra" if key not in ref_pictures
+                      else "other bytes")
+        for key in sorted(set(ref_pictures) | set(soak_pictures), key=str)
+        if ref_pictures.get(key) != soak_pictures.get(key)]
     evaluated = []
     for job in (reference, soaked):
         job.submit("pipeline.evaluate")
