@@ -296,15 +296,19 @@ class BatchSource:
         yield from self._gathered(indices, batch_size, len(indices))
 
     def _gathered(self, indices: np.ndarray, batch_size: int, stop: int) -> Iterator[torch.Tensor]:
-        indices = torch.as_tensor(np.asarray(indices), dtype=torch.long)
-        if self.resident is not None:
-            indices = indices.to(self.device)
+        # Each batch holds its images in index order, on either path: the same rows in the same order (the
+        # same float sums, the same noise per image) whether the split lives on the device or is read
+        # forward from the memory map.
+        ordered = np.array(indices[:stop], dtype=np.int64)
         for start in range(0, stop, batch_size):
-            chunk = indices[start : start + batch_size]
-            if self.resident is not None:
-                yield self.resident.index_select(0, chunk)
-                continue
-            batch = torch.from_numpy(self.host[np.sort(chunk.numpy())])
+            ordered[start : start + batch_size].sort()
+        if self.resident is not None:
+            on_device = torch.from_numpy(ordered).to(self.device)
+            for start in range(0, stop, batch_size):
+                yield self.resident.index_select(0, on_device[start : start + batch_size])
+            return
+        for start in range(0, stop, batch_size):
+            batch = torch.from_numpy(self.host[ordered[start : start + batch_size]])
             if self.device.type == "cuda":
                 batch = batch.pin_memory().to(self.device, non_blocking=True)
             yield batch

@@ -387,6 +387,10 @@ def test_batch_source_gathers_whole_batches_for_training_and_every_image_for_eva
     evaluation = list(source.all_batches(order, 4))
     assert [b.shape[0] for b in evaluation] == [4, 4, 2]
     assert sorted(torch.cat(evaluation)[:, 0, 0, 0].tolist()) == [4 * i for i in range(10)]
+    # The other path (resident on the device, or read from the host array) gives the very same batches.
+    other = BatchSource(images, torch.device("cpu"), not on_device)
+    for mine, theirs in zip(train, other.batches(order, 3), strict=True):
+        assert torch.equal(mine, theirs)
 
 
 @pytest.mark.parametrize("stage", ["train", "tune"])
