@@ -327,7 +327,7 @@ def run_with_faults(job: Job, faults: list[str], seed: int) -> list[dict[str, An
         if job.current != submission:
             offset = 0  # submitted again: the new job's own log
         resumed = job.wait_until_training_goes_on(offset, restarts)
-        recovered = f"{time.monotonic() - started:.1f} s" if restarts else "never stopped"
+        recovered = f"{time.monotonic() - started:.1f} s" if restarts else "-"
         if recover:  # a node to bring back once training went on without it
             recover()
         from_step = int(resumed.group(2)) if resumed else at
@@ -481,6 +481,9 @@ def soak(cluster, faults: list[str], seed: int, workspace: Path) -> dict[str, An
 
 
 def table(report: dict[str, Any]) -> str:
+    # "training went on after": from the fault to the first step after the restart it forced ("-": the
+    # workers were not restarted; an MLflow or PostgreSQL restart does not stop training, an S3 outage holds
+    # it at the next checkpoint upload until the store answers).
     lines = ["| # | fault | at step | what | training went on after | resumed from | steps trained again |",
              "|---:|---|---:|---|---:|---|---:|"]
     for index, row in enumerate(report["rows"], 1):
