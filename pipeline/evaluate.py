@@ -348,7 +348,8 @@ def _log_to_mlflow(params: Params, figures: dict[str, Any], grids: dict[str, np.
     run_id = artifacts.trained_run_id(model_dir)
     if not run_id:
         return
-    from pipeline.tracking import RunLogger, tracking_uri
+    from pipeline.run_logger import RunLogger
+    from pipeline.tracking import tracking_uri
 
     logger = RunLogger(run_id, tracking_uri(params.mlflow.tracking_uri))
     scalars = {

@@ -24,7 +24,7 @@ from pipeline.train_loop import train_worker
 # Written into the run's storage folder by rank 0 when the loss diverged: the workers then end normally, since
 # Ray Train retries every worker exception (up to train.max_failures) and a divergence would only repeat.
 NON_FINITE_FILE = "non_finite_loss.txt"
-# Beside the checkpoints: the MLflow records a run could not log (pipeline.tracking.RunLogger.close).
+# Beside the checkpoints: the MLflow records a run could not log (pipeline.run_logger.RunLogger.close).
 LOST_RECORDS_FILE = "lost_mlflow_records.json"
 
 

@@ -33,8 +33,9 @@ from pipeline.distributed import (
     rng_states,
 )
 from pipeline.figures import autocast_for, epoch_images, evaluate_elbo
+from pipeline.run_logger import RunLogger
 from pipeline.sessions import LocalSession, NonFiniteLossError, Session, WorkerConfig
-from pipeline.tracking import RunLogger, image_grid
+from pipeline.tracking import image_grid
 from vae.model import VAE, ELBOObjective
 from vae.objectives import bits_per_dim
 from vae.schedules import BetaSchedule, CapacityAnnealing, CyclicalBeta, kl_penalty

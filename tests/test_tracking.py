@@ -1,4 +1,4 @@
-"""pipeline.tracking: RunLogger, the workers' non-blocking MLflow logger, against a real SQLite store and
+"""pipeline.run_logger's RunLogger, the workers' non-blocking MLflow logger, against a real SQLite store and
 against a server address where nothing listens; the experiment kind, the compared params and the best-test-NLL
 alias of the model registry against a real SQLite store."""
 
@@ -13,10 +13,10 @@ import pytest
 
 from pipeline.common import StageError
 from pipeline.config import load_params
+from pipeline.run_logger import RunLogger
 from pipeline.tracking import (
     BEST_ALIAS,
     EXPERIMENT_KIND_TAG,
-    RunLogger,
     compared_params,
     ensure_experiment,
     image_grid,
