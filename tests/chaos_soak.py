@@ -518,6 +518,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"chaos soak: {why_not}", file=sys.stderr)
         return 2
     faults = schedule(args.faults, args.seed, kinds)
+    tree_commit = commit()  # the jobs run the tree as it is now (working_tree copies it before the runs)
     with tempfile.TemporaryDirectory(prefix="soak-") as state, contextlib.ExitStack() as stack:
         cluster = stack.enter_context(local_cluster(Path(state) / "cluster", num_workers=3, hosts=True,
                                                     team=True, head_cpus=0, ray_env=FAST_HEALTH_CHECKS))
@@ -527,7 +528,7 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     if args.record:
         command = f"python -m tests.chaos_soak --faults {args.faults} --seed {args.seed}"
-        block = (f"`{command}` at {commit()}, {cpu_model()}, {cores()} cores, no GPU:\n\n{text}")
+        block = (f"`{command}` at {tree_commit}, {cpu_model()}, {cores()} cores, no GPU:\n\n{text}")
         append_to_section("## Chaos soak", "The run under a seeded random schedule of faults against the "
                           "fault-free run (tests/chaos_soak.py).", block)
     return 0 if report["equal"] else 1
