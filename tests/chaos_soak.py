@@ -78,6 +78,7 @@ def timing(key: str) -> bool:
     return key.endswith(("_per_s", "seconds")) or key in ("device", "seconds")
 STEP_LINE = re.compile(r"\[train\]   step (\d+)/")
 RESUMED = re.compile(r"resumed from the checkpoint of epoch (\d+) \(step (\d+)\)")
+PLACEMENT = re.compile(r"\[train\] \d+ worker\(s\): ")  # rank 0's first line on every (re)start
 EPOCHS_PER_FAULT = 4
 WAIT_S = 300.0  # the longest wait for any one thing (a step, a recovery, a job)
 # The checks of :func:`compare`, each a list of findings (empty: equal).
@@ -191,19 +192,28 @@ class Job:
         raise TimeoutError(f"no step {step} in {self.current} after {WAIT_S:.0f}s")
 
     def wait_until_training_goes_on(self, offset: int, restarted: bool) -> re.Match | None:
-        """Block until a step line is printed after log offset ``offset`` - after a "resumed from" line when
-        the fault restarted the workers; returns that line (None when nothing resumed)."""
+        """Block until a step line is printed after log offset ``offset`` - when the fault restarted the
+        workers, a step after the restarted workers' first line (rank 0 names the placement on every start).
+        Returns the "resumed from the checkpoint" line of that start, or None (no restart, or a restart
+        before the first checkpoint, which trains from the start again).
+
+        Raises:
+            AssertionError: the job ended first (it can neither go on nor finish).
+            TimeoutError: nothing within WAIT_S.
+        """
         deadline = time.monotonic() + WAIT_S
         while time.monotonic() < deadline:
             tail = self.logs()[offset:]
-            resumed = RESUMED.search(tail)
-            if restarted and resumed:
-                if STEP_LINE.search(tail, resumed.end()):
-                    return resumed
-            elif not restarted and (resumed or STEP_LINE.search(tail)):
-                return resumed
-            if self.status() in ("SUCCEEDED", "FAILED", "STOPPED"):
-                return resumed
+            started = PLACEMENT.search(tail) if restarted else None
+            if started and STEP_LINE.search(tail, started.end()):
+                return RESUMED.search(tail, started.end())
+            if not restarted and STEP_LINE.search(tail):
+                return None
+            status = self.status()
+            if status in ("SUCCEEDED", "FAILED", "STOPPED"):
+                if restarted and status == "SUCCEEDED":
+                    raise AssertionError(f"{self.current} finished without the restart the fault forces")
+                return None
             time.sleep(0.2)
         raise TimeoutError(f"training did not go on in {self.current} within {WAIT_S:.0f}s")
 
@@ -330,10 +340,10 @@ def run_with_faults(job: Job, faults: list[str], seed: int) -> list[dict[str, An
         recovered = f"{time.monotonic() - started:.1f} s" if restarts else "-"
         if recover:  # a node to bring back once training went on without it
             recover()
-        from_step = int(resumed.group(2)) if resumed else at
+        from_step = int(resumed.group(2)) if resumed else (0 if restarts else at)
+        resumed_from = f"epoch {resumed.group(1)}" if resumed else ("the start" if restarts else "no restart")
         rows.append({"fault": kind, "at_step": at, "detail": detail, "recovered_s": recovered,
-                     "resumed_from": f"epoch {resumed.group(1)}" if resumed else "no restart",
-                     "steps_again": max(0, at - from_step)})
+                     "resumed_from": resumed_from, "steps_again": max(0, at - from_step)})
         print(f"[soak] {rows[-1]}", flush=True)
     job.finished()
     return rows

@@ -274,8 +274,9 @@ def test_bad_configuration_fails_fast_on_the_cluster(cluster, workspace, overrid
 
 
 def test_unreachable_cluster_address_fails_fast(tmp_path):
-    params = write_params(
-        tmp_path / "params.yaml", {"cluster.address": "127.0.0.1:9", "data.processed_dir": str(tmp_path)}
+    params = write_params(  # settings that fit the 4 images: only the address is wrong
+        tmp_path / "params.yaml", {"cluster.address": "127.0.0.1:9", "data.processed_dir": str(tmp_path),
+                                   "train.batch_size": 4, "train.num_workers": 1}
     )
     (tmp_path / "celeba").mkdir()
     np.save(tmp_path / "celeba" / "train_images.npy", np.zeros((4, 3, 64, 64), np.uint8))

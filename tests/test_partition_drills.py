@@ -141,8 +141,10 @@ def cut_a_training_host_and_recover(hosts, workspace, name: str, rank: int) -> d
         **mlflow_completeness(hosts, logs),
     }
     print(f"\n[drill] cut the host of rank {rank} ({victim}) in epoch 2: {report}")
-    assert report["resumed_from_epoch"] == 1  # the last checkpoint, not a restart from scratch
-    assert 0 < report["steps_redone"] <= STEPS_PER_EPOCH
+    # The newest checkpoint, not a restart from scratch: that of epoch 1, or of epoch 2 when the cut landed
+    # after it (a cut rank 0's step lines arrive late, so the driver may see step 60 when epoch 2 is done).
+    assert report["resumed_from_epoch"] in (1, 2)
+    assert 0 <= report["steps_redone"] <= STEPS_PER_EPOCH
     assert sorted(set(epochs_logged(logs))) == list(range(1, EPOCHS + 1))
     assert_complete(report)
     assert node_state(hosts, victim) == "ALIVE"
