@@ -79,6 +79,7 @@ def timing(key: str) -> bool:
 STEP_LINE = re.compile(r"\[train\]   step (\d+)/")
 RESUMED = re.compile(r"resumed from the checkpoint of epoch (\d+) \(step (\d+)\)")
 PLACEMENT = re.compile(r"\[train\] \d+ worker\(s\): ")  # rank 0's first line on every (re)start
+PROCESS = re.compile(r"pid=(\d+)")  # Ray's prefix of a worker's line: "(RayTrainWorker pid=N, ip=...)"
 EPOCHS_PER_FAULT = 4
 WAIT_S = 300.0  # the longest wait for any one thing (a step, a recovery, a job)
 # The checks of :func:`compare`, each a list of findings (empty: equal).
@@ -204,10 +205,11 @@ class Job:
         deadline = time.monotonic() + WAIT_S
         while time.monotonic() < deadline:
             tail = self.logs()[offset:]
-            started = PLACEMENT.search(tail) if restarted else None
-            if started and STEP_LINE.search(tail, started.end()):
-                return RESUMED.search(tail, started.end())
-            if not restarted and STEP_LINE.search(tail):
+            if restarted:
+                went_on = _restarted_rank0(tail)
+                if went_on is not None:
+                    return went_on[0]
+            elif STEP_LINE.search(tail):
                 return None
             status = self.status()
             if status in ("SUCCEEDED", "FAILED", "STOPPED"):
@@ -223,6 +225,25 @@ class Job:
         if info["status"] != "SUCCEEDED":
             raise AssertionError(f"{self.current} {info['status']}: {info.get('message')}\n{logs[-4000:]}")
         return logs
+
+
+def _restarted_rank0(tail: str) -> tuple[re.Match | None] | None:
+    """In the log after a fault: once the restarted rank 0 has trained a step, (its "resumed from" line, or
+    None when it started from the beginning); None while it has not. Lines are told apart by the process
+    that printed them ("(RayTrainWorker pid=N, ...)"): the killed attempt's last lines may arrive after the
+    new attempt's first."""
+    lines = tail.splitlines()
+    for index in range(len(lines) - 1, -1, -1):
+        if not PLACEMENT.search(lines[index]):
+            continue
+        pid = PROCESS.search(lines[index])
+        own = [line for line in lines[index + 1:] if pid is None or PROCESS.search(line) and
+               PROCESS.search(line).group(1) == pid.group(1)]
+        for position, line in enumerate(own):
+            if STEP_LINE.search(line):
+                resumed = [RESUMED.search(earlier) for earlier in own[:position]]
+                return (next((m for m in resumed if m), None),)
+    return None
 
 
 # ---------------------------------------------------------------------------------------------- faults
