@@ -11,7 +11,6 @@ node, so the totals add up to what the machine really holds.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 import tempfile
 import time
@@ -25,11 +24,9 @@ from benchmarks.recording import append_to_section, commit, cores, cpu_model  # 
 
 
 def load_local_cluster():
-    spec = importlib.util.spec_from_file_location("local_cluster", REPO_ROOT / "infra" / "local_cluster.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["local_cluster"] = module
-    spec.loader.exec_module(module)
-    return module
+    import infra.cluster
+
+    return infra.cluster
 
 
 def free_base_port(module) -> int:

@@ -30,11 +30,12 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 from benchmarks.recording import append_to_section, commit, cores, cpu_model  # noqa: E402
-from pipeline.config import load_params  # noqa: E402
 from pipeline.data import load_images  # noqa: E402
 from pipeline.evaluate import test_figures  # noqa: E402
+from pipeline.params_file import load_params  # noqa: E402
 from pipeline.sessions import WorkerConfig  # noqa: E402
-from pipeline.train_loop import build_model, run_local  # noqa: E402
+from pipeline.train_loop import run_local  # noqa: E402
+from pipeline.train_plan import build_model  # noqa: E402
 from vae.schedules import LinearWarmup  # noqa: E402
 
 BUDGET = {"data.dataset": "fashion_mnist", "model.architecture": "mlp", "model.hidden_dims": [512, 256],

@@ -44,11 +44,13 @@ if str(REPO_ROOT) not in sys.path:  # run as a script
     sys.path.insert(0, str(REPO_ROOT))
 
 from benchmarks.recording import RESULTS_PATH, append_to_section, commit, cores, cpu_model  # noqa: E402
-from pipeline.config import Params, load_params  # noqa: E402
+from pipeline.config import Params  # noqa: E402
 from pipeline.datasets import CELEBA_SPLIT_COUNTS  # noqa: E402
 from pipeline.evaluate import test_figures  # noqa: E402
+from pipeline.params_file import load_params  # noqa: E402
 from pipeline.sessions import LocalSession, WorkerConfig  # noqa: E402
-from pipeline.train_loop import make_optimizer, train_worker  # noqa: E402
+from pipeline.train_loop import train_worker  # noqa: E402
+from pipeline.train_plan import make_optimizer  # noqa: E402
 from vae.model import VAE, ELBOObjective  # noqa: E402
 
 SECTION = "## Training"

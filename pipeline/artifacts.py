@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from pipeline import storage
+from pipeline import storage, storage_access
 from pipeline.common import StageError, atomic_output, atomic_write_text, project_root, resolve
 from pipeline.config import RUN_IDENTITY_EXCLUDES, Params, SearchedValues
 from pipeline.data import location_hashes
@@ -41,7 +41,7 @@ def run_name(params: Params, hashes: dict[str, str]) -> str:
 def storage_location(params: Params) -> str:
     """``train.storage_path`` as an absolute path (relative = project root) or a URI, unchanged."""
     location = params.train.storage_path
-    return location if storage.is_uri(location) else str(resolve(location))
+    return location if storage_access.is_uri(location) else str(resolve(location))
 
 
 def run_location(params: Params, name: str | None = None) -> str:

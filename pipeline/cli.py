@@ -10,7 +10,8 @@ from collections.abc import Callable
 from typing import Any
 
 from pipeline.common import StageError
-from pipeline.config import Params, load_params
+from pipeline.config import Params
+from pipeline.params_file import load_params
 
 
 def log_to_stderr(logger: logging.Logger) -> None:

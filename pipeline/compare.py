@@ -18,8 +18,8 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from pipeline.common import atomic_write_text, say
-from pipeline.config import REPO_ROOT, ModelConfig
+from pipeline.common import REPO_ROOT, atomic_write_text, say
+from pipeline.config import ModelConfig
 from pipeline.quickstart import SETTINGS as QUICKSTART_SETTINGS
 from pipeline.quickstart import dvc_command, parse_settings, run_experiment, settings_option
 

@@ -1,27 +1,22 @@
 """The one typed, validated configuration of the project, loaded from ``params.yaml``.
 
-Every stage calls :func:`load_params` once and passes the typed :class:`Params` (or its frozen sections) on,
-to Ray workers and Tune trials too. The defaults below are the only ones; the repository's params.yaml lists
-every setting with the same values (a test keeps them equal). pydantic validates: unknown keys and invalid
-values fail at load time with :class:`ConfigError`, naming each bad field and, for choices, the allowed
-values.
+Every stage calls :func:`pipeline.params_file.load_params` once and passes the typed :class:`Params` (or its
+frozen sections) on, to Ray workers and Tune trials too. The defaults below are the only ones; the
+repository's params.yaml lists every setting with the same values (a test keeps them equal). pydantic
+validates: unknown keys and invalid values fail at load time with :class:`ConfigError`, naming each bad
+field and, for choices, the allowed values.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import Field, ValidationError, model_validator
 
-from pipeline import storage
-from pipeline.common import REPO_ROOT, StageError, resolve
+from pipeline.common import StageError, resolve
 from pipeline.search_space import SearchSpace, Section
 from vae.schedules import CapacityAnnealing, ConstantBeta, CyclicalBeta, LinearWarmup, SigmoidBeta
-
-DEFAULT_PARAMS = REPO_ROOT / "params.yaml"
 
 DatasetName = Literal["celeba", "mnist", "fashion_mnist"]
 
@@ -408,39 +403,6 @@ def parse_params(raw: dict[str, Any], source: str = "params") -> Params:
         return Params.model_validate(raw or {})
     except ValidationError as error:
         raise ConfigError(_format_errors(error, source)) from None
-
-
-def load_params(path: Path | str | None = None, overrides: dict[str, Any] | None = None) -> Params:
-    """Load and validate ``params.yaml`` (``VAE_PARAMS`` env var or the repo's file by default).
-
-    Args:
-        path: the YAML file, or a URI (``s3://bucket/params/train.yaml``: a job on a cluster whose nodes share
-            no folder reads its params from the object store; endpoint from ``AWS_ENDPOINT_URL``).
-        overrides: dotted keys to set after loading, e.g. ``{"train.epochs": 2}`` (used by tests and Tune).
-    Raises:
-        ConfigError: missing file, invalid YAML, unknown key or invalid value.
-    """
-    source = str(path or os.environ.get("VAE_PARAMS") or DEFAULT_PARAMS)
-    try:
-        if storage.is_uri(source):
-            text = storage.read_bytes(source, patient=False).decode()
-        elif Path(source).is_file():
-            text = Path(source).read_text()
-        else:
-            raise FileNotFoundError(source)
-    except FileNotFoundError:
-        raise ConfigError(
-            f"{source}: no such params file; copy the repository's params.yaml or pass its path"
-        ) from None
-    try:
-        raw = yaml.safe_load(text) or {}
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{source}: not valid YAML: {error}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: the top level must be a mapping of sections (data, model, train, ...)")
-    for dotted, value in (overrides or {}).items():
-        set_dotted(raw, dotted, value)
-    return parse_params(raw, source)
 
 
 def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:

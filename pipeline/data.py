@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline import storage
+from pipeline import storage, storage_access
 
 SPLITS = ("train", "valid", "test")
 MANIFEST = "manifest.json"
@@ -180,7 +180,8 @@ def dataset_folder(location: Path | str, endpoint: str | None = None) -> Path:
 
     Raises:
         FileNotFoundError: no manifest at the URI (run the preprocess stage).
-        pipeline.storage.StorageError: the store is unreachable or the data do not match their manifest.
+        pipeline.storage_access.StorageError: the store is unreachable or the data do not match their
+            manifest.
     """
     return storage.local_dataset(location, endpoint)
 
@@ -195,7 +196,7 @@ def data_hashes(processed_dir: Path) -> dict[str, str]:
 
 def location_hashes(location: Path | str, endpoint: str | None = None) -> dict[str, str]:
     """:func:`data_hashes` of a dataset at a path or URI, reading only its manifest ({} without one)."""
-    if not storage.is_uri(location):
+    if not storage_access.is_uri(location):
         return data_hashes(Path(location))
     try:
         text = storage.read_bytes(storage.join(str(location), MANIFEST), endpoint, patient=False)

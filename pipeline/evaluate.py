@@ -399,7 +399,7 @@ def report(params: Params) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m pipeline.evaluate [--params PATH]``: exit status 0, or 1 with a clear message on stderr."""
-    from pipeline.config import load_params
+    from pipeline.params_file import load_params
     from pipeline.submit import run_or_submit
 
     args = stage_argument_parser("pipeline.evaluate", __doc__).parse_args(argv)

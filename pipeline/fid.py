@@ -22,6 +22,12 @@ INCEPTION_URL = (
     "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
 )
 INCEPTION_FILE = INCEPTION_URL.rsplit("/", 1)[1]
+# The weights' sha256, checked on download and before every load (torch-fidelity loads them with
+# torch.load(weights_only=False), which runs whatever code a crafted file carries). Only the first 8 hex
+# digits are known: the ones torch hub's naming convention puts in the file name (...-6726825d.pth); the
+# file was not at hand to compute the full digest. Replace it by the full 64-digit digest of a copy fetched
+# from INCEPTION_URL when one is: 8 digits stop a damaged or substituted file, not one crafted to match them.
+INCEPTION_SHA256 = "6726825d"
 STATS_DIR = Path(".cache/fid")  # under the project root (git-ignored)
 
 # A feature extractor: uint8 (N, 3, H, W) images -> (N, F) float features.
@@ -42,12 +48,36 @@ def inception_weights_path() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
 
 
+def verify_inception_weights(path: Path) -> None:
+    """Check the Inception weights file ``path`` against :data:`INCEPTION_SHA256` before it is loaded: a
+    damaged or substituted file is never unpickled.
+
+    Raises:
+        StageError: its sha256 differs; the message names the file, both digests and says to delete it (the
+            next run downloads it again).
+    """
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(8 * 1024 * 1024):
+            digest.update(chunk)
+    if not digest.hexdigest().startswith(INCEPTION_SHA256):
+        raise StageError(
+            f"FID: the Inception-v3 weights {path} have sha256 {digest.hexdigest()[:16]}..., not "
+            f"{INCEPTION_SHA256}... ({INCEPTION_FILE}): the file is damaged or not the genuine weights, and "
+            f"was not loaded. Delete it (the next run downloads it again from {INCEPTION_URL}) or put the "
+            "genuine file there"
+        )
+
+
 def load_inception(device: torch.device) -> FeatureNet:
     """The Inception-v3 pool3 extractor, weights downloaded on first use into torch hub's checkpoint folder.
+    The weights' sha256 is checked on download (a wrong file is removed, never kept in the folder) and again
+    before each load (:func:`verify_inception_weights`).
 
     Raises:
         StageError: the weights are not there and cannot be downloaded (no internet): the message names the
-            file, the URL and the folder to put it in.
+            file, the URL and the folder to put it in; or the download or the file in the folder has the wrong
+            sha256 (the message says so, and for a file in the folder, to delete it).
     """
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
@@ -55,19 +85,32 @@ def load_inception(device: torch.device) -> FeatureNet:
     if not path.is_file():
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            torch.hub.download_url_to_file(INCEPTION_URL, str(path), progress=False)
-        except Exception as error:  # noqa: BLE001 - any failure to fetch means the same thing to the user
+            torch.hub.download_url_to_file(INCEPTION_URL, str(path), hash_prefix=INCEPTION_SHA256,
+                                           progress=False)
+        except RuntimeError as error:
+            if "invalid hash value" not in str(error):
+                raise StageError(_no_weights(path, error)) from None
             raise StageError(
-                f"FID needs the Inception-v3 weights {INCEPTION_FILE} and could not download them ({error}). "
-                f"Fetch {INCEPTION_URL} on a machine with internet and put it in {path.parent}/, or set "
-                "evaluate.fid: auto (skips FID when the weights are missing) or false"
+                f"FID: the Inception-v3 weights downloaded from {INCEPTION_URL} are not the genuine file "
+                f"({error}); they were discarded, nothing was kept in {path.parent}/. The URL or a proxy "
+                f"serves another file: fetch {INCEPTION_FILE} from its release page and put it in "
+                f"{path.parent}/, or set evaluate.fid: auto (skips FID) or false"
             ) from None
+        except Exception as error:  # noqa: BLE001 - any failure to fetch means the same thing to the user
+            raise StageError(_no_weights(path, error)) from None
+    verify_inception_weights(path)
     net = FeatureExtractorInceptionV3(
         "inception-v3-compat", ["2048"], feature_extractor_weights_path=str(path)
     )
     net = net.to(device)
     return FeatureNet(f"inception-v3-{INCEPTION_FILE.rsplit('-', 1)[1].split('.')[0]}",
                       lambda images: net(images.to(device))[0], device)
+
+
+def _no_weights(path: Path, error: Exception) -> str:
+    return (f"FID needs the Inception-v3 weights {INCEPTION_FILE} and could not download them ({error}). "
+            f"Fetch {INCEPTION_URL} on a machine with internet and put it in {path.parent}/, or set "
+            "evaluate.fid: auto (skips FID when the weights are missing) or false")
 
 
 def as_rgb_uint8(images: torch.Tensor | np.ndarray) -> torch.Tensor:

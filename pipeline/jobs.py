@@ -23,7 +23,7 @@ from pathlib import Path
 
 from pipeline import artifacts
 from pipeline.cli import run_stage
-from pipeline.config import load_params
+from pipeline.params_file import load_params
 from pipeline.tracking import lineage_env
 
 

@@ -17,8 +17,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pipeline.common import StageError, say
-from pipeline.config import REPO_ROOT, load_params
+from pipeline.common import REPO_ROOT, StageError, say
+from pipeline.params_file import load_params
 
 # The settings of the quick start, applied with `dvc exp run -S` on top of params.yaml. The budget fits about
 # ten minutes on a 2-core CPU: an MLP VAE 784-512-256-32 with the 8-bit discretized logistic likelihood, a

@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from pipeline import storage
+from pipeline import storage, storage_access
 from pipeline.checkpoints import (
     checkpoint_epoch,
     newest_persisted_checkpoint,
@@ -148,7 +148,7 @@ def earlier_divergence(location: str, name: str, endpoint: str | None = None) ->
 
     A run that diverged is never resumed: the same weights, data and random state diverge again, and its
     MLflow run already holds the steps that led there (a resumed run would log them a second time)."""
-    filesystem, root = storage.filesystem(location, endpoint)
+    filesystem, root = storage_access.filesystem(location, endpoint)
     return non_finite_error(filesystem, f"{root}/{name}")
 
 
@@ -200,13 +200,13 @@ def probe_address(address: str | None, timeout_s: float = 5.0) -> None:
 def check_storage(location: str, endpoint: str | None = None) -> None:
     """Fail fast when ``train.storage_path`` cannot be used (Ray would fail only at the first checkpoint,
     after an epoch of work): a local folder must be writable; an object-store URI must answer, accept the
-    credentials and have its bucket (:func:`pipeline.storage.check_location`, within seconds).
+    credentials and have its bucket (:func:`pipeline.storage_access.check_location`, within seconds).
 
     Raises:
         StageError: the folder cannot be created or written, or the store refuses (the message says why).
     """
-    if storage.is_uri(location):
-        storage.check_location(location, endpoint, "train.storage_path")
+    if storage_access.is_uri(location):
+        storage_access.check_location(location, endpoint, "train.storage_path")
         return
     try:
         Path(location).mkdir(parents=True, exist_ok=True)
@@ -288,11 +288,11 @@ def make_trainer(
 def run_storage(location: str, params: Params) -> dict[str, Any]:
     """``RunConfig`` storage arguments: a local folder as is; for a URI, ``storage_filesystem`` (pyarrow's S3
     filesystem with ``cluster.s3_endpoint_url`` and retries that outlast a short outage of the store, see
-    :func:`pipeline.storage.filesystem`) and the path on it. Credentials come from each node's AWS
+    :func:`pipeline.storage_access.filesystem`) and the path on it. Credentials come from each node's AWS
     environment, never from here."""
-    if not storage.is_uri(location):
+    if not storage_access.is_uri(location):
         return {"storage_path": location}
-    filesystem, path = storage.filesystem(location, params.cluster.s3_endpoint_url)
+    filesystem, path = storage_access.filesystem(location, params.cluster.s3_endpoint_url)
     return {"storage_path": path, "storage_filesystem": filesystem}
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import storage
+from pipeline import storage, storage_access
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +191,7 @@ class RunLogger:
             if self.lost_path is not None:
                 listing = {"run_id": self.run_id, "errors": self._errors[:20], "records": lost}
                 try:
-                    if not storage.is_uri(self.lost_path):
+                    if not storage_access.is_uri(self.lost_path):
                         Path(self.lost_path).parent.mkdir(parents=True, exist_ok=True)
                     storage.write_bytes(str(self.lost_path), json.dumps(listing, indent=1).encode())
                 except Exception as error:  # noqa: BLE001 - the log line below still says how many

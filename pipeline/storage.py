@@ -1,15 +1,9 @@
 """Object storage: ``s3://bucket/prefix`` (and any URI pyarrow knows: ``gs://``, ``hdfs://``) wherever a
 cluster needs storage that every node reaches without a shared filesystem - the preprocessed arrays
-(``data.processed_dir``), Ray Train's checkpoints (``train.storage_path``) and each run's stage outputs.
-
-Through ``pyarrow.fs`` (the filesystem Ray Train itself writes checkpoints with), so one client library does
-listing, ranged reads and multipart uploads. Settings:
-
-- the endpoint of an S3-compatible store (MinIO, Ceph, GCS's XML API, the local cluster's moto server):
-  ``cluster.s3_endpoint_url`` in params.yaml, else the standard ``AWS_ENDPOINT_URL_S3`` /
-  ``AWS_ENDPOINT_URL`` environment variables, else AWS itself;
-- credentials: only the standard AWS sources (``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY``, a profile,
-  an instance role). They are never read from params.yaml and never logged.
+(``data.processed_dir``), Ray Train's checkpoints (``train.storage_path``) and each run's stage outputs:
+files and folders read, written and listed there, and the published datasets. Reaching the store (the
+filesystem of a location, its endpoint and credentials, the quick check, errors that say what to fix) is
+``pipeline.storage_access``'s.
 
 Node-local data cache (:func:`local_dataset`): each process that reads a dataset from object storage copies
 its arrays into ``VAE_DATA_CACHE`` (default ``~/.cache/vae-pipeline``; one per node), verifies every file
@@ -25,76 +19,16 @@ import json
 import os
 import re
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from pipeline.common import StageError, atomic_output, say
+from pipeline.common import atomic_output, say
+from pipeline.storage_access import StorageError, _explained, check_location, filesystem, is_uri
 
 MANIFEST = "manifest.json"
-# A checkpoint or output upload outlives an outage of the store of about this long: the AWS SDK's standard
-# retry strategy (exponential backoff with jitter, at most 20 s between tries) with these many attempts and a
-# request timeout of REQUEST_TIMEOUT_S per try.
-PATIENT_ATTEMPTS = 12
-REQUEST_TIMEOUT_S = 10.0
 _CHUNK = 8 * 1024 * 1024
-
-
-class StorageError(StageError):
-    """Object storage is unreachable, refuses the credentials, lacks the bucket, or holds data that do not
-    match their manifest; the message says which and what to fix."""
-
-
-def is_uri(location: Path | str | None) -> bool:
-    """Whether ``location`` is a URI (``s3://...``) rather than a local path."""
-    return location is not None and "://" in str(location)
-
-
-def endpoint_url(configured: str | None = None) -> str | None:
-    """The S3 endpoint: ``configured`` (``cluster.s3_endpoint_url``), else ``AWS_ENDPOINT_URL_S3`` /
-    ``AWS_ENDPOINT_URL``, else None (AWS)."""
-    return configured or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
-
-
-def filesystem(location: str, endpoint: str | None = None, patient: bool = True):
-    """The ``pyarrow.fs`` filesystem of ``location`` and the path on it.
-
-    Args:
-        location: a local path or a URI (``s3://bucket/prefix``, ``gs://...``).
-        endpoint: an S3-compatible endpoint URL (see :func:`endpoint_url`); used for ``s3://`` only.
-        patient: retry for about a minute (checkpoint and output writes, which must survive an outage of the
-            store); False fails within seconds (the checks of :func:`check_location`).
-
-    Returns:
-        ``(pyarrow.fs.FileSystem, path)``: for S3 the path is ``bucket/prefix`` without the scheme.
-    """
-    import pyarrow.fs as pafs
-
-    text = str(location)
-    if not is_uri(text):
-        return pafs.LocalFileSystem(), str(Path(text).expanduser().resolve())
-    parsed = urlparse(text)
-    if parsed.scheme in ("s3", "s3a"):
-        path = (parsed.netloc + parsed.path).rstrip("/")
-        options: dict[str, Any] = {
-            "retry_strategy": pafs.AwsStandardS3RetryStrategy(
-                max_attempts=PATIENT_ATTEMPTS if patient else 1
-            ),
-            "connect_timeout": 5.0 if patient else 2.0,
-            "request_timeout": REQUEST_TIMEOUT_S if patient else 5.0,
-        }
-        endpoint = endpoint_url(endpoint)
-        if endpoint:
-            scheme, _, host = endpoint.partition("://")
-            options.update(endpoint_override=host or scheme, scheme=scheme if host else "https")
-        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-        if region:
-            options["region"] = region
-        return pafs.S3FileSystem(**options), path
-    fs, path = pafs.FileSystem.from_uri(text)
-    return fs, path.rstrip("/")
 
 
 def join(location: str, *parts: str) -> str:
@@ -102,71 +36,7 @@ def join(location: str, *parts: str) -> str:
     return "/".join([str(location).rstrip("/"), *(p.strip("/") for p in parts)])
 
 
-def check_location(location: str, endpoint: str | None = None, what: str = "storage") -> None:
-    """Fail within seconds, with the fix in the message, when ``location`` cannot be listed: the endpoint does
-    not answer, the credentials are refused, or the bucket does not exist. Local paths pass.
-
-    Raises:
-        StorageError: naming the endpoint, bucket or credentials to fix.
-    """
-    if not is_uri(location):
-        return
-    import pyarrow.fs as pafs
-
-    fs, path = filesystem(location, endpoint, patient=False)
-    started = time.monotonic()
-    try:
-        fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=False))
-        bucket = path.split("/", 1)[0]
-        is_s3 = urlparse(location).scheme in ("s3", "s3a")
-        if is_s3 and fs.get_file_info(bucket).type == pafs.FileType.NotFound:
-            raise OSError(f"NO_SUCH_BUCKET: {bucket}")
-    except OSError as error:
-        raise StorageError(_explain(error, location, endpoint, what)) from None
-    except Exception as error:  # noqa: BLE001 - pyarrow raises ArrowInvalid etc. for malformed settings
-        raise StorageError(f"{what} {location}: {error}") from None
-    if time.monotonic() - started > 10:
-        say(f"[storage] {location} answered slowly ({time.monotonic() - started:.0f} s)")
-
-
-def _explain(error: Exception, location: str, endpoint: str | None, what: str) -> str:
-    text = str(error)
-    where = endpoint_url(endpoint) or "AWS S3"
-    bucket = urlparse(location).netloc
-    if "NO_SUCH_BUCKET" in text or "NoSuchBucket" in text or "bucket does not exist" in text.lower():
-        return (f"{what} {location}: bucket {bucket!r} does not exist at {where}; create it "
-                f"(`aws s3 mb s3://{bucket}`) or fix the URI")
-    if any(code in text for code in ("ACCESS_DENIED", "AccessDenied", "InvalidAccessKeyId",
-                                     "SignatureDoesNotMatch", "SIGNATURE_DOES_NOT_MATCH", "HTTP status 403",
-                                     "INVALID_ACCESS_KEY")):
-        return (f"{what} {location}: {where} refused the credentials ({text.splitlines()[0][:200]}); set "
-                "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) to a key that may use "
-                f"bucket {bucket!r}")
-    if any(hint in text for hint in ("curlCode", "NETWORK_CONNECTION", "Couldn't connect", "resolve host",
-                                     "Connection refused", "Timeout")):
-        return (f"{what} {location}: no S3 endpoint answers at {where} ({text.splitlines()[0][:200]}); fix "
-                "cluster.s3_endpoint_url / AWS_ENDPOINT_URL, or start the store (infra/local-cluster.sh up "
-                "--team)")
-    return f"{what} {location}: {text.splitlines()[0][:300]}"
-
-
 # --------------------------------------------------------------------------------------------- files
-@contextlib.contextmanager
-def _explained(location: str, endpoint: str | None, what: str) -> Iterator[None]:
-    """Turn the store's errors into FileNotFoundError (missing object) or a StorageError that says what to
-    fix (endpoint, bucket, credentials)."""
-    try:
-        yield
-    except FileNotFoundError:
-        raise
-    except OSError as error:
-        if _not_found(error):
-            raise FileNotFoundError(location) from None
-        if not is_uri(location):
-            raise
-        raise StorageError(_explain(error, location, endpoint, what)) from None
-
-
 def read_bytes(location: str, endpoint: str | None = None, patient: bool = True) -> bytes:
     """The whole content of one file (path or URI); ``patient=False`` fails within seconds when the store does
     not answer (see :func:`filesystem`).
@@ -178,10 +48,6 @@ def read_bytes(location: str, endpoint: str | None = None, patient: bool = True)
     fs, path = filesystem(location, endpoint, patient=patient)
     with _explained(location, endpoint, "reading"), fs.open_input_stream(path) as handle:
         return handle.read()
-
-
-def _not_found(error: OSError) -> bool:
-    return "NO_SUCH_KEY" in str(error) or "does not exist" in str(error)
 
 
 def write_bytes(location: str, data: bytes, endpoint: str | None = None) -> None:
@@ -282,6 +148,43 @@ def _node_lock(folder: Path) -> Iterator[None]:
         yield
 
 
+def safe_member_path(folder: Path, name: str) -> Path:
+    """``folder / name`` for a file name that comes from the store (a manifest's array name, a listed key),
+    checked to stay inside ``folder``: write access to the bucket must not let anyone write files elsewhere
+    on a node (a shell profile, a ``.pth`` file in the virtual environment: code execution).
+
+    Refused: an empty name; an absolute one (``/tmp/x``); one with a ``..``, ``.`` or empty component
+    (``../x``, ``a/../../x``, ``a//x``); one with a backslash or a NUL; and one whose path under ``folder``
+    passes through an existing symlink that leads out of ``folder`` (a link planted in the cache). Only
+    looks: creates and writes nothing.
+
+    Raises:
+        StorageError: the name is refused; the message names it, ``folder`` and the reason.
+    """
+    parts = name.split("/") if isinstance(name, str) else []
+    if not isinstance(name, str) or not name:
+        reason = "an empty name"
+    elif "\x00" in name:
+        reason = "it contains a NUL byte"
+    elif "\\" in name:
+        reason = "it contains a backslash"
+    elif name.startswith("/"):
+        reason = "an absolute path"
+    elif any(part in ("", ".", "..") for part in parts):
+        reason = "a '..', '.' or empty path component"
+    else:
+        target = Path(folder).joinpath(*parts)
+        try:
+            resolved = target.resolve()
+            inside = resolved.is_relative_to(Path(folder).resolve())
+        except (OSError, RuntimeError):  # a symlink loop
+            resolved, inside = None, False
+        if inside:
+            return target
+        reason = f"a symlink on its way leads to {resolved or 'a symlink loop'}"
+    raise StorageError(f"{name!r} would be written outside {folder} ({reason})")
+
+
 def manifest_files(manifest: dict[str, Any]) -> dict[str, str]:
     """``{file name: sha256}`` of every array a preprocess manifest lists."""
     return {name: digest for info in manifest.get("splits", {}).values()
@@ -295,10 +198,13 @@ def local_dataset(location: Path | str, endpoint: str | None = None, _retried: b
     Every cached array is checked against the sha256 in the store's manifest.json; a missing, stale or
     corrupted one is downloaded again (to a temporary file, verified, then renamed), so a half-written cache
     is never used. The manifest is written last. When a publish replaces the dataset while this reads it
-    (the arrays of the manifest read are gone), the new manifest is read once more (``_retried``).
+    (the arrays of the manifest read are gone), the new manifest is read once more (``_retried``). Every
+    array name is checked (:func:`safe_member_path`) before anything is fetched: a manifest that names a
+    file outside the cache folder is refused whole.
 
     Raises:
-        StorageError: the store is unreachable or its data do not match their manifest.
+        StorageError: the store is unreachable, its data do not match their manifest, or the manifest names
+            a file outside the cache folder (nothing is written).
         FileNotFoundError: no manifest.json at ``location`` (the message says to run the preprocess stage).
     """
     if not is_uri(location):
@@ -317,8 +223,16 @@ def local_dataset(location: Path | str, endpoint: str | None = None, _retried: b
     fetched, reused = [], []
     with _node_lock(folder):
         folder.mkdir(parents=True, exist_ok=True)
-        for name, digest in sorted(manifest_files(manifest).items()):
-            target = folder / name
+        try:  # every name checked before the first byte is written
+            files = [(name, digest, safe_member_path(folder, name))
+                     for name, digest in sorted(manifest_files(manifest).items())]
+        except StorageError as error:
+            raise StorageError(
+                f"{join(location, MANIFEST)} lists the array {error}: refused, nothing was written. The "
+                f"dataset at {location} was not written by this pipeline's preprocess stage: re-publish it "
+                "with `python -m pipeline.preprocess` (data.processed_dir set to the bucket's prefix)"
+            ) from None
+        for name, digest, target in files:
             if target.is_file() and sha256_file(target) == digest:
                 reused.append(name)
                 continue
@@ -406,12 +320,29 @@ def upload_tree(root: Path, relative: list[Path], location: str, endpoint: str |
 
 
 def download_tree(location: str, root: Path, endpoint: str | None = None) -> list[str]:
-    """Download every file under ``location`` into ``root`` (same relative paths); returns them."""
-    done = []
+    """Download every file under ``location`` into ``root`` (same relative paths); returns them.
+
+    Every listed key is checked (:func:`safe_member_path`) before the first file is written: a key that
+    would land outside ``root`` (``..`` components, a symlink that leads out) is refused, and nothing is
+    written.
+
+    Raises:
+        StorageError: a listed key would land outside ``root``, or the store refused.
+    """
+    files = []
     for rel in list_files(location, endpoint):
-        download_file(join(location, rel), root / rel, endpoint)
-        done.append(rel)
-    return done
+        try:
+            files.append((rel, safe_member_path(root, rel)))
+        except StorageError as error:
+            raise StorageError(
+                f"{join(location, rel)}: the key {error}: refused, nothing was written. The objects under "
+                f"{location} were not all written by this pipeline (the stages save their outputs with "
+                "relative paths under the project root): delete that object from the store and run the stage "
+                "again"
+            ) from None
+    for rel, target in files:
+        download_file(join(location, rel), target, endpoint)
+    return [rel for rel, _ in files]
 
 
 def scratch_folder(location: str) -> Path:

@@ -15,9 +15,10 @@ from pipeline import artifacts, checkpoints, ray_runtime, storage, tracking
 from pipeline.artifacts import run_name
 from pipeline.cli import run_stage, stage_argument_parser
 from pipeline.common import StageError, resolve
-from pipeline.config import Params, load_params
+from pipeline.config import Params
 from pipeline.data import data_hashes, dataset_folder
-from pipeline.train_loop import check_batch_fits
+from pipeline.params_file import load_params
+from pipeline.train_plan import check_batch_fits
 
 __all__ = ["run_name", "train", "main"]
 

@@ -33,7 +33,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from pipeline.common import StageError
-from pipeline.config import ConfigError, load_params, resolve
+from pipeline.config import ConfigError, resolve
+from pipeline.params_file import load_params
 from pipeline.tracking import ui_url
 
 DEFAULT_OUT = Path("infra/screenshots/mlflow_sweep.png")

@@ -543,8 +543,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(kinds) - set(KINDS)
     if unknown:
         parser.error(f"unknown fault kinds {sorted(unknown)}; known: {', '.join(KINDS)}")
-    hostnet = sys.modules.get("host_network")
-    why_not = hostnet.available() if hostnet else None
+    from infra.cluster import hosts as hostnet
+
+    why_not = hostnet.available()
     if why_not:
         print(f"chaos soak: {why_not}", file=sys.stderr)
         return 2

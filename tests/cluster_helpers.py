@@ -43,13 +43,16 @@ from typing import Any
 
 import yaml
 
+from infra.cluster import ClusterError, ClusterSettings, LocalCluster, port_in_use  # noqa: F401 - re-exported
+from infra.cluster import processes as cluster_processes  # noqa: F401 - re-exported
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 INFRA_DIR = REPO_ROOT / "infra"
 TERMINAL_JOB_STATUSES = frozenset({"SUCCEEDED", "FAILED", "STOPPED"})
 
 
 def _load_infra_module(name: str):
-    """infra/ is not a package: load infra/<name>.py by path (once)."""
+    """Load the script infra/<name>.py by path (once), as its users run it."""
     if name in sys.modules:
         return sys.modules[name]
     spec = importlib.util.spec_from_file_location(name, INFRA_DIR / f"{name}.py")
@@ -59,17 +62,13 @@ def _load_infra_module(name: str):
     return module
 
 
-local_cluster_module = _load_infra_module("local_cluster")
-LocalCluster = local_cluster_module.LocalCluster
-ClusterSettings = local_cluster_module.ClusterSettings
-ClusterError = local_cluster_module.ClusterError
 
 
 def free_base_port(span: int = 70, attempts: int = 200) -> int:
     """A base port whose whole block ``base .. base+span`` is free (below Linux's ephemeral range)."""
     for _ in range(attempts):
         base = random.randrange(20000, 32000 - span)
-        if not any(local_cluster_module.port_in_use(port) for port in range(base, base + span)):
+        if not any(port_in_use(port) for port in range(base, base + span)):
             return base
     raise RuntimeError("no free block of ports found for a local cluster")
 

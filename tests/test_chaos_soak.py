@@ -6,14 +6,12 @@ is run by hand and recorded in benchmarks/RESULTS.md."""
 
 from __future__ import annotations
 
-import sys
-
 import pytest
 
+from infra.cluster import hosts as hostnet
 from tests import chaos_soak
 from tests.cluster_helpers import local_cluster
 
-hostnet = sys.modules["host_network"]  # loaded by infra/local_cluster.py (through tests.cluster_helpers)
 why_not = hostnet.available()
 pytestmark = [
     pytest.mark.slow,

@@ -9,14 +9,13 @@ import pytest
 import yaml
 
 from pipeline.config import (
-    DEFAULT_PARAMS,
     ConfigError,
     Params,
     flatten,
-    load_params,
     parse_params,
     set_dotted,
 )
+from pipeline.params_file import DEFAULT_PARAMS, load_params
 from vae.model import VAE
 from vae.schedules import ConstantBeta, CyclicalBeta, LinearWarmup, make_schedule
 

@@ -22,7 +22,8 @@ from benchmarks.celeba_layout import (
     write_unsafe_zip,
 )
 from pipeline import datasets as ds
-from pipeline.config import REPO_ROOT, parse_params
+from pipeline.common import REPO_ROOT
+from pipeline.config import parse_params
 from pipeline.datasets import DataStageError
 from pipeline.download import describe_html, download, main
 from tests.fixtures.http_server import LOGIN_PAGE, QUOTA_PAGE, VIRUS_SCAN_PAGE, FileServer

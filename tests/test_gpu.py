@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import load_params
 from pipeline.data import BatchSource, training_indices
 from pipeline.evaluate import test_figures as evaluate_figures
+from pipeline.params_file import load_params
 from pipeline.sessions import LocalSession, WorkerConfig
 from pipeline.train_loop import run_local, set_up
 from tests.fixtures.arrays import write_square_arrays

@@ -216,6 +216,39 @@ def test_dockerfile_builds_cuda_pytorch_plus_the_project():
     assert "ray[default]" in dockerfile, "the dashboard (job API) needs ray[default]"
 
 
+def dockerignore_excludes(path: str, patterns: list[str]) -> bool:
+    """Whether a Docker build leaves ``path`` (relative to the context) out, by the .dockerignore
+    ``patterns`` as Docker reads them: ``*`` and ``?`` within one path component, ``**`` for any number of
+    folders, a leading ``!`` re-includes, the last matching pattern wins, and a pattern that matches a folder
+    leaves out everything in it."""
+    parts = path.split("/")
+    prefixes = ["/".join(parts[:count]) for count in range(1, len(parts) + 1)]
+    excluded = False
+    wildcards = {"**/": "(?:.*/)?", "**": ".*", "*": "[^/]*", "?": "[^/]"}
+    for pattern in patterns:
+        pieces = re.split(r"(\*\*/|\*\*|\*|\?)", pattern.removeprefix("!").strip("/"))
+        regex = "".join(wildcards.get(piece, re.escape(piece)) for piece in pieces)
+        if any(re.fullmatch(regex, prefix) for prefix in prefixes):
+            excluded = not pattern.startswith("!")
+    return excluded
+
+
+def test_dockerignore_keeps_secrets_out_of_the_image():
+    """`COPY . .` sends the whole checkout but what infra/Dockerfile.dockerignore leaves out: DVC's local
+    config (the remote's credentials), .env files and tmp/ (the local cluster's generated credentials) must
+    never reach an image that is pushed to a registry."""
+    patterns = [line.strip() for line in (INFRA / "Dockerfile.dockerignore").read_text().splitlines()
+                if line.strip() and not line.lstrip().startswith("#")]
+    for secret in (".dvc/config.local", ".env", "infra/kuberay/.env", "tmp/local-cluster/credentials.json",
+                   ".git/config", ".dvc/cache/files/md5/ab/cdef"):
+        assert dockerignore_excludes(secret, patterns), f"{secret} would be copied into the image"
+    for needed in ("pyproject.toml", "pipeline/storage.py", "vae/model.py", "params.yaml"):
+        assert not dockerignore_excludes(needed, patterns), f"{needed} is left out of the image"
+    # The matcher itself: a '!' pattern re-includes, '**' spans folders, '*' does not.
+    assert not dockerignore_excludes("tmp/keep", ["tmp", "!tmp/keep"])
+    assert dockerignore_excludes("a/b/.env", ["**/.env"]) and not dockerignore_excludes("a/b.env", ["*.env"])
+
+
 def _entrypoint_modules(command: str) -> list[str]:
     return re.findall(r"python3? -m ([\w.]+)", command)
 
@@ -413,12 +446,26 @@ def test_readme_covers_every_infra_file_and_the_steps():
     for line in re.findall(r"infra/local-cluster\.sh ([^\n`]+)", readme):
         args = shlex.split(line.split("#")[0])
         if args and args[0] in ("up", "down", "status", "env"):
-            sys.path.insert(0, str(INFRA))
-            try:
-                import local_cluster
-            finally:
-                sys.path.remove(str(INFRA))
-            local_cluster.build_parser().parse_args(args)
+            from infra.cluster.cli import build_parser
+
+            build_parser().parse_args(args)
+
+
+def test_the_plain_mlflow_server_admits_only_the_ray_pods():
+    """infra/kuberay/mlflow.yaml has no accounts: a NetworkPolicy selects exactly its pods and admits, on its
+    port only, pods that KubeRay labels as Ray nodes."""
+    docs = load_all(KUBERAY / "mlflow.yaml")
+    (policy,) = [d for d in docs if d["kind"] == "NetworkPolicy"]
+    (deployment,) = [d for d in docs if d["kind"] == "Deployment"]
+    assert policy["apiVersion"] == "networking.k8s.io/v1"
+    spec = policy["spec"]
+    assert spec["podSelector"]["matchLabels"] == deployment["spec"]["template"]["metadata"]["labels"]
+    assert spec["policyTypes"] == ["Ingress"]
+    (rule,) = spec["ingress"]
+    assert rule["from"] == [{"podSelector": {"matchLabels": {"ray.io/is-ray-node": "yes"}}}]
+    port = deployment["spec"]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"]
+    assert rule["ports"] == [{"protocol": "TCP", "port": port}]
+    assert set(spec) == {"podSelector", "policyTypes", "ingress"}  # no egress rules, no other selectors
 
 
 # ------------------------------------------------------------------------------ the team deployment
@@ -453,9 +500,11 @@ def test_team_mlflow_runs_in_postgres_with_basic_auth_and_proxies_artifacts_to_t
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     command = " ".join(container["args"])
     assert "--app-name basic-auth" in command and "--artifacts-destination s3://" in command
-    assert '--backend-store-uri "$MLFLOW_DB_URI"' in command and "postgresql://" not in command
+    # The store URI holds the database password: never an argument (anyone reads /proc/<pid>/cmdline).
+    assert "--backend-store-uri" not in command and "postgresql://" not in command
     env = {e["name"]: e for e in container["env"]}
-    assert env["MLFLOW_DB_URI"]["valueFrom"]["secretKeyRef"]["name"] == "vae-mlflow-db"
+    assert env["MLFLOW_BACKEND_STORE_URI"]["valueFrom"]["secretKeyRef"]["name"] == "vae-mlflow-db"
+    assert env["MLFLOW_FLASK_SERVER_SECRET_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "vae-mlflow-flask"
     assert env["MLFLOW_AUTH_CONFIG_PATH"]["value"].startswith("/etc/mlflow-auth/")
     (service,) = team_objects("Service")
     (envmap,) = [d for d in team_objects("ConfigMap") if d["metadata"]["name"] == "vae-team-env"]
@@ -498,8 +547,19 @@ def test_team_ray_up_config_uses_no_shared_file_system_and_no_secret_in_the_file
     head = " ".join(config["head_start_ray_commands"])
     assert "--app-name basic-auth" in head and "--artifacts-destination s3://" in head
     assert "secretsmanager get-secret-value" in head and "postgresql://" not in head
+    assert "--backend-store-uri" not in head and "MLFLOW_BACKEND_STORE_URI=$(aws secretsmanager" in head
+    assert "MLFLOW_FLASK_SERVER_SECRET_KEY=$(aws secretsmanager" in head
     for node in config["available_node_types"].values():
         assert "IamInstanceProfile" in node["node_config"]
     for key in ("head_start_ray_commands", "worker_start_ray_commands"):
         start = " ".join(config[key])
         assert "VAE_DATA_CACHE=" in start and "MLFLOW_TRACKING_PASSWORD=" in start
+
+
+def test_the_threat_model_names_only_tests_that_exist():
+    """infra/SECURITY.md backs each line with a test: every `file::test` it names is defined there."""
+    text = (INFRA / "SECURITY.md").read_text()
+    named = set(re.findall(r"`(test_[a-z_]+)::(test_[a-z0-9_]+)", text))
+    assert len(named) >= 10
+    for module, test in sorted(named):
+        assert f"def {test}(" in (REPO_ROOT / "tests" / f"{module}.py").read_text(), (module, test)

@@ -1,9 +1,10 @@
 """Latent maps (the decoded 2-D manifold, the scatter of posterior means) and FID: the Frechet distance
-against closed forms, the feature statistics, the cache of the test split's statistics, and the
-missing-weights path."""
+against closed forms, the feature statistics, the cache of the test split's statistics, the missing-weights
+path and the weights' sha256 check."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import socket
 
@@ -14,7 +15,7 @@ from PIL import Image
 
 from pipeline import fid, latent_maps
 from pipeline.common import StageError
-from pipeline.config import load_params
+from pipeline.params_file import load_params
 from tests.fixtures.features import stand_in
 from vae.model import VAE
 
@@ -132,6 +133,46 @@ def test_missing_inception_weights_fail_fast_with_the_file_the_url_and_the_folde
     message = str(raised.value)
     assert fid.INCEPTION_FILE in message and url in message
     assert str(tmp_path / "torch" / "hub" / "checkpoints") in message and "evaluate.fid: auto" in message
+
+
+def test_inception_weights_with_the_wrong_sha256_are_refused_and_not_kept(tmp_path, monkeypatch, http_server):
+    """A URL (or a proxy) serving another file than the genuine weights: the download is refused and nothing
+    stays in torch hub's checkpoint folder, so torch-fidelity never unpickles it."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    served = b"not the Inception weights: a pickle that runs code"
+    http_server.add(f"/{fid.INCEPTION_FILE}", served)
+    url = f"{http_server.url}/{fid.INCEPTION_FILE}"
+    monkeypatch.setattr(fid, "INCEPTION_URL", url)
+    with pytest.raises(StageError, match="are not the genuine file") as raised:
+        fid.load_inception(torch.device("cpu"))
+    assert url in str(raised.value) and fid.INCEPTION_SHA256 in str(raised.value)
+    assert http_server.requests_for(f"/{fid.INCEPTION_FILE}")  # it was downloaded, then refused
+    checkpoints = tmp_path / "torch" / "hub" / "checkpoints"
+    assert not checkpoints.exists() or not list(checkpoints.iterdir())
+
+    # The genuine file (here: the served bytes, their digest made the expected one) is kept and loaded.
+    import torch_fidelity.feature_extractor_inceptionv3 as extractor
+
+    loaded = []
+
+    def extractor_stand_in(*args, feature_extractor_weights_path):
+        loaded.append(feature_extractor_weights_path)
+        return torch.nn.Identity()
+
+    monkeypatch.setattr(fid, "INCEPTION_SHA256", hashlib.sha256(served).hexdigest())
+    monkeypatch.setattr(extractor, "FeatureExtractorInceptionV3", extractor_stand_in)
+    fid.load_inception(torch.device("cpu"))
+    assert loaded == [str(checkpoints / fid.INCEPTION_FILE)]
+
+
+def test_a_cached_inception_file_with_the_wrong_sha256_is_refused_naming_what_to_do(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    planted = fid.inception_weights_path()
+    planted.parent.mkdir(parents=True)
+    planted.write_bytes(b"a substituted or damaged weights file")
+    with pytest.raises(StageError, match="not the genuine weights, and was not loaded. Delete it") as raised:
+        fid.load_inception(torch.device("cpu"))
+    assert str(planted) in str(raised.value) and fid.INCEPTION_URL in str(raised.value)
 
 
 def test_fid_auto_skips_and_says_why_while_fid_true_fails(tmp_path, monkeypatch):

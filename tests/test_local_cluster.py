@@ -18,13 +18,14 @@ import psutil
 import pytest
 import yaml
 
+from infra.cluster import parse_bytes, port_in_use
+from infra.cluster.processes import environ as process_environ
 from tests.cluster_helpers import (
     INFRA_DIR,
     ClusterSettings,
     LocalCluster,
     cluster_cli,
     local_cluster,
-    local_cluster_module,
     ray_cli,
     submit_job,
     write_params,
@@ -35,7 +36,7 @@ CLI = [sys.executable, str(INFRA_DIR / "local_cluster.py")]
 
 # ------------------------------------------------------------------------------------ fast, no cluster
 def test_parse_bytes():
-    parse = local_cluster_module.parse_bytes
+    parse = parse_bytes
     assert parse("4G") == 4 * 1024**3
     assert parse("512M") == parse("512MiB") == 512 * 1024**2
     assert parse("1.5g") == int(1.5 * 1024**3)
@@ -328,7 +329,7 @@ def test_down_leaves_nothing_running(cluster):
     leftovers = []
     for proc in psutil.process_iter():
         try:
-            mine = local_cluster_module._environ(proc).get("VAE_LOCAL_CLUSTER") == cluster_id
+            mine = process_environ(proc).get("VAE_LOCAL_CLUSTER") == cluster_id
             mine = mine or any(temp_root in part for part in proc.cmdline())
             if mine and proc.status() != psutil.STATUS_ZOMBIE:
                 leftovers.append(f"{proc.pid} {proc.name()}")
@@ -336,7 +337,7 @@ def test_down_leaves_nothing_running(cluster):
             continue
     assert not leftovers
     assert not [pid for pid in pids if _running(pid)]
-    assert not any(local_cluster_module.port_in_use(port) for port in cluster.settings.ports())
+    assert not any(port_in_use(port) for port in cluster.settings.ports())
     assert not cluster.state_path.exists() and not cluster.env_path.exists()
 
 

@@ -16,7 +16,8 @@ import pytest
 import yaml
 
 from pipeline import datasets as ds
-from pipeline.config import REPO_ROOT, parse_params
+from pipeline.common import REPO_ROOT
+from pipeline.config import parse_params
 from pipeline.data import load_manifest, load_split
 from pipeline.datasets import DataStageError
 from pipeline.download import download

@@ -13,14 +13,15 @@ infra/README.md ("Partition drills"); run them with
 from __future__ import annotations
 
 import re
-import sys
 import time
 from pathlib import Path
 
 import mlflow
 import pytest
 
-from tests.cluster_helpers import cluster_cli, job_logs, local_cluster, local_cluster_module
+from infra.cluster import hosts as hostnet
+from infra.cluster.processes import environ as process_environ
+from tests.cluster_helpers import cluster_cli, job_logs, local_cluster
 from tests.fixtures.arrays import write_square_arrays
 from tests.test_fault_tolerance import (
     BATCH,
@@ -36,7 +37,6 @@ from tests.test_fault_tolerance import (
     wait_for_log,
 )
 
-hostnet = sys.modules["host_network"]  # loaded by infra/local_cluster.py
 why_not = hostnet.available()
 pytestmark = [
     pytest.mark.slow,
@@ -162,7 +162,7 @@ def test_hosts_have_their_own_addresses_and_a_run_spans_them(hosts, workspace):
     status = cluster_cli(hosts, "status")
     assert status.returncode == 0 and "Hosts (own network namespaces)" in status.stdout
     # Each worker host has its own HOME / TMPDIR / data cache and nothing else reads them.
-    homes = {h: local_cluster_module._environ(p).get("HOME") for h in ("worker-1", "worker-2", "worker-3")
+    homes = {h: process_environ(p).get("HOME") for h in ("worker-1", "worker-2", "worker-3")
              for p in hosts.processes(h) if p.name() == "raylet"}
     assert len(set(homes.values())) == 3 and all(str(hosts.state_dir / "nodes") in v for v in homes.values())
 

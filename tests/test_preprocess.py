@@ -25,10 +25,11 @@ from torchvision import transforms
 from benchmarks.celeba_layout import CelebaFixture, write_celeba_fixture
 from pipeline import datasets as ds
 from pipeline.celeba import center_crop_box, read_celeba_annotations, transform_celeba_image
-from pipeline.config import REPO_ROOT
+from pipeline.common import REPO_ROOT
 from pipeline.data import load_manifest, load_split
 from pipeline.datasets import DataStageError
-from pipeline.preprocess import file_hexdigest, main, preprocess_celeba
+from pipeline.preprocess import main, preprocess_celeba
+from pipeline.processed_folder import file_hexdigest
 
 
 def torchvision_celeba(fixture: CelebaFixture, split: str, transform=None):

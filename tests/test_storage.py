@@ -4,7 +4,9 @@ params and stage outputs on the store, and the lineage a submission carries."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -14,8 +16,9 @@ import pytest
 
 from pipeline import artifacts, storage
 from pipeline.common import StageError
-from pipeline.config import ConfigError, Params, load_params
+from pipeline.config import ConfigError, Params
 from pipeline.data import dataset_folder, load_split, location_hashes
+from pipeline.params_file import load_params
 from tests.fixtures.arrays import write_manifest, write_square_arrays
 
 COUNTS = {"train": 40, "valid": 8, "test": 8}
@@ -178,6 +181,92 @@ def test_an_interrupted_publish_is_not_taken_as_data(s3, tmp_path, monkeypatch):
     assert location_hashes(location) == {}
 
 
+def poisoned_manifest(s3, location: str, local: Path, name: str, payload: bytes) -> None:
+    """Rewrite the published manifest.json so that it lists ``name`` too, with the sha256 of ``payload``,
+    which is stored under every key the cache would fetch it from: only the name check can stop it."""
+    digest = hashlib.sha256(payload).hexdigest()
+    manifest = json.loads((local / "manifest.json").read_text())
+    manifest["splits"]["zz"] = {"count": 1, "files": {name: digest}}
+    bucket = location[len("s3://"):].split("/", 1)[0]
+    for key in (storage.array_key(name, digest), name):
+        uri = storage.join(location, key)
+        s3.client().put_object(Bucket=bucket, Key=uri[len(f"s3://{bucket}/"):], Body=payload)
+    s3.client().put_object(Bucket=bucket, Key=storage.join(location, "manifest.json")[len(f"s3://{bucket}/"):],
+                           Body=json.dumps(manifest).encode())
+
+
+@pytest.mark.parametrize("kind", ["absolute", "dotdot", "inner-dotdot", "symlinked-folder", "symlinked-file"])
+def test_a_manifest_naming_a_file_outside_the_cache_is_refused_before_anything_is_written(
+        s3, tmp_path, monkeypatch, kind):
+    """Write access to the bucket is not code execution on the nodes: a manifest whose array names lead out
+    of the node's cache folder (an absolute path, ``..``, a symlink planted in the cache) is refused whole,
+    before a single array is fetched."""
+    location, local = published(s3, tmp_path)
+    monkeypatch.setenv("VAE_DATA_CACHE", str(tmp_path / "node"))
+    folder = storage.cache_folder(location)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    victim = outside / "victim.npy"
+    victim.write_bytes(b"a file of the node's user")
+    name, landing = {
+        "absolute": (str(outside / "abs.npy"), outside / "abs.npy"),
+        "dotdot": ("../escaped.npy", folder.parent / "escaped.npy"),
+        "inner-dotdot": ("a/../../escaped.npy", folder.parent / "escaped.npy"),
+        "symlinked-folder": ("zlinked/escaped.npy", outside / "escaped.npy"),  # sorts after the real arrays
+        "symlinked-file": ("zvictim.npy", victim),
+    }[kind]
+    folder.mkdir(parents=True)
+    if kind == "symlinked-folder":
+        (folder / "zlinked").symlink_to(outside, target_is_directory=True)
+    elif kind == "symlinked-file":
+        (folder / "zvictim.npy").symlink_to(victim)
+    poisoned_manifest(s3, location, local, name, b"import os; os.system('echo owned')\n")
+
+    with pytest.raises(storage.StorageError) as raised:
+        storage.local_dataset(location)
+    message = str(raised.value)
+    assert repr(name) in message and location in message and str(folder) in message
+    assert "python -m pipeline.preprocess" in message
+    assert landing == victim or not landing.exists()
+    assert victim.read_bytes() == b"a file of the node's user"
+    assert sorted(p.name for p in outside.iterdir()) == ["victim.npy"]
+    assert sorted(p.name for p in folder.parent.iterdir()) == [folder.name, folder.name + ".lock"]
+    # Not even the genuine arrays were fetched (the symlinked names sort after them).
+    assert not [p for p in folder.rglob("*") if p.is_file() and not p.is_symlink()]
+
+
+@pytest.mark.parametrize("name, reason", [
+    ("/tmp/x", "an absolute path"), ("../x", "a '..'"), ("a/../../x", "a '..'"), ("./a", "'.'"),
+    ("a//b", "empty path component"), ("", "an empty name"), ("a\\..\\..\\x", "a backslash"),
+    ("a\x00b", "a NUL byte"),
+])
+def test_names_that_are_not_plain_relative_paths_are_refused_saying_why(tmp_path, name, reason):
+    with pytest.raises(storage.StorageError, match="would be written outside") as raised:
+        storage.safe_member_path(tmp_path, name)
+    assert repr(name) in str(raised.value) and str(tmp_path) in str(raised.value)
+    assert reason in str(raised.value)
+    assert storage.safe_member_path(tmp_path, "train_images.npy") == tmp_path / "train_images.npy"
+    assert storage.safe_member_path(tmp_path, "models/vae/run.json") == tmp_path / "models/vae/run.json"
+
+
+def test_fetching_a_tree_refuses_keys_that_leave_the_destination_and_writes_nothing(s3, tmp_path):
+    """`python -m pipeline.jobs fetch` copies a run's outputs/ into the workspace: a listed key with ``..``
+    components would write over any file of the user (a shell profile, the virtual environment)."""
+    location = f"{s3.prefix()}/runs/vae-1/outputs"
+    bucket, prefix = location[len("s3://"):].split("/", 1)
+    bad = "reports/../../../escaped.txt"  # listed after models/: every key is checked before any is fetched
+    for key in ("models/vae/run.json", bad, "reports/train_metrics.json", "zz/../../escaped.txt"):
+        s3.client().put_object(Bucket=bucket, Key=f"{prefix}/{key}", Body=b"{}")
+    assert bad in storage.list_files(location)  # the store keeps the key as it is
+    root = tmp_path / "workspace" / "project"
+    root.mkdir(parents=True)
+    with pytest.raises(storage.StorageError, match=re.escape(f"{bad!r} would be written outside")) as raised:
+        storage.download_tree(location, root)
+    assert storage.join(location, bad) in str(raised.value) and "delete that object" in str(raised.value)
+    assert not (tmp_path / "escaped.txt").exists() and not list(tmp_path.rglob("escaped.txt"))
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]  # the good keys were not fetched either
+
+
 @pytest.mark.parametrize(
     "case, expected",
     [
@@ -242,7 +331,7 @@ def stage_params(s3, tmp_path) -> Params:
 
 def fake_training(root: Path, monkeypatch, name: str) -> None:
     """Write a real model folder and the train reports in the project root ``root``, as the train stage."""
-    from pipeline.train_loop import build_model
+    from pipeline.train_plan import build_model
 
     monkeypatch.setenv("VAE_PROJECT_ROOT", str(root))
     model = build_model(Params().model.model_copy(update={"architecture": "mlp", "hidden_dims": [16],

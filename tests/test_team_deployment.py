@@ -187,6 +187,78 @@ def test_mlflow_refuses_requests_without_credentials_and_secrets_stay_private(te
     assert not team.shared_storage.exists()  # nothing shared between the nodes
 
 
+def _secrets(team) -> dict[str, str]:
+    """Every generated secret of the deployment, plain and URL-quoted (as in a PostgreSQL URI)."""
+    from urllib.parse import quote
+
+    values = json.loads(team.credentials_path.read_text())
+    names = ("postgres_password", "mlflow_admin_password", "mlflow_pipeline_password", "flask_secret_key",
+             "aws_secret_access_key")
+    return {f"{name}{kind}": form for name in names
+            for kind, form in (("", values[name]), (" (quoted)", quote(values[name], safe="")))}
+
+
+def test_no_process_of_the_stack_has_a_secret_on_its_command_line(team):
+    """Any user of the machine reads every process's /proc/<pid>/cmdline (`ps`): none of the stack's
+    processes (Ray nodes, MLflow, the S3 endpoint, PostgreSQL, their children) may show a password or key."""
+    procs = team.processes()
+    assert all(team.processes(name) for name in ("mlflow", "s3", "postgres"))
+    seen = 0
+    for proc in procs:
+        try:
+            cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes().decode(errors="replace")
+        except OSError:  # exited meanwhile
+            continue
+        seen += 1
+        for name, secret in _secrets(team).items():
+            assert secret not in cmdline, (name, proc.pid, cmdline.replace(secret, "***")[:200])
+    assert seen >= 10, seen  # the raylets, GCS, dashboard, agents, workers and the three services
+
+
+def test_jobs_and_shells_use_a_non_admin_mlflow_account_that_cannot_manage_users(team):
+    """env.sh and every raylet (so every job) carry the pipeline's account, never the admin's: it logs runs
+    to experiments it creates, and is refused (403) creating users or granting itself permissions on an
+    experiment the admin made."""
+    import base64
+
+    import mlflow
+
+    secrets = json.loads(team.credentials_path.read_text())
+    env = team.client_env()
+    assert env["MLFLOW_TRACKING_USERNAME"] == "vae-pipeline"
+    assert secrets["mlflow_admin_password"] not in team.env_path.read_text()
+    for proc in team.processes():
+        environ = Path(f"/proc/{proc.pid}/environ").read_bytes().decode(errors="replace") \
+            if Path(f"/proc/{proc.pid}").exists() else ""
+        assert secrets["mlflow_admin_password"] not in environ, proc.pid
+
+    def call(user: str, password: str, path: str, payload: dict) -> int:
+        request = urllib.request.Request(f"{team.mlflow_url}/api/2.0/mlflow/{path}",
+                                         data=json.dumps(payload).encode(), method="POST")
+        request.add_header("Content-Type", "application/json")
+        token = base64.b64encode(f"{user}:{password}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return response.status
+        except urllib.error.HTTPError as error:
+            return error.code
+
+    pipeline = (env["MLFLOW_TRACKING_USERNAME"], env["MLFLOW_TRACKING_PASSWORD"])
+    admin = ("admin", secrets["mlflow_admin_password"])
+    assert call(*pipeline, "users/create", {"username": "intruder", "password": "x" * 12}) == 403
+    assert call(*admin, "experiments/create", {"name": "admins-only"}) == 200
+    admins_only = mlflow.MlflowClient(tracking_uri=team.mlflow_url).get_experiment_by_name("admins-only")
+    grant = {"experiment_id": admins_only.experiment_id, "username": "vae-pipeline", "permission": "MANAGE"}
+    assert call(*pipeline, "experiments/permissions/create", grant) == 403
+    with pytest.raises(Exception, match="PERMISSION_DENIED|403"):
+        mlflow_client().create_run(admins_only.experiment_id)  # READ on what the admin made
+    own = mlflow_client().create_experiment("pipeline-own")
+    run = mlflow_client().create_run(own)
+    mlflow_client().log_metric(run.info.run_id, "loss", 1.0, step=0)
+    assert [m.value for m in mlflow_client().get_metric_history(run.info.run_id, "loss")] == [1.0]
+
+
 def test_walkthrough_train_then_evaluate_after_the_workspace_changed(team, dataset, workdir, tmp_path):
     params = params_uri(team, dataset, "walk")
     logs = submit(team, workdir, "pipeline.train", params, "team-train-1").output

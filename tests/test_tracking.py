@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from pipeline.common import StageError
-from pipeline.config import load_params
+from pipeline.params_file import load_params
 from pipeline.run_logger import RunLogger
 from pipeline.tracking import (
     BEST_ALIAS,

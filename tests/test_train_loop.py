@@ -11,16 +11,17 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import Params, load_params
+from pipeline.config import Params
 from pipeline.data import BatchSource, evaluation_indices, training_indices
+from pipeline.params_file import load_params
 from pipeline.sessions import LocalSession, NonFiniteLossError, WorkerConfig
 from pipeline.train_loop import (
-    learning_rate_factor,
     run_local,
     set_up,
     train_worker,
     training_step,
 )
+from pipeline.train_plan import learning_rate_factor
 from tests.fixtures.arrays import write_square_arrays
 from tests.fixtures.distributed import run_ranks
 from tests.fixtures.faults import nan_at_call

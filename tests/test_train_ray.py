@@ -15,7 +15,7 @@ import torch
 from pipeline import artifacts, checkpoints, fid
 from pipeline import evaluate as evaluate_stage
 from pipeline import train as train_stage
-from pipeline.config import load_params
+from pipeline.params_file import load_params
 from tests.fixtures.arrays import write_square_arrays
 from tests.fixtures.faults import faulty_train_function
 from tests.fixtures.features import stand_in

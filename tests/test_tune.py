@@ -20,7 +20,7 @@ import yaml
 
 from pipeline import artifacts, ray_runtime
 from pipeline.common import StageError
-from pipeline.config import load_params
+from pipeline.params_file import load_params
 from pipeline.sessions import NonFiniteLossError
 from pipeline.tune import sweep as tune_stage
 from tests.fixtures.arrays import write_square_arrays

@@ -1,7 +1,7 @@
 """Download stage: CelebA (or MNIST / Fashion-MNIST) into ``data/raw/<dataset>/``, verified and ready to read
-(CelebA in torchvision's layout). ``checks``: md5 sums, HTML pages, retries; ``sources``: local folder, Google
-Drive, the Hugging Face Hub, Kaggle, MNIST mirrors; ``stage``: the fetch loop, extraction, the stage. See
-README, Data.
+(CelebA in torchvision's layout). ``checks``: md5 sums, HTML pages, retries; ``sources``: what a source is,
+how its copy is verified, the local folder; ``remote_sources``: Google Drive, the Hugging Face Hub, Kaggle,
+MNIST mirrors; ``stage``: the fetch loop, extraction, the stage. See README, Data.
 
     python -m pipeline.download [--params params.yaml]
 """

@@ -37,14 +37,8 @@ from pipeline.download.checks import (
     gzip_content_md5,
     read_partition_names,
 )
-from pipeline.download.sources import (
-    GoogleDriveSource,
-    HuggingFaceSource,
-    KaggleSource,
-    LocalSource,
-    MirrorSource,
-    Source,
-)
+from pipeline.download.remote_sources import GoogleDriveSource, HuggingFaceSource, KaggleSource, MirrorSource
+from pipeline.download.sources import LocalSource, Source
 
 log = logging.getLogger("pipeline.download")
 

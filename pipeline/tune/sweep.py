@@ -23,11 +23,12 @@ from pipeline import artifacts, ray_runtime, storage
 from pipeline.checkpoints import load_state
 from pipeline.cli import run_stage, stage_argument_parser
 from pipeline.common import StageError, atomic_write_text, resolve, say
-from pipeline.config import RUN_IDENTITY_EXCLUDES, Params, load_params
+from pipeline.config import RUN_IDENTITY_EXCLUDES, Params
 from pipeline.data import data_hashes, dataset_folder
+from pipeline.params_file import load_params
 from pipeline.sessions import NonFiniteLossError
 from pipeline.tracking import lineage_tags, tracking_uri
-from pipeline.train_loop import check_batch_fits
+from pipeline.train_plan import check_batch_fits
 from pipeline.tune import tracking
 from pipeline.tune.results import best_row, trial_rows, trials_csv
 from pipeline.tune.space import suggest_trial_config, trial_values

@@ -9,6 +9,9 @@ A and B come from the cluster's base port, so two clusters on one machine get tw
 addresses and loopback are used. Setting a host's veth down (``partition``) is a real network partition: its
 packets go nowhere, TCP connections stall, and Ray's health checks fail; ``heal`` sets it up again.
 Everything is made with ``ip`` (iproute2): ``ip netns``, ``ip link ... type veth|bridge``, ``ip addr``.
+iproute2 rather than pyroute2: these are the commands an operator types to look at or repair the hosts
+(``ip netns exec``, ``ip link show``), each change is one short command whose error text is passed on as is,
+and running a process inside a namespace needs ``ip netns exec`` (or an equivalent setns helper) anyway.
 """
 
 from __future__ import annotations

@@ -1,0 +1,217 @@
+"""Attack tests of the trust boundaries that need no cluster (the threat model: infra/SECURITY.md). Each
+performs the attack against the real running component and fails without its fix; the attacks that need the
+team cluster (secrets on command lines, the pipeline's MLflow account) are in tests/test_team_deployment.py.
+"""
+
+from __future__ import annotations
+
+import urllib.error
+import urllib.request
+
+import boto3
+import pytest
+from botocore.exceptions import ClientError
+
+from infra.cluster.s3_server import is_admin_request
+
+
+def _request(url: str, method: str = "GET", host: str | None = None) -> tuple[int, bytes]:
+    request = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
+    if host:
+        request.add_header("Host", host)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+ADMIN_CALLS = [
+    ("GET", "/moto-api/data.json", None),  # every backend's state, the IAM user's secret key among it
+    ("POST", "/moto-api/reset-auth", None),  # turns request signing off
+    ("POST", "/moto-api/reset", None),  # wipes every bucket
+    ("POST", "//moto-api/./reset", None),
+    ("POST", "/x/../moto-api/reset", None),
+    ("POST", "/MOTO-API/reset", None),
+    ("GET", "/moto-api/data.json", "motoapi.amazonaws.com"),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "host"), ADMIN_CALLS)
+def test_the_s3_endpoints_admin_api_is_refused_to_anyone(s3_server, method, path, host):
+    """Anyone who reaches the S3 endpoint (any local user; with --hosts any host on the bridge) tries moto's
+    admin API: no keys come back, signing stays on, the bucket keeps its objects."""
+    client = s3_server.client()
+    client.put_object(Bucket=s3_server.bucket, Key="canary", Body=b"kept")
+    status, body = _request(s3_server.endpoint + path, method, host)
+    assert status == 403, (status, body[:200])
+    assert s3_server.secret_key.encode() not in body
+    assert client.get_object(Bucket=s3_server.bucket, Key="canary")["Body"].read() == b"kept"
+    intruder = boto3.client("s3", endpoint_url=s3_server.endpoint, region_name="us-east-1",
+                            aws_access_key_id="AKIAINTRUDER", aws_secret_access_key="guess")
+    with pytest.raises(ClientError) as refused:
+        intruder.list_objects_v2(Bucket=s3_server.bucket)
+    assert refused.value.response["Error"]["Code"] in ("InvalidAccessKeyId", "SignatureDoesNotMatch")
+
+
+def test_the_filter_passes_s3_requests_whose_keys_merely_look_alike():
+    """Only the admin API's path segment and host are refused: S3 keys such as ``moto-api-notes.txt`` pass."""
+    assert not is_admin_request({"PATH_INFO": "/vae/moto-api-notes.txt", "HTTP_HOST": "127.0.0.1:9000"})
+    assert not is_admin_request({"PATH_INFO": "/vae/runs/a/checkpoint.pt", "HTTP_HOST": "127.0.0.1:9000"})
+    assert is_admin_request({"PATH_INFO": "/vae/../moto-api/reset", "HTTP_HOST": "127.0.0.1:9000"})
+
+
+# ------------------------------------------------------------------- folders another local user made first
+def _planted(tmp_path, kind: str):
+    """A folder, link or world-writable folder where Ray's temp root will be (a short path: Ray's sockets
+    must fit 107 bytes)."""
+    import os
+    import shutil
+
+    planted = tmp_path / "r"
+    if kind == "symlink":
+        (tmp_path / "attackers").mkdir()
+        planted.symlink_to(tmp_path / "attackers")
+    else:
+        planted.mkdir()
+        if kind == "world-writable":
+            os.chmod(planted, 0o777)
+        else:
+            shutil.chown(planted, "nobody")
+    return planted
+
+
+@pytest.mark.parametrize("kind", ["another-user", "symlink", "world-writable"])
+def test_a_ray_temp_folder_someone_else_made_is_refused_before_anything_starts(tmp_path, kind):
+    """Ray keeps its sockets and logs under /tmp/vaeray-<port> (a predictable name): another local user who
+    makes that folder first must not get root's Ray to use it."""
+    import os
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from infra.cluster import ClusterError, ClusterSettings, LocalCluster
+    from tests.cluster_helpers import free_base_port
+
+    if kind == "another-user" and os.geteuid() != 0:
+        pytest.skip("making a folder of another user needs root (CI runs as root)")
+    short = Path(tempfile.mkdtemp(prefix="vr", dir="/tmp"))
+    planted = _planted(short, kind)
+    cluster = LocalCluster(ClusterSettings(state_dir=tmp_path / "state", ray_temp_root=planted,
+                                           base_port=free_base_port(), num_workers=0, mlflow=False))
+    try:
+        with pytest.raises(ClusterError, match="is not this cluster's") as refused:
+            cluster.up()
+        assert str(planted) in str(refused.value) and "--ray-temp-root" in str(refused.value)
+        assert not cluster.processes() and not cluster.state_path.exists()
+    finally:
+        cluster.down()
+        shutil.rmtree(short, ignore_errors=True)
+
+
+def test_the_postgres_folder_under_var_tmp_is_unpredictable_and_a_planted_one_is_never_adopted(tmp_path):
+    """As root, PostgreSQL's data live under /var/tmp when the postgres user cannot reach the state folder.
+    A folder planted there (PG_VERSION and a `trust` pg_hba.conf: a passwordless superuser) must not be
+    adopted, nor a link to it."""
+    import hashlib
+    import os
+    import pwd
+    import shutil
+    import stat
+
+    from infra.cluster import postgres
+    from infra.cluster.services import ServiceError
+
+    if os.geteuid() != 0:
+        pytest.skip("the /var/tmp folder is used as root only (CI runs as root)")
+    try:
+        pwd.getpwnam("postgres")
+    except KeyError:
+        pytest.skip("no postgres user: PostgreSQL is not installed")
+    state = tmp_path / "private"
+    state.mkdir(mode=0o700)
+    wanted = state / "postgres"
+    old_name = postgres.DATA_PARENT / f"vae-postgres-{hashlib.sha256(str(wanted).encode()).hexdigest()[:12]}"
+    old_name.mkdir(exist_ok=True)
+    (old_name / "PG_VERSION").write_text("16\n")
+    (old_name / "pg_hba.conf").write_text("host all all 0.0.0.0/0 trust\n")
+    made = None
+    try:
+        made = postgres.postgres_data_dir(wanted)
+        assert made != old_name and made.parent == postgres.DATA_PARENT and not (made / "PG_VERSION").exists()
+        info = os.lstat(made)
+        assert stat.S_IMODE(info.st_mode) == 0o700 and info.st_uid == pwd.getpwnam("postgres").pw_uid
+        assert wanted.resolve() == made and postgres.postgres_data_dir(wanted) == made  # its own, kept
+        wanted.unlink()
+        wanted.symlink_to(old_name)  # a link to the planted folder
+        with pytest.raises(ServiceError, match="not a private PostgreSQL folder"):
+            postgres.postgres_data_dir(wanted)
+    finally:
+        shutil.rmtree(old_name, ignore_errors=True)
+        if made is not None:
+            shutil.rmtree(made, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------- the bucket writer
+class _Payload:
+    """Unpickling this runs a command: what a crafted checkpoint carries."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("reader", ["local", "filesystem"])
+def test_a_crafted_checkpoint_in_run_storage_runs_no_code_when_a_run_resumes(tmp_path, reader):
+    """Whoever can write run storage (the bucket) can replace a checkpoint; resuming must refuse a file that
+    carries code instead of running it (``weights_only=True``)."""
+    import pickle
+
+    import pyarrow.fs as pafs
+    import torch
+
+    from pipeline import checkpoints
+
+    marker = tmp_path / "owned"
+    folder = tmp_path / "checkpoint_epoch_000001"
+    folder.mkdir()
+    torch.save({"model": _Payload(str(marker))}, folder / checkpoints.CHECKPOINT_FILE)
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        if reader == "local":
+            checkpoints.load_state(folder)
+        else:
+            checkpoints.read_persisted_state(pafs.LocalFileSystem(), str(folder))
+    assert not marker.exists()
+
+
+# ------------------------------------------------------------------------------------------------ TLS
+@pytest.mark.slow
+def test_the_mlflow_server_over_https_is_verified_with_the_clusters_ca(tmp_path_factory, monkeypatch):
+    """`up --tls`: the tracking server speaks HTTPS only; a client that verifies with the cluster's CA (as
+    env.sh sets it) logs a run; one that trusts only the system's CAs is refused, and plain HTTP gets no
+    answer from the server."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from tests.cluster_helpers import local_cluster
+
+    with local_cluster(tmp_path_factory.mktemp("tls"), num_workers=0, tls=True) as cluster:
+        env = cluster.client_env()
+        assert cluster.mlflow_url.startswith("https://") and env["MLFLOW_TRACKING_URI"] == cluster.mlflow_url
+        monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        monkeypatch.setenv("MLFLOW_TRACKING_SERVER_CERT_PATH", env["MLFLOW_TRACKING_SERVER_CERT_PATH"])
+        client = mlflow.MlflowClient(tracking_uri=cluster.mlflow_url)
+        run = client.create_run(client.create_experiment("over-https"))
+        client.log_metric(run.info.run_id, "loss", 0.5, step=1)
+        assert [m.value for m in client.get_metric_history(run.info.run_id, "loss")] == [0.5]
+        monkeypatch.delenv("MLFLOW_TRACKING_SERVER_CERT_PATH")
+        with pytest.raises(MlflowException, match="CERTIFICATE_VERIFY_FAILED|certificate verify failed"):
+            mlflow.MlflowClient(tracking_uri=cluster.mlflow_url).search_experiments()
+        plain = cluster.mlflow_url.replace("https://", "http://")
+        with pytest.raises((urllib.error.URLError, ConnectionError, OSError)):
+            urllib.request.urlopen(plain + "/health", timeout=5).read()
+        assert cluster.processes("mlflow") and cluster.mlflow_healthy()  # the plain request did not hurt it
