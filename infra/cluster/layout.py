@@ -59,7 +59,9 @@ def _env(name: str, default: Any, kind: type = str) -> Any:
 
 
 def port_in_use(port: int) -> bool:
-    """Whether anything is bound to ``port`` on any interface (Ray binds some ports to the machine's IP)."""
+    """Whether anything is bound to ``port`` on any interface (Ray binds some ports to the machine's IP).
+    Own code, not a free-port library (portpicker, ...): the cluster's ports are a fixed block from
+    ``base_port``, and the question is whether that block is free, not which port is."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         # As servers do: connections of a stopped server in TIME_WAIT do not block a new listener.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
