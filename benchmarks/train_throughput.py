@@ -11,6 +11,9 @@
    ``CenterCrop(148)`` + ``Resize(64)`` + ``ToTensor`` through a ``DataLoader`` with 4 workers, batch 64,
    fp32, eager, Adam) against ``train_worker`` on uint8 arrays of CelebA's shape (the real arrays when
    preprocessed, else synthetic pixels, as the run says), at batch 256 and ``--extra-batch-sizes``.
+   torch.compile against eager for the MLP, conv and resnet VAEs (``--parts compile``): steady images/s,
+   the cold compile time and the images after which it has paid for itself (``pipeline.train_plan``'s
+   rule for ``train.compile: auto`` rests on these).
 3. The device's own limits (a matmul in the training dtype, a device copy), the model's FLOPs per image
    (``torch.utils.flop_counter``) and the FLOP/s achieved; the K-sample importance-sampled NLL timed through
    the evaluate stage's own ``pipeline.evaluate.test_figures``; several training processes sharing the device
@@ -73,6 +76,7 @@ CPU_SIZES = {
     "eval_images": 8,
     "trials": 2,
     "trial_images": 1024,
+    "compile_images": 4096,
 }
 FULL_SIZES = {
     "train_images": CELEBA_SPLIT_COUNTS["train"],
@@ -86,6 +90,7 @@ FULL_SIZES = {
     "eval_images": CELEBA_SPLIT_COUNTS["test"],
     "trials": 4,
     "trial_images": 32768,
+    "compile_images": 32768,
 }
 
 
@@ -171,6 +176,7 @@ def run_worker(params: Params, processed: Path) -> dict[str, Any]:
         "wall_images_per_s": images / wall,
         "epoch_seconds": median(h["epoch_seconds"] for h in steady),
         "epochs": len(history),
+        "first_epoch_seconds": history[0]["epoch_seconds"],
     }
 
 
@@ -402,6 +408,60 @@ def celeba(
 
 
 # ----------------------------------------------------------------------------------------------------------
+# torch.compile against eager (the rule of pipeline.train_plan.should_compile)
+# ----------------------------------------------------------------------------------------------------------
+COMPILE_MODELS = {  # name: (architecture, hidden dims, latent, image shape, batch)
+    "mlp": ("mlp", [512, 256], 32, MNIST_SHAPE, 128),
+    "conv": ("conv", [32, 64, 128, 256, 512], 128, CELEBA_SHAPE, 64),
+    "resnet": ("resnet", [32, 64, 128, 256], 128, CELEBA_SHAPE, 64),
+}
+
+
+def compile_against_eager(
+    base: Params, args, device: torch.device, workdir: Path
+) -> list[tuple[str, str, str]]:
+    """Each model trained eager and compiled, alternated ``args.repeats`` times, each compiled run from a cold
+    cache (its own inductor cache folder, dynamo reset): steady images/s (epochs after the first), the compile
+    time (first-epoch seconds over eager's) and the images after which compiling has paid for itself."""
+    note = f"median of {args.repeats} alternated runs, cold compile"
+    rows = [("**torch.compile against eager**", "", note)]
+    for name in args.compile_models.split(","):
+        architecture, hidden, latent, shape, batch = COMPILE_MODELS[name]
+        images = args.mlp_images if name == "mlp" else args.compile_images
+        processed = workdir / f"compile-{name}"
+        write_arrays(processed, shape, {"train": images, "valid": 256}, None)
+        figures: dict[bool, list[dict[str, Any]]] = {False: [], True: []}
+        for _ in range(args.repeats):
+            for compiled in (False, True):
+                params = base.model_copy(update={
+                    "model": base.model.model_copy(update={
+                        "architecture": architecture, "hidden_dims": hidden, "latent_dim": latent,
+                        "likelihood": "discretized_logistic"}),
+                    "train": base.train.model_copy(update={
+                        "batch_size": batch, "epochs": 3, "compile": compiled,
+                        "cpus_per_worker": args.threads, "use_gpu": device.type == "cuda",
+                        "log_every_n_steps": 10**9}),
+                })
+                torch._dynamo.reset()
+                with tempfile.TemporaryDirectory(prefix="inductor-") as cache:
+                    os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
+                    figures[compiled].append(run_worker(params, processed))
+                    del os.environ["TORCHINDUCTOR_CACHE_DIR"]
+        eager = median(r["train_images_per_s"] for r in figures[False])
+        fast = median(r["train_images_per_s"] for r in figures[True])
+        cost = median(c["first_epoch_seconds"] - e["first_epoch_seconds"]
+                      for e, c in zip(figures[False], figures[True], strict=True))
+        gain = 1 / eager - 1 / fast  # seconds saved per image
+        payback = f"{cost / gain:,.0f} images" if gain > 0 else "never (no gain)"
+        rows += [
+            (f"{name}: eager / compiled (steady)", f"{eager:,.0f} / {fast:,.0f} img/s",
+             f"{fast / eager:.2f}x; {images} images of {shape}, batch {batch}, discretized logistic"),
+            (f"{name}: compile time, paid back after", f"{cost:.1f} s", payback),
+        ]
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------
 # 3. Device limits, evaluation, trials sharing the device
 # ----------------------------------------------------------------------------------------------------------
 def device_limits(base: Params, device: torch.device, best: float, args) -> list[tuple[str, str, str]]:
@@ -523,9 +583,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--skip-baseline", action="store_true")
     parser.add_argument(
         "--parts",
-        default="loop,celeba,limits,evaluation,trials",
-        help="comma-separated parts to run: loop, celeba, limits, evaluation, trials",
+        default="loop,celeba,compile,limits,evaluation,trials",
+        help="comma-separated parts to run: loop, celeba, compile, limits, evaluation, trials",
     )
+    parser.add_argument("--compile-models", default="mlp,conv,resnet", help="models of the compile part")
     parser.add_argument("--no-record", action="store_true", help="do not append to benchmarks/RESULTS.md")
     parser.add_argument("--json", type=Path, help="also write the figures as JSON")
     for name, value in CPU_SIZES.items():
@@ -552,6 +613,8 @@ def main(argv: list[str] | None = None) -> int:
         if "celeba" in parts:
             celeba_rows, best = celeba(base, args, device, Path(workdir))
             rows += celeba_rows
+        if "compile" in parts:
+            rows += compile_against_eager(base, args, device, Path(workdir))
         if "limits" in parts:
             rows += device_limits(base, device, best, args)
         if "evaluation" in parts:

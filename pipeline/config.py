@@ -188,7 +188,11 @@ class TrainConfig(Section):
     gpus_per_worker: float = Field(1.0, gt=0, le=8, description="fractional values let trials share a GPU")
     data_on_device: Literal["auto", "always", "never"] = "auto"
     channels_last: bool = True
-    compile: bool = False
+    compile: bool | Literal["auto"] = Field(
+        "auto",
+        description="torch.compile the model and loss; auto: where the compile time pays back within an "
+        "epoch (conv/resnet on a CPU, epochs of >= 50,000 images per worker: pipeline.train_plan)",
+    )
     checkpoint_num_to_keep: int = Field(2, ge=1)
     max_failures: int = Field(2, ge=-1)
     storage_path: str = Field(

@@ -8,7 +8,6 @@ functions, each one screen: :func:`set_up` (device, data, model, optimiser, resu
 
 from __future__ import annotations
 
-import math
 import tempfile
 import time
 from collections.abc import Callable
@@ -35,8 +34,15 @@ from pipeline.distributed import (
 from pipeline.figures import autocast_for, epoch_images, evaluate_elbo
 from pipeline.run_logger import RunLogger
 from pipeline.sessions import LocalSession, NonFiniteLossError, Session, WorkerConfig
+from pipeline.step_figures import MAX_STEPS_BETWEEN_READS, StepFigures
 from pipeline.tracking import image_grid
-from pipeline.train_plan import batch_plan, build_model, learning_rate_factor, make_optimizer
+from pipeline.train_plan import (
+    batch_plan,
+    build_model,
+    learning_rate_factor,
+    make_optimizer,
+    should_compile,
+)
 from vae.model import VAE, ELBOObjective
 from vae.objectives import bits_per_dim
 from vae.schedules import BetaSchedule, CapacityAnnealing, CyclicalBeta, kl_penalty
@@ -68,6 +74,7 @@ class TrainingRun:
     picture_batch: torch.Tensor
     fixed_z: torch.Tensor
     logger: RunLogger
+    figures: StepFigures
     start_epoch: int = 0
     step: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
@@ -106,7 +113,11 @@ def set_up(config: WorkerConfig, session: Session) -> TrainingRun:
     model = build_model(params.model, tuple(int(s) for s in train_images.shape[1:])).to(device)
     if train.channels_last and params.model.architecture != "mlp":  # pays on CPUs too (benchmarks/RESULTS.md)
         model = model.to(memory_format=torch.channels_last)
-    objective: nn.Module = torch.compile(ELBOObjective(model)) if train.compile else ELBOObjective(model)
+    local_batch, steps_per_epoch = batch_plan(train, train_images.shape[0], world_size)
+    compiled = should_compile(train, params.model.architecture, device, local_batch * steps_per_epoch)
+    objective: nn.Module = ELBOObjective(model)
+    if compiled:  # static shapes: every training batch has the same size (a ragged end is dropped)
+        objective = torch.compile(objective, dynamic=False)
     if world_size > 1:
         objective = nn.parallel.DistributedDataParallel(
             objective, device_ids=[device.index] if device.type == "cuda" else None)
@@ -116,8 +127,11 @@ def set_up(config: WorkerConfig, session: Session) -> TrainingRun:
             say(f"[train] {world_size} worker(s): " + ", ".join(
                 f"rank {r} on {p['node_ip']} (node rank {p['node_rank']})" for r, p in enumerate(places)))
     optimizer = make_optimizer(model, train, device)
+    figures = StepFigures(device, min(train.log_every_n_steps, MAX_STEPS_BETWEEN_READS))
+    # The fused optimizer reads this flag on the device and skips its update when a step was not finite
+    # (as under torch.amp.GradScaler): the check costs the step no host sync.
+    optimizer.found_inf = figures.non_finite
 
-    local_batch, steps_per_epoch = batch_plan(train, train_images.shape[0], world_size)
     total_steps = train.epochs * steps_per_epoch
     schedule = params.beta_schedule
     if isinstance(schedule, CyclicalBeta):
@@ -154,6 +168,7 @@ def set_up(config: WorkerConfig, session: Session) -> TrainingRun:
             config.lost_records_path,
             hold_until_commit=True,  # sent once their checkpoint is written: no step logged twice
         ),
+        figures=figures,
     )
     torch.manual_seed(rank_seed(train.seed, rank))  # each rank its own noise from here on
     state = session.load_checkpoint()
@@ -187,13 +202,16 @@ def _global_mean(value: torch.Tensor, world_size: int) -> torch.Tensor:
 def training_step(run: TrainingRun, x: torch.Tensor) -> torch.Tensor:
     """One optimisation step on this rank's batch x (uint8 (B, C, H, W)): the beta-weighted negative ELBO
     (Kingma & Welling 2014; Higgins et al. 2017), gradients averaged over the ranks (DDP), clipped, then the
-    optimiser and learning-rate steps.
+    optimiser and learning-rate steps - without waiting for the device (no host sync).
+
+    A non-finite step is caught on the device: when the loss or a term or the (all-reduced) gradient norm is
+    NaN/inf, ``run.figures.non_finite`` is set, and the fused optimizer, which reads it as ``found_inf``,
+    leaves the weights and its state as they were, at this step and every later one. The host reads the flag
+    with the figures (:func:`train_one_epoch`) and stops the run naming this step.
 
     Returns:
-        (loss, mean reconstruction, mean KL (nats per image), gradient norm before clipping) as floats.
-    Raises:
-        NonFiniteLossError: the loss or the (all-reduced) gradient norm is NaN/inf; the weights are unchanged.
-            Every rank sees the same gradient norm, so every rank raises at the same step.
+        (4,) float32 tensor on the device: loss, mean reconstruction, mean KL (nats per image), gradient norm
+        before clipping.
     """
     train = run.params.train
     with run.autocast():
@@ -207,91 +225,117 @@ def training_step(run: TrainingRun, x: torch.Tensor) -> torch.Tensor:
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     parameters = [p for p in run.model.parameters() if p.grad is not None]
-    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in parameters])
-    stats = torch.stack(
+    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in parameters], foreach=True)
+    if train.grad_clip_norm:  # scales by min(1, max_norm / norm) on the device: no comparison on the host
+        torch.nn.utils.clip_grads_with_norm_(parameters, train.grad_clip_norm, grad_norm, foreach=True)
+    figures = torch.stack(
         [loss.detach(), reconstruction.detach().mean(), kl.detach().mean(), grad_norm.detach().float()]
-    ).double()
-    loss_value, rec_value, kl_value, norm_value = stats.tolist()  # one host sync per step, before the update
-    if train.grad_clip_norm and norm_value > train.grad_clip_norm:
-        torch.nn.utils.clip_grads_with_norm_(parameters, train.grad_clip_norm, grad_norm)
-    if not math.isfinite(loss_value) or not math.isfinite(norm_value):
-        raise NonFiniteLossError(
-            f"step {run.step}: loss={loss_value} grad_norm={norm_value} "
-            f"reconstruction={rec_value} kl={kl_value} "
-            f"beta={run.schedule.beta_at(run.step):g}. The "
-            "weights were not updated and no checkpoint of this "
-            "state was written. Try a lower train.learning_rate, "
-            "a train.grad_clip_norm (or a lower one), another "
-            "model.likelihood (a learned Gaussian variance can collapse), or check the data."
-        )
+    )
+    # The gradient norm is the same on every rank (DDP averaged the gradients), the loss is not: the flag is
+    # summed over the ranks so that every rank skips, and stops at, the same step.
+    run.figures.flag(figures if run.world_size == 1 else all_reduce_sum(figures.clone(), run.world_size))
     run.optimizer.step()
     run.lr_scheduler.step()
     run.step += 1
-    return loss_value, rec_value, kl_value, norm_value
+    return figures
+
+
+@dataclass
+class _EpochTally:
+    """The host's side of an epoch: sums of the figures read back, the logging window, the first bad step."""
+
+    run: TrainingRun
+    epoch: int
+    sums: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # reconstruction, KL, images
+    window: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0, 0.0])  # loss, rec, KL, grad norm
+    window_steps: int = 0
+    window_start: float = field(default_factory=time.perf_counter)
+
+    def add(self, rows: list[tuple[int, list[float]]]) -> None:
+        """Account for the steps read from the device; log every ``train.log_every_n_steps``.
+
+        Raises:
+            NonFiniteLossError: a row's step was not finite; names the first such step and its terms.
+        """
+        run, train = self.run, self.run.params.train
+        for step, (loss, reconstruction, kl, grad_norm, non_finite) in rows:
+            if non_finite:
+                raise NonFiniteLossError(
+                    f"epoch {self.epoch + 1}, step {step}: loss={loss} grad_norm={grad_norm} "
+                    f"reconstruction={reconstruction} kl={kl} beta={run.schedule.beta_at(step):g}. The "
+                    "weights were not updated (by this step or any after it) and no checkpoint of this "
+                    "state was written. Try a lower train.learning_rate, a train.grad_clip_norm (or a lower "
+                    "one), another model.likelihood (a learned Gaussian variance can collapse), or check the "
+                    "data."
+                )
+            figures = (loss, reconstruction, kl, grad_norm)
+            self.window = [total + value for total, value in zip(self.window, figures, strict=True)]
+            self.window_steps += 1
+            self.sums = [
+                self.sums[0] + reconstruction * run.local_batch,
+                self.sums[1] + kl * run.local_batch,
+                self.sums[2] + run.local_batch,
+            ]
+            if (step + 1) % train.log_every_n_steps == 0 and run.rank == 0:
+                self._log(step + 1)
+
+    def _log(self, step: int) -> None:
+        run, train = self.run, self.run.params.train
+        loss, reconstruction, kl, grad_norm = (total / self.window_steps for total in self.window)
+        images_per_s = (
+            self.window_steps * run.local_batch * run.world_size
+            / max(time.perf_counter() - self.window_start, 1e-9)
+        )
+        beta = run.schedule.beta_at(step - 1)
+        run.logger.log_metrics(
+            {
+                "loss": loss,
+                "negative_elbo": reconstruction + kl,
+                "reconstruction": reconstruction,
+                "kl": kl,
+                "beta": beta,
+                "learning_rate": run.optimizer.param_groups[0]["lr"],
+                "grad_norm": grad_norm,
+                "images_per_s": images_per_s,
+            },
+            step,
+        )
+        if train.print_steps:
+            seconds_per_step = (time.perf_counter() - run.started) / max(1, step - run.steps_at_start)
+            eta = (run.total_steps - step) * seconds_per_step
+            say(
+                f"[train]   step {step}/{run.total_steps} loss {loss:.2f} (rec {reconstruction:.2f} "
+                f"+ KL {kl:.2f}) beta {beta:.3g} {images_per_s:.0f} img/s ETA {format_seconds(eta)}"
+            )
+        self.window = [0.0, 0.0, 0.0, 0.0]
+        self.window_steps, self.window_start = 0, time.perf_counter()
 
 
 def train_one_epoch(run: TrainingRun, epoch: int) -> tuple[float, float, float]:
     """One pass over this rank's share of the training split; logs a step line every
-    ``train.log_every_n_steps``. Returns the epoch's mean (reconstruction, KL, images) over all ranks."""
+    ``train.log_every_n_steps``. The steps run ahead of the host: their figures are read back at logging
+    steps, every :data:`pipeline.step_figures.MAX_STEPS_BETWEEN_READS` steps and at the epoch's end.
+
+    Returns:
+        The epoch's mean (reconstruction, KL) in nats per image and its images, over all ranks.
+    Raises:
+        NonFiniteLossError: a step was not finite (the first one is named; the weights are those before it).
+    """
     train = run.params.train
     run.model.train()
-    epoch_sums = [0.0, 0.0, 0.0]  # reconstruction, KL, images
-    window = [0.0, 0.0, 0.0, 0.0]  # loss, reconstruction, KL, gradient norm summed since the last log line
-    window_steps, window_start = 0, time.perf_counter()
+    tally = _EpochTally(run, epoch)
     indices = training_indices(
         run.train_source.num_images, run.local_batch, epoch, train.seed, run.rank, run.world_size
     )
     for x in run.train_source.batches(indices, run.local_batch, run.steps_per_epoch):
-        try:
-            stats = training_step(run, x)
-        except NonFiniteLossError as error:
-            raise NonFiniteLossError(f"epoch {epoch + 1}, {error}") from None
-        window = [total + value for total, value in zip(window, stats, strict=True)]
-        window_steps += 1
-        epoch_sums = [
-            epoch_sums[0] + stats[1] * x.shape[0],
-            epoch_sums[1] + stats[2] * x.shape[0],
-            epoch_sums[2] + x.shape[0],
-        ]
-        if run.step % train.log_every_n_steps == 0 and run.rank == 0:
-            loss, reconstruction, kl, grad_norm = (total / window_steps for total in window)
-            images_per_s = (
-                window_steps
-                * run.local_batch
-                * run.world_size
-                / max(time.perf_counter() - window_start, 1e-9)
-            )
-            beta = run.schedule.beta_at(run.step - 1)
-            run.logger.log_metrics(
-                {
-                    "loss": loss,
-                    "negative_elbo": reconstruction + kl,
-                    "reconstruction": reconstruction,
-                    "kl": kl,
-                    "beta": beta,
-                    "learning_rate": run.optimizer.param_groups[0]["lr"],
-                    "grad_norm": grad_norm,
-                    "images_per_s": images_per_s,
-                },
-                run.step,
-            )
-            if train.print_steps:
-                eta = (
-                    (run.total_steps - run.step)
-                    * (time.perf_counter() - run.started)
-                    / max(1, run.step - run.steps_at_start)
-                )
-                say(
-                    f"[train]   step {run.step}/{run.total_steps} loss {loss:.2f} (rec {reconstruction:.2f} "
-                    f"+ KL {kl:.2f}) beta {beta:.3g} {images_per_s:.0f} img/s ETA {format_seconds(eta)}"
-                )
-            window = [0.0, 0.0, 0.0, 0.0]
-            window_steps, window_start = 0, time.perf_counter()
-    epoch_sums = all_reduce_sum(
-        torch.tensor(epoch_sums, dtype=torch.float64, device=run.device), run.world_size
-    )
-    count = max(1.0, float(epoch_sums[2]))
-    return float(epoch_sums[0]) / count, float(epoch_sums[1]) / count, count
+        run.figures.record(run.step, training_step(run, x))
+        if run.step % train.log_every_n_steps == 0 or run.figures.full:
+            tally.add(run.figures.read())
+    tally.add(run.figures.read())
+    sums = all_reduce_sum(torch.tensor(tally.sums, dtype=torch.float64, device=run.device), run.world_size)
+    reconstruction, kl, count = sums.tolist()
+    count = max(1.0, count)
+    return reconstruction / count, kl / count, count
 
 
 def end_of_epoch(

@@ -43,6 +43,23 @@ def make_optimizer(model: nn.Module, train: TrainConfig, device: torch.device) -
     return cls(model.parameters(), lr=train.learning_rate, weight_decay=train.weight_decay, fused=True)
 
 
+# torch.compile (inductor) on a 2-core CPU, reference conv VAE at 64x64: about 15 s to compile, then ~13%
+# more images/s than eager; so it pays back after ~50,000 images. The MLP VAE gains nothing measurable, and
+# on a GPU it is not measured yet (benchmarks/RESULTS.md, "torch.compile" rows of
+# benchmarks/train_throughput.py).
+COMPILE_PAYBACK_IMAGES = 50_000
+
+
+def should_compile(train: TrainConfig, architecture: str, device: torch.device, epoch_images: int) -> bool:
+    """Whether to ``torch.compile`` the model and loss: ``train.compile`` when set to True/False; for "auto",
+    True for the conv and resnet VAEs on a CPU when one worker's epoch (``epoch_images`` = steps per epoch x
+    local batch) has at least :data:`COMPILE_PAYBACK_IMAGES` images, so that the compile time is paid back
+    within the first epoch."""
+    if train.compile != "auto":
+        return bool(train.compile)
+    return architecture != "mlp" and device.type == "cpu" and epoch_images >= COMPILE_PAYBACK_IMAGES
+
+
 def batch_plan(train: TrainConfig, num_train_images: int, world_size: int) -> tuple[int, int]:
     """This rank's batch and the optimisation steps of an epoch when ``world_size`` workers share the training
     split (every epoch drops the last partial global batch; see :func:`pipeline.data.training_indices`).

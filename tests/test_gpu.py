@@ -1,7 +1,8 @@
 """The GPU paths, proved on the card (``pytest -m gpu``; benchmarks/gpu_check.sh runs them first): a training
-step on CUDA equals the CPU step, bf16 autocast tracks fp32, data resident on the device gives the host
-path's batches, checkpoint/resume on CUDA is exact (CUDA random state included), the evaluate stage's NLL on
-CUDA equals the CPU value and the linear-Gaussian model's estimate its exact log p(x).
+step on CUDA equals the CPU step, the steady-state steps never synchronize with the host, bf16 autocast tracks
+fp32, data resident on the device gives the host path's batches, checkpoint/resume on CUDA is exact (CUDA
+random state included), the evaluate stage's NLL on CUDA equals the CPU value and the linear-Gaussian model's
+estimate its exact log p(x).
 
 Skipped where no CUDA device is present. ``VAE_TEST_DEVICE=cpu`` points them at the CPU (the dry run of
 benchmarks/gpu_check.sh: the same code end to end, trivially equal figures); ``VAE_TEST_BF16_STEPS`` shortens
@@ -20,7 +21,7 @@ from pipeline.data import BatchSource, training_indices
 from pipeline.evaluate import test_figures as evaluate_figures
 from pipeline.params_file import load_params
 from pipeline.sessions import LocalSession, WorkerConfig
-from pipeline.train_loop import run_local, set_up
+from pipeline.train_loop import run_local, set_up, training_step
 from tests.fixtures.arrays import write_square_arrays
 from tests.test_evaluate import linear_gaussian_vae
 from tests.test_train_loop import CrashAfterFirstEpoch, final_state
@@ -84,6 +85,26 @@ def gradients(run, x: torch.Tensor) -> dict[str, torch.Tensor]:
     finally:
         DiagonalGaussian.rsample = rsample
     return {name: p.grad.detach().cpu() for name, p in run.model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("settings", [{}, {"train.grad_clip_norm": 1.0, "train.precision": "bf16"}])
+def test_steady_state_training_steps_never_synchronize_with_the_host(processed, tmp_path, settings):
+    """CUDA's sync debug mode turns any host synchronization (``.item()``, a blocking copy, a data-dependent
+    shape) into an error: none may happen in a training step once the first has warmed up."""
+    params = params_for(DEVICE, **{"train.log_every_n_steps": 10**6, **settings})
+    run = set_up(WorkerConfig(params, str(processed)), LocalSession(tmp_path))
+    batches = run.train_source.batches(training_indices(256, 32, 0, 0), 32)
+    run.figures.record(run.step, training_step(run, next(batches)))  # lazy optimizer state, first kernels
+    if DEVICE.type == "cuda":
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        for x in batches:
+            run.figures.record(run.step, training_step(run, x))
+    finally:
+        if DEVICE.type == "cuda":
+            torch.cuda.set_sync_debug_mode("default")
+    rows = run.figures.read()
+    assert [step for step, _ in rows] == list(range(8)) and not any(row[4] for _, row in rows), rows
 
 
 @pytest.mark.parametrize("architecture", ARCHITECTURES)

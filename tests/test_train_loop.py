@@ -4,6 +4,7 @@ parallelism equal to one process on the same global batches, NaN handling, the d
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from pipeline.sessions import LocalSession, NonFiniteLossError, WorkerConfig
 from pipeline.train_loop import (
     run_local,
     set_up,
+    train_one_epoch,
     train_worker,
     training_step,
 )
@@ -25,6 +27,7 @@ from pipeline.train_plan import learning_rate_factor
 from tests.fixtures.arrays import write_square_arrays
 from tests.fixtures.distributed import run_ranks
 from tests.fixtures.faults import nan_at_call
+from vae.model import ELBOObjective
 
 TRAIN, VALID = 192, 48
 
@@ -89,7 +92,7 @@ def test_a_step_descends_the_beta_weighted_negative_elbo(processed, tmp_path, sc
     x = next(run.train_source.batches(training_indices(TRAIN, 32, 0, 0), 32))
     reference = copy.deepcopy(run.model)
     rng = torch.get_rng_state()
-    stats = training_step(run, x)
+    stats = training_step(run, x).tolist()
 
     torch.set_rng_state(rng)  # the same reparameterization and binarization noise
     terms = reference.elbo_terms(x)
@@ -109,7 +112,7 @@ def test_gradients_are_clipped_to_the_configured_norm(processed, tmp_path):
         WorkerConfig(tiny_params(**{"train.grad_clip_norm": 0.5}), str(processed)), LocalSession(tmp_path)
     )
     x = next(run.train_source.batches(training_indices(TRAIN, 32, 0, 0), 32))
-    norm_before = training_step(run, x)[3]
+    norm_before = float(training_step(run, x)[3])
     norm_after = float(torch.nn.utils.get_total_norm([p.grad for p in run.model.parameters()]))
     assert norm_before > 0.5 and norm_after == pytest.approx(0.5, rel=1e-4)
 
@@ -134,8 +137,9 @@ def test_beta_shapes_what_training_learns(processed, tmp_path):
 # ----------------------------------------------------------------------------------------------------------
 # Resumption
 # ----------------------------------------------------------------------------------------------------------
-def test_resumed_training_equals_straight_training(processed, tmp_path):
-    config = WorkerConfig(tiny_params(), str(processed))
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_resumed_training_equals_straight_training(processed, tmp_path, compiled):
+    config = WorkerConfig(tiny_params(**{"train.compile": compiled}), str(processed))
     straight, _ = run_local(config, tmp_path / "straight")
     with pytest.raises(KeyboardInterrupt):
         train_worker(config, CrashAfterFirstEpoch(tmp_path / "split"))
@@ -353,6 +357,123 @@ def test_nan_loss_stops_with_error_and_last_checkpoint_is_finite(processed, tmp_
     assert [c.name for c in checkpoints] == ["checkpoint_000001"]
     state = torch.load(checkpoints[0] / "state.pt", weights_only=True)
     assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
+
+
+def test_a_nan_step_leaves_the_weights_of_the_step_before_though_the_host_learns_of_it_later(
+    processed, tmp_path, monkeypatch
+):
+    """The host reads the non-finite flag only at the epoch's end here (24 steps, no logging step): the steps
+    after the bad one still run, but neither they nor it change the weights or the optimizer's state, and the
+    error names the first bad step."""
+    params = tiny_params(**{"train.batch_size": 8, "train.log_every_n_steps": 10**6, "train.epochs": 1})
+    run = set_up(WorkerConfig(params, str(processed)), LocalSession(tmp_path))
+    bad, before = 9, {}
+    original, calls = ELBOObjective.forward, itertools.count()
+
+    def forward(self, x, num_samples=1):
+        reconstruction, kl_per_dim = original(self, x, num_samples)
+        if next(calls) == bad:  # the weights now are those after step bad - 1
+            before["weights"] = copy.deepcopy(self.model.state_dict())
+            before["optimizer"] = copy.deepcopy(run.optimizer.state_dict())
+            reconstruction = reconstruction * float("nan")
+        return reconstruction, kl_per_dim
+
+    monkeypatch.setattr(ELBOObjective, "forward", forward)
+    with pytest.raises(NonFiniteLossError, match=rf"^epoch 1, step {bad}: loss=nan .*not updated"):
+        train_one_epoch(run, 0)
+    assert next(calls) == TRAIN // 8  # every step ran: the flag was read once, at the end
+    assert_same_weights(run.model.state_dict(), before["weights"])
+    after = run.optimizer.state_dict()["state"]
+    for index, state in before["optimizer"]["state"].items():
+        for key, tensor in state.items():
+            torch.testing.assert_close(after[index][key], tensor, rtol=0, atol=0, msg=f"{index} {key}")
+
+
+def test_a_compiled_step_stops_on_nan_naming_the_step(processed, tmp_path, monkeypatch):
+    """torch.compile'd model and loss: the non-finite check outside it still stops the run at the first bad
+    step with the weights before it (the NaN enters through the KL penalty, outside the compiled module)."""
+    from pipeline import train_loop
+
+    params = tiny_params(**{"train.batch_size": 8, "train.log_every_n_steps": 10**6, "train.compile": True})
+    run = set_up(WorkerConfig(params, str(processed)), LocalSession(tmp_path))
+    assert run.objective is not run.model and "Optimized" in type(run.objective).__name__
+    bad, before, penalty = 7, {}, train_loop.kl_penalty
+
+    def poisoned(schedule, kl, step, batch_mean_kl=None):
+        if step == bad:
+            before.update(copy.deepcopy(run.model.state_dict()))
+            return penalty(schedule, kl, step, batch_mean_kl) * float("nan")
+        return penalty(schedule, kl, step, batch_mean_kl)
+
+    monkeypatch.setattr(train_loop, "kl_penalty", poisoned)
+    with pytest.raises(NonFiniteLossError, match=rf"^epoch 1, step {bad}: loss=nan"):
+        train_one_epoch(run, 0)
+    assert run.step == TRAIN // 8 and before
+    assert_same_weights(run.model.state_dict(), before)
+
+
+def diverging_rank(rank: int, world_size: int, processed: str, directory: str, params: Params) -> dict:
+    """Rank 1 alone gets a NaN loss at its 5th step (0-based), with finite gradients (the NaN is added
+    outside the graph), so only the loss of one rank tells; returns this rank's error and weights."""
+    run = set_up(
+        WorkerConfig(params, processed), LocalSession(directory, world_rank=rank, world_size=world_size)
+    )
+    original, calls = ELBOObjective.forward, itertools.count()
+
+    def forward(self, x, num_samples=1):
+        reconstruction, kl_per_dim = original(self, x, num_samples)
+        if next(calls) == 5 and rank == 1:
+            reconstruction = reconstruction + torch.full_like(reconstruction, float("nan"))
+        return reconstruction, kl_per_dim
+
+    ELBOObjective.forward = forward
+    with pytest.raises(NonFiniteLossError) as raised:
+        train_one_epoch(run, 0)
+    return {"error": str(raised.value), "weights": run.model.state_dict()}
+
+
+def test_a_nan_on_one_rank_stops_every_rank_at_the_same_step_with_the_same_weights(processed, tmp_path):
+    params = tiny_params(**{"train.batch_size": 16, "train.log_every_n_steps": 10**6, "train.epochs": 1})
+    ranks = run_ranks(diverging_rank, 2, str(processed), str(tmp_path), params)
+    assert all(r["error"].startswith("epoch 1, step 5: ") for r in ranks), [r["error"] for r in ranks]
+    assert_same_weights(ranks[0]["weights"], ranks[1]["weights"])
+
+
+# What hands a tensor's value to the host (and so waits for the device): wrapped in the test below.
+HOST_READS = ("item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__")
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {},
+        {"train.grad_clip_norm": 0.5},
+        {"beta_schedule": {"name": "capacity", "gamma": 7.0, "capacity_max": 2.0, "capacity_steps": 5}},
+    ],
+)
+def test_the_training_steps_never_wait_for_the_device(processed, tmp_path, monkeypatch, settings):
+    """The host reads tensors a fixed number of times per epoch, however many steps it has: no step reads
+    one (the figures, the non-finite check and clipping stay on the device)."""
+    reads: dict[int, list[str]] = {}
+    for steps in (6, 18):
+        params = tiny_params(
+            **{"train.batch_size": 8, "train.log_every_n_steps": 10**6, "train.max_steps_per_epoch": steps,
+               **settings}
+        )
+        run = set_up(WorkerConfig(params, str(processed)), LocalSession(tmp_path / str(steps)))
+        log = reads[steps] = []
+        with monkeypatch.context() as patch:
+            for name in HOST_READS:
+                original = getattr(torch.Tensor, name)
+
+                def counted(self, *args, _name=name, _original=original, _log=log, **kwargs):
+                    _log.append(_name)
+                    return _original(self, *args, **kwargs)
+
+                patch.setattr(torch.Tensor, name, counted)
+            train_one_epoch(run, 0)
+        assert run.step == steps
+    assert len(reads[18]) == len(reads[6]) <= 2, reads
 
 
 def test_missing_data_names_the_stage(tmp_path):

@@ -231,6 +231,7 @@ def test_discrete_targets():
     assert torch.equal(bernoulli.prepare_target(x, noise=False), (x >= 128).float())
     draws = bernoulli.prepare_target(x.repeat(20000, 1, 1, 1), torch.Generator().manual_seed(6))
     assert set(draws.unique().tolist()) <= {0.0, 1.0}
+    assert not draws[..., 0].any() and draws[..., 5].all()  # P(1) is exactly 0 at x = 0 and 1 at x = 255
     # dynamic binarization: P(1) = x / 255, standard error <= 0.0036 over 20k draws
     torch.testing.assert_close(draws.mean(0), x[0].float() / 255.0, rtol=0, atol=0.02)
 
