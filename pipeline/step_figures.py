@@ -24,8 +24,9 @@ class StepFigures:
     """Per-step figures in a (capacity, 5) float32 buffer on the training device.
 
     Each row holds one step's loss (the beta-weighted negative ELBO), mean reconstruction term and mean KL
-    (nats per image, this rank's batch), the gradient norm before clipping, and the non-finite flag after
-    the step (1.0 from the first non-finite step on). ``non_finite`` is the sticky flag itself, a 0-dim
+    (nats per image, this rank's batch), the gradient norm before clipping (-1 at a step that did not
+    compute it: see pipeline.train_loop.training_step), and the non-finite flag after the step (1.0 from the
+    first non-finite step on). ``non_finite`` is the sticky flag itself, a 0-dim
     float32 tensor on the device that the caller registers as the optimizer's ``found_inf``: PyTorch's fused
     Adam/AdamW skip the update (and undo their step count) on the device when it is 1, so no step after a
     divergence changes the weights, although the host learns of it only at the next read.
@@ -42,6 +43,9 @@ class StepFigures:
             raise ValueError(f"StepFigures: capacity must be >= 1, got {capacity}")
         self.rows = torch.zeros(capacity, len(FIGURE_NAMES), dtype=torch.float32, device=device)
         self.non_finite = torch.zeros((), dtype=torch.float32, device=device)
+        # the gradient-norm slot of a step that did not compute it
+        self.not_computed = torch.full((), -1.0, dtype=torch.float32, device=device)
+        self._unit_scale = torch.ones((), dtype=torch.float32, device=device)
         self.count = 0
         self.first_step = 0
 
@@ -50,11 +54,16 @@ class StepFigures:
         """Whether the host must read before the next step is recorded."""
         return self.count == self.rows.shape[0]
 
-    def flag(self, figures: torch.Tensor) -> None:
-        """Set the sticky non-finite flag when any of ``figures`` (a float tensor on the device, the same on
-        every rank: see pipeline.train_loop.training_step) is NaN or infinite. No host sync."""
-        bad = figures.isfinite().logical_not().any().to(torch.float32)
-        torch.maximum(self.non_finite, bad, out=self.non_finite)
+    def flag(self, figures: torch.Tensor, gradients: list[torch.Tensor] | tuple = ()) -> None:
+        """Set the sticky flag when any element of ``figures`` (the step's figures, the same on every rank:
+        see pipeline.train_loop.training_step) or of ``gradients`` is NaN or infinite. One pass over them, no
+        host sync: GradScaler's own check (``torch._amp_foreach_non_finite_check_and_unscale_``, with a
+        scale of 1, which leaves the values as they are), cheaper than a norm of the gradients."""
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for tensor in (figures, *gradients):
+            by_dtype.setdefault(tensor.dtype, []).append(tensor)
+        for tensors in by_dtype.values():
+            torch._amp_foreach_non_finite_check_and_unscale_(tensors, self.non_finite, self._unit_scale)
 
     def record(self, step: int, figures: torch.Tensor) -> None:
         """Store step ``step``'s (4,) figures (loss, reconstruction, KL, gradient norm) with the current flag.

@@ -204,14 +204,15 @@ def training_step(run: TrainingRun, x: torch.Tensor) -> torch.Tensor:
     (Kingma & Welling 2014; Higgins et al. 2017), gradients averaged over the ranks (DDP), clipped, then the
     optimiser and learning-rate steps - without waiting for the device (no host sync).
 
-    A non-finite step is caught on the device: when the loss or a term or the (all-reduced) gradient norm is
-    NaN/inf, ``run.figures.non_finite`` is set, and the fused optimizer, which reads it as ``found_inf``,
-    leaves the weights and its state as they were, at this step and every later one. The host reads the flag
-    with the figures (:func:`train_one_epoch`) and stops the run naming this step.
+    A non-finite step is caught on the device: when the loss, a term or an (all-reduced) gradient is NaN/inf,
+    ``run.figures.non_finite`` is set, and the fused optimizer, which reads it as ``found_inf``, leaves the
+    weights and its state as they were, at this step and every later one. The host reads the flag with the
+    figures (:func:`train_one_epoch`) and stops the run naming this step. The gradient norm is computed
+    where it is used, at logging steps and for clipping; other steps check the gradients in a cheaper pass.
 
     Returns:
         (4,) float32 tensor on the device: loss, mean reconstruction, mean KL (nats per image), gradient norm
-        before clipping.
+        before clipping (-1: not computed at this step).
     """
     train = run.params.train
     with run.autocast():
@@ -225,15 +226,19 @@ def training_step(run: TrainingRun, x: torch.Tensor) -> torch.Tensor:
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     parameters = [p for p in run.model.parameters() if p.grad is not None]
-    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in parameters], foreach=True)
-    if train.grad_clip_norm:  # scales by min(1, max_norm / norm) on the device: no comparison on the host
-        torch.nn.utils.clip_grads_with_norm_(parameters, train.grad_clip_norm, grad_norm, foreach=True)
-    figures = torch.stack(
-        [loss.detach(), reconstruction.detach().mean(), kl.detach().mean(), grad_norm.detach().float()]
-    )
-    # The gradient norm is the same on every rank (DDP averaged the gradients), the loss is not: the flag is
+    gradients = [p.grad for p in parameters]
+    if train.grad_clip_norm or (run.step + 1) % train.log_every_n_steps == 0:  # the norm where it is used
+        grad_norm = torch.nn.utils.get_total_norm(gradients, foreach=True).float()  # NaN/inf: flagged below
+        if train.grad_clip_norm:  # scales by min(1, max_norm / norm) on the device: no host comparison
+            torch.nn.utils.clip_grads_with_norm_(parameters, train.grad_clip_norm, grad_norm, foreach=True)
+        checked: list[torch.Tensor] = []  # the norm, among the figures, is NaN/inf if a gradient is
+    else:
+        grad_norm, checked = run.figures.not_computed, gradients
+    figures = torch.stack([loss.detach(), reconstruction.detach().mean(), kl.detach().mean(), grad_norm])
+    # The gradients are the same on every rank (DDP averaged them), the loss is not: the figures checked are
     # summed over the ranks so that every rank skips, and stops at, the same step.
-    run.figures.flag(figures if run.world_size == 1 else all_reduce_sum(figures.clone(), run.world_size))
+    summed = figures if run.world_size == 1 else all_reduce_sum(figures.clone(), run.world_size)
+    run.figures.flag(summed, checked)
     run.optimizer.step()
     run.lr_scheduler.step()
     run.step += 1
@@ -249,6 +254,7 @@ class _EpochTally:
     sums: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # reconstruction, KL, images
     window: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0, 0.0])  # loss, rec, KL, grad norm
     window_steps: int = 0
+    norms: int = 0  # steps of the window that computed the gradient norm
     window_start: float = field(default_factory=time.perf_counter)
 
     def add(self, rows: list[tuple[int, list[float]]]) -> None:
@@ -261,16 +267,18 @@ class _EpochTally:
         for step, (loss, reconstruction, kl, grad_norm, non_finite) in rows:
             if non_finite:
                 raise NonFiniteLossError(
-                    f"epoch {self.epoch + 1}, step {step}: loss={loss} grad_norm={grad_norm} "
+                    f"epoch {self.epoch + 1}, step {step}: loss={loss} "
+                    f"grad_norm={'(not computed)' if grad_norm < 0 else grad_norm} "
                     f"reconstruction={reconstruction} kl={kl} beta={run.schedule.beta_at(step):g}. The "
                     "weights were not updated (by this step or any after it) and no checkpoint of this "
                     "state was written. Try a lower train.learning_rate, a train.grad_clip_norm (or a lower "
                     "one), another model.likelihood (a learned Gaussian variance can collapse), or check the "
                     "data."
                 )
-            figures = (loss, reconstruction, kl, grad_norm)
+            figures = (loss, reconstruction, kl, max(grad_norm, 0.0))
             self.window = [total + value for total, value in zip(self.window, figures, strict=True)]
             self.window_steps += 1
+            self.norms += grad_norm >= 0
             self.sums = [
                 self.sums[0] + reconstruction * run.local_batch,
                 self.sums[1] + kl * run.local_batch,
@@ -281,7 +289,8 @@ class _EpochTally:
 
     def _log(self, step: int) -> None:
         run, train = self.run, self.run.params.train
-        loss, reconstruction, kl, grad_norm = (total / self.window_steps for total in self.window)
+        loss, reconstruction, kl = (total / self.window_steps for total in self.window[:3])
+        grad_norm = self.window[3] / max(1, self.norms)  # the logged step's (the window's mean if clipping)
         images_per_s = (
             self.window_steps * run.local_batch * run.world_size
             / max(time.perf_counter() - self.window_start, 1e-9)
@@ -308,7 +317,7 @@ class _EpochTally:
                 f"+ KL {kl:.2f}) beta {beta:.3g} {images_per_s:.0f} img/s ETA {format_seconds(eta)}"
             )
         self.window = [0.0, 0.0, 0.0, 0.0]
-        self.window_steps, self.window_start = 0, time.perf_counter()
+        self.window_steps, self.norms, self.window_start = 0, 0, time.perf_counter()
 
 
 def train_one_epoch(run: TrainingRun, epoch: int) -> tuple[float, float, float]:

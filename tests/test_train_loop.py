@@ -359,12 +359,14 @@ def test_nan_loss_stops_with_error_and_last_checkpoint_is_finite(processed, tmp_
     assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
 
 
+@pytest.mark.parametrize("where", ["loss", "gradient"])
 def test_a_nan_step_leaves_the_weights_of_the_step_before_though_the_host_learns_of_it_later(
-    processed, tmp_path, monkeypatch
+    processed, tmp_path, monkeypatch, where
 ):
     """The host reads the non-finite flag only at the epoch's end here (24 steps, no logging step): the steps
     after the bad one still run, but neither they nor it change the weights or the optimizer's state, and the
-    error names the first bad step."""
+    error names the first bad step. "gradient": the loss stays finite and only the gradients turn NaN (the
+    classic torch.where trap: a NaN in the branch not taken), which the gradient check must catch."""
     params = tiny_params(**{"train.batch_size": 8, "train.log_every_n_steps": 10**6, "train.epochs": 1})
     run = set_up(WorkerConfig(params, str(processed)), LocalSession(tmp_path))
     bad, before = 9, {}
@@ -375,11 +377,16 @@ def test_a_nan_step_leaves_the_weights_of_the_step_before_though_the_host_learns
         if next(calls) == bad:  # the weights now are those after step bad - 1
             before["weights"] = copy.deepcopy(self.model.state_dict())
             before["optimizer"] = copy.deepcopy(run.optimizer.state_dict())
-            reconstruction = reconstruction * float("nan")
+            if where == "loss":
+                reconstruction = reconstruction * float("nan")
+            else:
+                zero = torch.zeros_like(reconstruction)
+                reconstruction = reconstruction + torch.where(zero > 0, (reconstruction - 1e9).sqrt(), zero)
         return reconstruction, kl_per_dim
 
     monkeypatch.setattr(ELBOObjective, "forward", forward)
-    with pytest.raises(NonFiniteLossError, match=rf"^epoch 1, step {bad}: loss=nan .*not updated"):
+    loss = "nan" if where == "loss" else r"[0-9.]+ grad_norm=\(not computed\)"
+    with pytest.raises(NonFiniteLossError, match=rf"^epoch 1, step {bad}: loss={loss} .*not updated"):
         train_one_epoch(run, 0)
     assert next(calls) == TRAIN // 8  # every step ran: the flag was read once, at the end
     assert_same_weights(run.model.state_dict(), before["weights"])
