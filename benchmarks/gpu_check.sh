@@ -5,7 +5,9 @@
 #   2. training throughput (benchmarks/train_throughput.py --full): the common torchvision pipeline and this
 #      project's loop side by side, the card's own limits, the FLOP/s achieved;
 #   3. evaluation: the K=1000 importance-sampled NLL of CelebA-64's 19,962 test images through the evaluate
-#      stage's own code.
+#      stage's own code;
+#   4. torch.compile of the conv VAE against eager, cold and warm cache (the figures that would set
+#      train.compile: auto on GPUs, which stays eager until they are measured: pipeline/train_plan.py).
 # Each step runs under its own timeout, writes its log (and figures) into OUT, and a failed step does not stop
 # the next; OUT/summary.txt lists each step's exit status and seconds.
 #
@@ -28,11 +30,11 @@ if [ "$mode" = "--dry-run" ]; then
   sizes=(--train-images 512 --valid-images 64 --epochs 1 --extra-batch-sizes 64 --baseline-jpegs 64
          --baseline-steps 4 --mlp-images 2048 --repeats 1 --eval-images 16 --trials 1 --trial-images 256
          --num-importance-samples 8)
-  limits=(300 300 120)
+  limits=(300 300 120 300)
 else
   device=cuda
   sizes=(--full)
-  limits=(180 420 150)
+  limits=(180 420 150 120)
 fi
 : > "$out/summary.txt"
 
@@ -57,4 +59,6 @@ step 2-training "${limits[1]}" "$python" benchmarks/train_throughput.py --device
   --parts loop,celeba,limits --no-record --json "$out/training.json"
 step 3-evaluation "${limits[2]}" "$python" benchmarks/train_throughput.py --device "$device" "${sizes[@]}" \
   --parts evaluation --no-record --json "$out/evaluation.json"
+step 4-compile "${limits[3]}" "$python" benchmarks/train_throughput.py --device "$device" "${sizes[@]}" \
+  --parts compile --compile-models conv --repeats 1 --no-record --json "$out/compile.json"
 cat "$out/summary.txt"

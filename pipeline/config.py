@@ -190,8 +190,8 @@ class TrainConfig(Section):
     channels_last: bool = True
     compile: bool | Literal["auto"] = Field(
         "auto",
-        description="torch.compile the model and loss; auto: where the compile time pays back within an "
-        "epoch (conv/resnet on a CPU, epochs of >= 50,000 images per worker: pipeline.train_plan)",
+        description="torch.compile the model and loss; auto: where the measured compile time pays back "
+        "within one worker's epoch (on a CPU; pipeline.train_plan.COMPILE_PAYBACK_IMAGES)",
     )
     checkpoint_num_to_keep: int = Field(2, ge=1)
     max_failures: int = Field(2, ge=-1)

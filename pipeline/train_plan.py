@@ -43,21 +43,23 @@ def make_optimizer(model: nn.Module, train: TrainConfig, device: torch.device) -
     return cls(model.parameters(), lr=train.learning_rate, weight_decay=train.weight_decay, fused=True)
 
 
-# torch.compile (inductor) on a 2-core CPU, reference conv VAE at 64x64: about 15 s to compile, then ~13%
-# more images/s than eager; so it pays back after ~50,000 images. The MLP VAE gains nothing measurable, and
-# on a GPU it is not measured yet (benchmarks/RESULTS.md, "torch.compile" rows of
-# benchmarks/train_throughput.py).
-COMPILE_PAYBACK_IMAGES = 50_000
+# The images after which torch.compile (inductor) has paid for its compile time on a CPU, by architecture:
+# cold-cache compile seconds over the images/s gained, measured on a 2-core CPU at 28x28 (MLP) and 64x64
+# (benchmarks/RESULTS.md, "torch.compile against eager", benchmarks/train_throughput.py --parts compile):
+# MLP 10.6 s for 1.09x, conv 18.0 s for 1.03x, resnet 26.9 s for 1.05x. On a GPU it is not measured yet
+# (benchmarks/gpu_check.sh step 4 measures it), so "auto" stays eager there.
+COMPILE_PAYBACK_IMAGES = {"mlp": 1_500_000, "conv": 260_000, "resnet": 120_000}
 
 
 def should_compile(train: TrainConfig, architecture: str, device: torch.device, epoch_images: int) -> bool:
     """Whether to ``torch.compile`` the model and loss: ``train.compile`` when set to True/False; for "auto",
-    True for the conv and resnet VAEs on a CPU when one worker's epoch (``epoch_images`` = steps per epoch x
-    local batch) has at least :data:`COMPILE_PAYBACK_IMAGES` images, so that the compile time is paid back
-    within the first epoch."""
+    True on a CPU when one worker's epoch (``epoch_images`` = steps per epoch x local batch) is at least the
+    architecture's :data:`COMPILE_PAYBACK_IMAGES`, so that the compile time is paid back within the first
+    epoch (on CelebA's 162,770 training images and one worker: the resnet VAE)."""
     if train.compile != "auto":
         return bool(train.compile)
-    return architecture != "mlp" and device.type == "cpu" and epoch_images >= COMPILE_PAYBACK_IMAGES
+    payback = COMPILE_PAYBACK_IMAGES.get(architecture)
+    return device.type == "cpu" and payback is not None and epoch_images >= payback
 
 
 def batch_plan(train: TrainConfig, num_train_images: int, world_size: int) -> tuple[int, int]:

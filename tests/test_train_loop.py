@@ -23,7 +23,7 @@ from pipeline.train_loop import (
     train_worker,
     training_step,
 )
-from pipeline.train_plan import learning_rate_factor
+from pipeline.train_plan import learning_rate_factor, should_compile
 from tests.fixtures.arrays import write_square_arrays
 from tests.fixtures.distributed import run_ranks
 from tests.fixtures.faults import nan_at_call
@@ -486,6 +486,16 @@ def test_the_training_steps_never_wait_for_the_device(processed, tmp_path, monke
 def test_missing_data_names_the_stage(tmp_path):
     with pytest.raises(FileNotFoundError, match="dvc repro preprocess"):
         run_local(WorkerConfig(tiny_params(), str(tmp_path / "nothing")), tmp_path / "ck")
+
+
+def test_compile_auto_compiles_only_where_the_measured_compile_time_pays_back_within_an_epoch():
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    auto, on, off = (tiny_params(**{"train.compile": value}).train for value in ("auto", True, False))
+    celeba = 162_770
+    assert should_compile(auto, "resnet", cpu, celeba) and not should_compile(auto, "resnet", cpu, 60_000)
+    assert not should_compile(auto, "conv", cpu, celeba) and should_compile(auto, "conv", cpu, 300_000)
+    assert not should_compile(auto, "mlp", cpu, 55_000) and not should_compile(auto, "resnet", gpu, celeba)
+    assert should_compile(on, "mlp", cpu, 10) and not should_compile(off, "resnet", cpu, celeba)
 
 
 def test_learning_rate_schedule():
