@@ -34,7 +34,7 @@ from pipeline.distributed import (
 from pipeline.figures import autocast_for, epoch_images, evaluate_elbo
 from pipeline.run_logger import RunLogger
 from pipeline.sessions import LocalSession, NonFiniteLossError, Session, WorkerConfig
-from pipeline.step_figures import MAX_STEPS_BETWEEN_READS, StepFigures
+from pipeline.step_figures import MAX_STEPS_BETWEEN_READS, EpochTally, StepFigures
 from pipeline.tracking import image_grid
 from pipeline.train_plan import (
     batch_plan,
@@ -245,81 +245,6 @@ def training_step(run: TrainingRun, x: torch.Tensor) -> torch.Tensor:
     return figures
 
 
-@dataclass
-class _EpochTally:
-    """The host's side of an epoch: sums of the figures read back, the logging window, the first bad step."""
-
-    run: TrainingRun
-    epoch: int
-    sums: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # reconstruction, KL, images
-    window: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0, 0.0])  # loss, rec, KL, grad norm
-    window_steps: int = 0
-    norms: int = 0  # steps of the window that computed the gradient norm
-    window_start: float = field(default_factory=time.perf_counter)
-
-    def add(self, rows: list[tuple[int, list[float]]]) -> None:
-        """Account for the steps read from the device; log every ``train.log_every_n_steps``.
-
-        Raises:
-            NonFiniteLossError: a row's step was not finite; names the first such step and its terms.
-        """
-        run, train = self.run, self.run.params.train
-        for step, (loss, reconstruction, kl, grad_norm, non_finite) in rows:
-            if non_finite:
-                raise NonFiniteLossError(
-                    f"epoch {self.epoch + 1}, step {step}: loss={loss} "
-                    f"grad_norm={'(not computed)' if grad_norm < 0 else grad_norm} "
-                    f"reconstruction={reconstruction} kl={kl} beta={run.schedule.beta_at(step):g}. The "
-                    "weights were not updated (by this step or any after it) and no checkpoint of this "
-                    "state was written. Try a lower train.learning_rate, a train.grad_clip_norm (or a lower "
-                    "one), another model.likelihood (a learned Gaussian variance can collapse), or check the "
-                    "data."
-                )
-            figures = (loss, reconstruction, kl, max(grad_norm, 0.0))
-            self.window = [total + value for total, value in zip(self.window, figures, strict=True)]
-            self.window_steps += 1
-            self.norms += grad_norm >= 0
-            self.sums = [
-                self.sums[0] + reconstruction * run.local_batch,
-                self.sums[1] + kl * run.local_batch,
-                self.sums[2] + run.local_batch,
-            ]
-            if (step + 1) % train.log_every_n_steps == 0 and run.rank == 0:
-                self._log(step + 1)
-
-    def _log(self, step: int) -> None:
-        run, train = self.run, self.run.params.train
-        loss, reconstruction, kl = (total / self.window_steps for total in self.window[:3])
-        grad_norm = self.window[3] / max(1, self.norms)  # the logged step's (the window's mean if clipping)
-        images_per_s = (
-            self.window_steps * run.local_batch * run.world_size
-            / max(time.perf_counter() - self.window_start, 1e-9)
-        )
-        beta = run.schedule.beta_at(step - 1)
-        run.logger.log_metrics(
-            {
-                "loss": loss,
-                "negative_elbo": reconstruction + kl,
-                "reconstruction": reconstruction,
-                "kl": kl,
-                "beta": beta,
-                "learning_rate": run.optimizer.param_groups[0]["lr"],
-                "grad_norm": grad_norm,
-                "images_per_s": images_per_s,
-            },
-            step,
-        )
-        if train.print_steps:
-            seconds_per_step = (time.perf_counter() - run.started) / max(1, step - run.steps_at_start)
-            eta = (run.total_steps - step) * seconds_per_step
-            say(
-                f"[train]   step {step}/{run.total_steps} loss {loss:.2f} (rec {reconstruction:.2f} "
-                f"+ KL {kl:.2f}) beta {beta:.3g} {images_per_s:.0f} img/s ETA {format_seconds(eta)}"
-            )
-        self.window = [0.0, 0.0, 0.0, 0.0]
-        self.window_steps, self.norms, self.window_start = 0, 0, time.perf_counter()
-
-
 def train_one_epoch(run: TrainingRun, epoch: int) -> tuple[float, float, float]:
     """One pass over this rank's share of the training split; logs a step line every
     ``train.log_every_n_steps``. The steps run ahead of the host: their figures are read back at logging
@@ -332,7 +257,7 @@ def train_one_epoch(run: TrainingRun, epoch: int) -> tuple[float, float, float]:
     """
     train = run.params.train
     run.model.train()
-    tally = _EpochTally(run, epoch)
+    tally = EpochTally(run, epoch)
     indices = training_indices(
         run.train_source.num_images, run.local_batch, epoch, train.seed, run.rank, run.world_size
     )
