@@ -125,9 +125,11 @@ def cut_a_training_host_and_recover(hosts, workspace, name: str, rank: int) -> d
         hosts.heal(victim)
     logs = finished_ok(hosts, job)
     steps = steps_logged(logs)
-    # Steps trained again: from the checkpoint to the last step the driver saw before the resumption (step
-    # lines that rank 0 printed on a cut host never arrive, so for rank 0 this is a lower bound).
-    last_seen = max(steps_logged(logs[: logs.index(resumed.group(0))]))
+    # Steps trained again: from the checkpoint to the last step trained before the cut. That is at least the
+    # last step the driver saw before the resumption and at least the checkpoint's own step (step lines that
+    # rank 0 printed on a cut host never arrive, so the driver may not have seen the steps of the checkpoint
+    # it resumes from); for a cut rank 0 it is a lower bound.
+    last_seen = max(steps_logged(logs[: logs.index(resumed.group(0))]) + [int(resumed.group(2))])
     restarted = cluster_cli(hosts, "restart-node", victim)
     assert restarted.returncode == 0, restarted.stderr
     report = {
