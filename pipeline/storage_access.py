@@ -17,6 +17,7 @@ listing, ranged reads and multipart uploads. Settings:
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import time
 from collections.abc import Iterator
@@ -31,6 +32,35 @@ from pipeline.common import StageError, say
 # request timeout of REQUEST_TIMEOUT_S per try.
 PATIENT_ATTEMPTS = 12
 REQUEST_TIMEOUT_S = 10.0
+
+
+@functools.cache
+def _patient_s3_filesystem_class():
+    """pyarrow's ``S3FileSystem`` with a ``__reduce__`` that keeps every option it was made with.
+
+    pyarrow's own ``__reduce__`` rebuilds the filesystem without its ``retry_strategy``, so a filesystem that
+    crosses a process boundary (Ray pickles ``RunConfig.storage_filesystem`` to the Train controller and the
+    workers) falls back to three quick attempts: a store that refuses connections for a few seconds (an
+    endpoint restarting) then fails the controller's checkpoint bookkeeping, which no FailureConfig retries.
+    Defined lazily: importing pyarrow.fs costs time in stages that never touch a store.
+    """
+    import pyarrow.fs as pafs
+
+    class PatientS3FileSystem(pafs.S3FileSystem):
+        def __init__(self, **options: Any) -> None:
+            super().__init__(**options)
+            self.options = options
+
+        def __reduce__(self):
+            return _rebuild_s3_filesystem, (self.options,)
+
+    return PatientS3FileSystem
+
+
+def _rebuild_s3_filesystem(options: dict[str, Any]):
+    """Unpickle a filesystem made by :func:`filesystem` with every option (credentials come from the standard
+    AWS sources of the process that unpickles it, as with pyarrow's own pickling)."""
+    return _patient_s3_filesystem_class()(**options)
 
 
 class StorageError(StageError):
@@ -83,7 +113,7 @@ def filesystem(location: str, endpoint: str | None = None, patient: bool = True)
         region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
         if region:
             options["region"] = region
-        return pafs.S3FileSystem(**options), path
+        return _patient_s3_filesystem_class()(**options), path
     fs, path = pafs.FileSystem.from_uri(text)
     return fs, path.rstrip("/")
 

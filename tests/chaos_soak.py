@@ -9,6 +9,7 @@ root: three worker hosts, MLflow on PostgreSQL behind basic-auth, data and check
     kill_node        SIGKILL every process of the worker host of a rank, then `restart-node`
     cut_link         cut the link of a rank's worker host until Ray declares it dead, heal, `restart-node`
     s3_outage        SIGSTOP the S3 endpoint (connections hang) for a while, then SIGCONT
+    s3_kill          SIGKILL the S3 endpoint, start it again a few seconds later (`up` on the running cluster)
     postgres_restart stop PostgreSQL (fast shutdown), start it again
     mlflow_restart   SIGKILL the MLflow server, start it again
     driver_restart   stop the job (`ray job stop`) and submit it again
@@ -62,8 +63,8 @@ from tests.cluster_helpers import (  # noqa: E402
 )
 from tests.fixtures.arrays import write_manifest  # noqa: E402
 
-KINDS = ("kill_worker", "kill_node", "cut_link", "s3_outage", "postgres_restart", "mlflow_restart",
-         "driver_restart")
+KINDS = ("kill_worker", "kill_node", "cut_link", "s3_outage", "s3_kill", "postgres_restart",
+         "mlflow_restart", "driver_restart")
 # Health checks every second, declared dead after 5 misses: a cut host is dead after ~10 s, not ~60 s.
 FAST_HEALTH_CHECKS = {
     "RAY_health_check_period_ms": "1000",
@@ -192,30 +193,36 @@ class Job:
             time.sleep(0.2)
         raise TimeoutError(f"no step {step} in {self.current} after {WAIT_S:.0f}s")
 
-    def wait_until_training_goes_on(self, offset: int, restarted: bool) -> re.Match | None:
-        """Block until a step line is printed after log offset ``offset`` - when the fault restarted the
-        workers, a step after the restarted workers' first line (rank 0 names the placement on every start).
-        Returns the "resumed from the checkpoint" line of that start, or None (no restart, or a restart
-        before the first checkpoint, which trains from the start again).
+    def wait_until_training_goes_on(self, offset: int, restarts: bool | None) -> tuple[bool, re.Match | None]:
+        """Block until training went on after log offset ``offset``. ``restarts`` True: the fault restarted
+        the workers - wait for a step after the restarted workers' first line (rank 0 names the placement on
+        every start). False: wait for any step line. None (the fault may or may not make the workers fail):
+        a restart if one shows, else a step line past the next epoch's end, whose checkpoint upload then
+        succeeded. Returns (whether the workers restarted, the "resumed from the checkpoint" line of that
+        start or None - no restart, or one before the first checkpoint, which trains from the start again).
 
         Raises:
             AssertionError: the job ended first (it can neither go on nor finish).
             TimeoutError: nothing within WAIT_S.
         """
+        seen = [int(s) for s in STEP_LINE.findall(self.logs())]
+        past_checkpoint = ((seen[-1] if seen else 0) // STEPS_PER_EPOCH + 1) * STEPS_PER_EPOCH
         deadline = time.monotonic() + WAIT_S
         while time.monotonic() < deadline:
             tail = self.logs()[offset:]
-            if restarted:
+            if restarts or (restarts is None and PLACEMENT.search(tail)):
                 went_on = _restarted_rank0(tail)
                 if went_on is not None:
-                    return went_on[0]
-            elif STEP_LINE.search(tail):
-                return None
+                    return True, went_on[0]
+            elif restarts is False and STEP_LINE.search(tail):
+                return False, None
+            elif restarts is None and any(int(s) > past_checkpoint for s in STEP_LINE.findall(tail)):
+                return False, None
             status = self.status()
             if status in ("SUCCEEDED", "FAILED", "STOPPED"):
-                if restarted and status == "SUCCEEDED":
+                if restarts and status == "SUCCEEDED":
                     raise AssertionError(f"{self.current} finished without the restart the fault forces")
-                return None
+                return False, None
             time.sleep(0.2)
         raise TimeoutError(f"training did not go on in {self.current} within {WAIT_S:.0f}s")
 
@@ -266,8 +273,8 @@ def _wait_dead(cluster, host: str) -> None:
     raise TimeoutError(f"Ray did not declare {host} dead")
 
 
-# Each fault: inject it, and return (what was hit, whether it restarts the workers, what to do once training
-# went on without the part it took - None when nothing).
+# Each fault: inject it, and return (what was hit, whether it restarts the workers - None: it may -, what to
+# do once training went on without the part it took - None when nothing).
 def kill_worker(job: Job, rng: random.Random) -> tuple[str, bool, Any]:
     actors = job_actors(job.cluster, job.current, "RayTrainWorker")
     pids = sorted(int(a["pid"]) for a in actors if a.get("pid"))
@@ -303,6 +310,16 @@ def s3_outage(job: Job, rng: random.Random) -> tuple[str, bool, Any]:
     finally:
         moto.send_signal(signal.SIGCONT)
     return f"{seconds:.0f} s", False, None
+
+
+def s3_kill(job: Job, rng: random.Random) -> tuple[str, bool | None, Any]:
+    seconds = rng.uniform(2, 8)
+    (endpoint,) = job.cluster.processes("s3")
+    endpoint.kill()
+    endpoint.wait(10)
+    time.sleep(seconds)
+    job.cluster.start_s3()  # the same key pair, every acknowledged object
+    return f"down {seconds:.0f} s", None, None  # a checkpoint upload in the gap fails the workers
 
 
 def postgres_restart(job: Job, rng: random.Random) -> tuple[str, bool, Any]:
@@ -357,12 +374,13 @@ def run_with_faults(job: Job, faults: list[str], seed: int) -> list[dict[str, An
         detail, restarts, recover = FAULTS[kind](job, rng)
         if job.current != submission:
             offset = 0  # submitted again: the new job's own log
-        resumed = job.wait_until_training_goes_on(offset, restarts)
-        recovered = f"{time.monotonic() - started:.1f} s" if restarts else "-"
+        restarted, resumed = job.wait_until_training_goes_on(offset, restarts)
+        recovered = f"{time.monotonic() - started:.1f} s" if restarted else "-"
         if recover:  # a node to bring back once training went on without it
             recover()
-        from_step = int(resumed.group(2)) if resumed else (0 if restarts else at)
-        resumed_from = f"epoch {resumed.group(1)}" if resumed else ("the start" if restarts else "no restart")
+        from_step = int(resumed.group(2)) if resumed else (0 if restarted else at)
+        resumed_from = (f"epoch {resumed.group(1)}" if resumed
+                        else "the start" if restarted else "no restart")
         rows.append({"fault": kind, "at_step": at, "detail": detail, "recovered_s": recovered,
                      "resumed_from": resumed_from, "steps_again": max(0, at - from_step)})
         print(f"[soak] {rows[-1]}", flush=True)

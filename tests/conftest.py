@@ -34,9 +34,9 @@ def http_server(monkeypatch: pytest.MonkeyPatch):
 
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory: pytest.TempPathFactory):
-    """A real S3 endpoint on 127.0.0.1 (moto's server, signatures checked; tests/fixtures/s3.py) for the
-    session; each test takes its own prefix (``s3_server.prefix()``)."""
-    with start_s3_server(tmp_path_factory.mktemp("s3") / "moto.log") as server:
+    """A real S3 endpoint on 127.0.0.1 (moto's server, signatures checked, objects on disk;
+    tests/fixtures/s3.py) for the session; each test takes its own prefix (``s3_server.prefix()``)."""
+    with start_s3_server(tmp_path_factory.mktemp("s3")) as server:
         yield server
 
 

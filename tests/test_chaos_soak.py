@@ -18,8 +18,8 @@ pytestmark = [
     pytest.mark.skipif(why_not is not None, reason=f"chaos soak (hosts of their own): {why_not}"),
 ]
 
-# A few minutes: the faults that restart the workers in three ways, and two service outages.
-SHORT = ["kill_worker", "cut_link", "mlflow_restart", "driver_restart", "postgres_restart"]
+# A few minutes: the faults that restart the workers in three ways, and three service outages.
+SHORT = ["kill_worker", "cut_link", "s3_kill", "mlflow_restart", "driver_restart", "postgres_restart"]
 
 
 @pytest.fixture(scope="module")

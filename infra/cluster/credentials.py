@@ -27,7 +27,7 @@ def write_private(path: Path, text: str) -> None:
 def credentials(path: Path) -> dict[str, str]:
     """The deployment's generated secrets (the PostgreSQL password, the MLflow admin's and the pipeline
     account's passwords, the Flask secret), created once and kept (mode 0600; one missing from an older file
-    is added); plus the S3 key pair of the current start (:func:`update_credentials`)."""
+    is added); plus the S3 key pair (s3_endpoint.py: new on each `up` of a stopped cluster)."""
     values = json.loads(path.read_text()) if path.is_file() else {}
     generated = {
         "postgres_password": lambda: secrets.token_urlsafe(18),

@@ -217,8 +217,18 @@ class ClusterLayout:
 
     @property
     def saved_bucket(self) -> Path:
-        """Where `down` keeps the S3 endpoint's objects (moto holds them in memory)."""
+        """Where `down` of an older version kept a plain copy of the bucket (uploaded on the next start)."""
         return self.state_dir / "s3"
+
+    @property
+    def s3_store(self) -> Path:
+        """Where the S3 endpoint keeps its objects (written through before each write is acknowledged)."""
+        return self.state_dir / "s3-objects"
+
+    @property
+    def s3_keys_path(self) -> Path:
+        """The S3 endpoint's key pair alone (0600), the only secret that process reads."""
+        return self.state_dir / "s3-key.json"
 
     @property
     def postgres_dir(self) -> Path:

@@ -107,10 +107,12 @@ class LocalCluster(ClusterLayout):
         self.mlflow.stop()
         self.mlflow.start(wait=True)
 
-    def start_s3(self) -> None:
-        """Start the S3 endpoint on the head host's address and load the objects `down` kept."""
-        restored = self.s3.start()
-        self._say(f"S3 endpoint on {self.s3_url}, bucket {self.bucket_uri} ({restored} objects restored)")
+    def start_s3(self, new_key: bool = False) -> None:
+        """Start the S3 endpoint on the head host's address with the objects it keeps on disk; with
+        ``new_key`` (``up`` of a stopped cluster) under a new key pair, else under the current one (a restart
+        that running jobs survive)."""
+        objects = self.s3.start(new_key)
+        self._say(f"S3 endpoint on {self.s3_url}, bucket {self.bucket_uri} ({objects} objects)")
 
     def start_postgres(self) -> None:
         """Start the private PostgreSQL (``initdb`` on first use) on the head host's address."""
@@ -242,6 +244,6 @@ class LocalCluster(ClusterLayout):
     # ----------------------------------------------------------------------------------- down
     def down(self, keep_logs: bool = False, grace_s: float = 3.0, wipe: bool = False) -> dict[str, Any]:
         """Stop every process of this cluster (workers, head, MLflow, and with --team the S3 endpoint and
-        PostgreSQL) and remove the state files. The data stay (the bucket's objects are saved first, the
+        PostgreSQL) and remove the state files. The data stay (the bucket's objects, the
         PostgreSQL data directory and node caches are kept) unless ``wipe`` (teardown.py)."""
         return teardown.down(self, keep_logs, grace_s, wipe)

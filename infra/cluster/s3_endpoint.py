@@ -1,17 +1,19 @@
 """The S3 endpoint of the team deployment: moto's server (from PyPI), served by s3_server.py, which refuses
-moto's unauthenticated admin API. It stands in for AWS S3, GCS or MinIO, with request signing enforced
-(``INITIAL_NO_AUTH_ACTION_COUNT``): the first calls create an IAM user with a generated key pair, and any
-other key is refused (InvalidAccessKeyId / SignatureDoesNotMatch). It keeps objects in memory, so
-:func:`save_bucket` copies the bucket into the cluster's folder before it stops and :func:`restore_bucket`
-uploads them again on the next ``up``; the key pair is new on every start. What it does not protect (unlike
-a cloud bucket): moto does not evaluate the Resource of IAM policies, so the key's policy is the intended one
-for a real bucket rather than one this endpoint enforces (infra/README.md, threat model).
+moto's unauthenticated admin API, signs every request with one key pair read from a 0600 file, and writes
+each object through to the cluster's folder before it acknowledges the write. It stands in for AWS S3, GCS or
+MinIO: any other key is refused (InvalidAccessKeyId / SignatureDoesNotMatch), and a killed endpoint started
+again (``up`` on the running cluster) serves every acknowledged object with the same key, so running jobs go
+on. The key pair is new on every ``up`` of a stopped cluster. What it does not protect (unlike a cloud
+bucket): moto does not evaluate the Resource of IAM policies, so the key's policy is the intended one for a
+real bucket rather than one this endpoint enforces (infra/README.md, threat model).
 """
 
 from __future__ import annotations
 
 import json
+import secrets
 import shutil
+import string
 import sys
 from pathlib import Path
 
@@ -20,14 +22,17 @@ from infra.cluster import processes
 from infra.cluster.layout import BUCKET, LOOPBACK, REGION, REPO_ROOT, ClusterError, ClusterLayout
 from infra.cluster.services import ServiceError, failed, retrying, start_service, wait_for_port
 
-# The three IAM calls of provision_s3 unsigned, then signatures checked; the repository root for `-m`.
-S3_ENV = {"INITIAL_NO_AUTH_ACTION_COUNT": "3", "PYTHONPATH": str(REPO_ROOT)}
+# The repository root for `-m`.
+S3_ENV = {"PYTHONPATH": str(REPO_ROOT)}
+KEY_NAMES = ("aws_access_key_id", "aws_secret_access_key")
 
 
-def s3_command(python: str, port: int, host: str = LOOPBACK) -> list[str]:
-    """The command line of moto's S3 server on ``host:port``, without its admin API (s3_server.py). Run from
-    the repository root (``cwd``) or with it on ``PYTHONPATH``."""
-    return [python, "-m", "infra.cluster.s3_server", "-H", host, "-p", str(port)]
+def s3_command(python: str, port: int, keys_file: Path, store: Path, host: str = LOOPBACK) -> list[str]:
+    """The command line of the S3 endpoint on ``host:port`` (s3_server.py): the key pair is read from
+    ``keys_file``, never passed on the line; the objects are kept in ``store``. Run from the repository root
+    (``cwd``) or with it on ``PYTHONPATH``."""
+    return [python, "-m", "infra.cluster.s3_server", "-H", host, "-p", str(port), "--keys-file",
+            str(keys_file), "--store", str(store)]
 
 
 # The pipeline's key may use S3 on its bucket and nothing else (no IAM: it cannot make itself other keys).
@@ -43,31 +48,19 @@ BUCKET_POLICY = {
 }
 
 
-def provision_s3(endpoint: str) -> dict[str, str]:
-    """Create the pipeline's IAM user on a fresh endpoint (the only unsigned calls it accepts) and return its
-    new key pair ``{"aws_access_key_id", "aws_secret_access_key"}``."""
-    import boto3
+def new_key_pair() -> dict[str, str]:
+    """A fresh key pair in AWS's shape: a 20-character ``AKIA...`` id and a 40-character secret."""
+    alphabet = string.ascii_uppercase + string.digits
+    return {
+        "aws_access_key_id": "AKIA" + "".join(secrets.choice(alphabet) for _ in range(16)),
+        "aws_secret_access_key": secrets.token_urlsafe(30)[:40],
+    }
 
-    iam = boto3.client(
-        "iam",
-        endpoint_url=endpoint,
-        region_name=REGION,
-        aws_access_key_id="bootstrap",
-        aws_secret_access_key="bootstrap",
-    )
-    iam.create_user(UserName="vae-pipeline")
-    iam.put_user_policy(
-        UserName="vae-pipeline",
-        PolicyName="bucket",
-        PolicyDocument=json.dumps(
-            {
-                "Version": "2012-10-17",
-                "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}],
-            }
-        ),
-    )
-    key = iam.create_access_key(UserName="vae-pipeline")["AccessKey"]
-    return {"aws_access_key_id": key["AccessKeyId"], "aws_secret_access_key": key["SecretAccessKey"]}
+
+def write_keys_file(path: Path, creds: dict[str, str]) -> Path:
+    """Write the key pair alone (mode 0600) for the endpoint to read: it gets no other secret."""
+    secret_files.write_private(path, json.dumps({name: creds[name] for name in KEY_NAMES}) + "\n")
+    return path
 
 
 def s3_client(endpoint: str, creds: dict[str, str]):
@@ -112,10 +105,9 @@ def _pyarrow_s3(endpoint: str, creds: dict[str, str]):
 
 
 def restore_bucket(endpoint: str, creds: dict[str, str], saved: Path) -> int:
-    """Create the bucket and upload what :func:`save_bucket` kept; returns the number of objects."""
+    """Upload a plain copy of the bucket (a folder of its keys) into it; returns the number of objects."""
     import pyarrow.fs as pafs
 
-    s3_client(endpoint, creds).create_bucket(Bucket=BUCKET)
     if not saved.is_dir() or not any(saved.iterdir()):
         return 0
     pafs.copy_files(
@@ -127,34 +119,17 @@ def restore_bucket(endpoint: str, creds: dict[str, str], saved: Path) -> int:
     return sum(1 for p in saved.rglob("*") if p.is_file())
 
 
-def save_bucket(endpoint: str, creds: dict[str, str], saved: Path) -> int:
-    """Copy every object of the bucket into ``saved`` (replacing what was there); returns the count."""
-    import pyarrow.fs as pafs
-
-    fs = _pyarrow_s3(endpoint, creds)
-    staging = saved.with_name(saved.name + ".new")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    infos = fs.get_file_info(pafs.FileSelector(BUCKET, recursive=True, allow_not_found=True))
-    files = [i for i in infos if i.type == pafs.FileType.File]
-    if files:
-        pafs.copy_files(
-            BUCKET, str(staging), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem()
-        )
-    shutil.rmtree(saved, ignore_errors=True)
-    staging.replace(saved)
-    return len(files)
-
-
 class S3Endpoint:
     """The cluster's S3 endpoint on the head host's address (port base+4)."""
 
     def __init__(self, layout: ClusterLayout) -> None:
         self.layout = layout
 
-    def start(self) -> int:
-        """Start moto's server, create the IAM user (new key pair in the secrets file) and the bucket, and
-        upload the objects `down` kept. Returns the number of objects restored.
+    def start(self, new_key: bool = False) -> int:
+        """Start the endpoint with the cluster's key pair (a new one with ``new_key`` or when there is none),
+        loading the objects it keeps in ``s3_store``; create the bucket if missing. A bucket saved by an
+        older version of this endpoint (``saved_bucket``, a plain copy made at ``down``) is uploaded once and
+        removed. Returns the number of objects the bucket holds.
 
         Raises:
             ClusterError: already running, or it did not start (with the tail of its log).
@@ -162,12 +137,24 @@ class S3Endpoint:
         layout = self.layout
         if processes.find(layout.cluster_id, "s3"):
             raise ClusterError("the S3 endpoint is already running")
+        creds = layout.credentials()
+        if new_key or not all(name in creds for name in KEY_NAMES):
+            creds = secret_files.update_credentials(layout.credentials_path, new_key_pair())
+        keys_file = write_keys_file(layout.s3_keys_path, creds)
         host, port = layout.host_ip("s3"), layout.settings.s3_port
-        start_service(layout, "s3", s3_command(sys.executable, port, host), layout.state_dir, S3_ENV)
+        command = s3_command(sys.executable, port, keys_file, layout.s3_store, host)
+        start_service(layout, "s3", command, layout.state_dir, S3_ENV)
         try:
             wait_for_port(port, layout.settings.start_timeout_s, host)
-            creds = secret_files.update_credentials(layout.credentials_path, provision_s3(str(layout.s3_url)))
-            return restore_bucket(str(layout.s3_url), creds, layout.saved_bucket)
+            wait_for_s3(str(layout.s3_url), creds, layout.settings.start_timeout_s)
+            client = s3_client(str(layout.s3_url), creds)
+            if BUCKET not in [b["Name"] for b in client.list_buckets()["Buckets"]]:
+                client.create_bucket(Bucket=BUCKET)
+            if layout.saved_bucket.is_dir():
+                restore_bucket(str(layout.s3_url), creds, layout.saved_bucket)
+                shutil.rmtree(layout.saved_bucket)
+            pages = client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET)
+            return sum(page.get("KeyCount", 0) for page in pages)
         except ServiceError as error:
             raise failed(layout, "s3", error) from None
 
@@ -178,7 +165,3 @@ class S3Endpoint:
             return True
         except Exception:  # noqa: BLE001
             return False
-
-    def save(self) -> int:
-        """Copy the bucket into the state folder (``saved_bucket``); returns the number of objects."""
-        return save_bucket(str(self.layout.s3_url), self.layout.credentials(), self.layout.saved_bucket)

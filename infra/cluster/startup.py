@@ -90,7 +90,7 @@ def start_all(cluster: LocalCluster) -> dict[str, Any]:
         if cluster.network:
             make_hosts(cluster)
         if s.team:
-            cluster.start_s3()
+            cluster.start_s3(new_key=True)
             cluster.start_postgres()
         if s.mlflow:
             cluster.start_mlflow(wait=False)

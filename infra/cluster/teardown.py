@@ -1,4 +1,4 @@
-"""How the local cluster stops (``down``): the team services first (the bucket saved, MLflow, then
+"""How the local cluster stops (``down``): the team services first (MLflow, the S3 endpoint, then
 PostgreSQL after its clients), then every marked process with its descendants (the GCS last), the hosts'
 links whatever happened, the state files; the data are kept unless ``wipe``."""
 
@@ -16,15 +16,16 @@ if TYPE_CHECKING:
 
 
 def stop_team_services(cluster: LocalCluster, grace_s: float, wipe: bool) -> list[str]:
-    """Save the bucket (unless ``wipe``), stop MLflow, then PostgreSQL (after its clients). Returns
-    what was kept."""
+    """Stop MLflow, the S3 endpoint (its objects are on disk already), then PostgreSQL (after its
+    clients). Returns what was kept."""
     kept = []
-    if not wipe and cluster.processes("s3"):
-        try:
-            kept.append(f"{cluster.s3.save()} S3 objects in {cluster.saved_bucket}")
-        except Exception as error:  # noqa: BLE001 - stop anyway; say what was not kept
-            kept.append(f"NOT the S3 objects ({error})")
     processes.terminate(cluster.processes("mlflow"), grace_s=grace_s)
+    if cluster.processes("s3"):
+        processes.terminate(cluster.processes("s3"), grace_s=grace_s)
+        if not wipe:
+            stored = cluster.s3_store.rglob("*")
+            objects = sum(1 for p in stored if p.is_file() and not p.name.startswith("."))
+            kept.append(f"{objects} S3 objects in {cluster.s3_store}")
     cluster.postgres.stop()
     if not wipe:
         kept.append(f"the PostgreSQL data in {cluster.postgres_dir}")
@@ -49,7 +50,7 @@ def down(
     cluster: LocalCluster, keep_logs: bool = False, grace_s: float = 3.0, wipe: bool = False
 ) -> dict[str, Any]:
     """Stop every process of this cluster (workers, head, MLflow, and with --team the S3 endpoint and
-    PostgreSQL) and remove the state files. The data stay (the bucket's objects are saved first, the
+    PostgreSQL) and remove the state files. The data stay (the bucket's objects, the
     PostgreSQL data directory and node caches are kept) unless ``wipe``."""
     if not cluster.state:
         removed = cluster.network.remove() if cluster.network else []  # a failed `up --hosts` leaves links
@@ -89,12 +90,13 @@ def wipe_data(cluster: LocalCluster) -> None:
     cluster.postgres.wipe()
     for path in (
         cluster.saved_bucket,
+        cluster.s3_store,
         cluster.state_dir / "nodes",
         cluster.mlflow_dir,
         cluster.shared_storage,
     ):
         shutil.rmtree(path, ignore_errors=True)
-    for path in (cluster.credentials_path, cluster.auth_config_path):
+    for path in (cluster.credentials_path, cluster.s3_keys_path, cluster.auth_config_path):
         path.unlink(missing_ok=True)
 
 
