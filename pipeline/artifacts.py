@@ -8,6 +8,7 @@ import csv
 import hashlib
 import io
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -28,14 +29,55 @@ TRIALS_PATH = Path("reports/tune/trials.csv")
 OUTPUTS = "outputs"  # in a run's storage folder: a copy of every file the train and evaluate stages wrote
 
 
+# Where the data live, not what they are: left out of run and sweep names when the arrays' hashes are known,
+# so the same data read from the workspace, a node's cache or a bucket name the same run.
+DATA_LOCATION_FIELDS = frozenset({"processed_dir", "raw_dir"})
+
+
+def _shaping(params: Params, sections: set[str], hashes: dict[str, str]) -> dict:
+    shaping = params.model_dump(mode="json", include=sections)
+    if hashes:
+        for field in DATA_LOCATION_FIELDS:
+            shaping["data"].pop(field)
+    return shaping
+
+
 def run_name(params: Params, hashes: dict[str, str]) -> str:
-    """``train.run_name``-<8 hex>: the hash covers the data (their hashes and settings), the model, the beta
-    schedule and every train setting that changes the weights (all but ``config.RUN_IDENTITY_EXCLUDES``), so a
-    re-run after a crash resumes the run, on other resources too, and a changed setting starts a new one."""
-    shaping = params.model_dump(mode="json", include={"data", "model", "beta_schedule"})
+    """``train.run_name``-<8 hex>: the hash covers the data (their hashes and settings; their location only
+    when they have no manifest), the model, the beta schedule and every train setting that changes the weights
+    (all but ``config.RUN_IDENTITY_EXCLUDES``), so a re-run after a crash resumes the run, on other resources
+    or with the data elsewhere too, and a changed setting starts a new one."""
+    shaping = _shaping(params, {"data", "model", "beta_schedule"}, hashes)
     train = params.train.model_dump(mode="json", exclude=set(RUN_IDENTITY_EXCLUDES))
     digest = hashlib.sha256(json.dumps([shaping, train, hashes], sort_keys=True).encode()).hexdigest()[:8]
     return f"{params.train.run_name}-{digest}"
+
+
+def sweep_name(params: Params, hashes: dict[str, str]) -> str:
+    """``tune.experiment_name``-<8 hex>: the hash covers what shapes the sweep's results (search space, ASHA
+    and TPE settings, data - by their hashes when known, as in :func:`run_name` -, model, optimisation), not
+    resources, so a changed sweep never resumes an unrelated one."""
+    tune = params.tune.model_dump(
+        mode="json",
+        include={
+            "num_samples",
+            "metric",
+            "grace_period",
+            "reduction_factor",
+            "seed",
+            "epochs",
+            "search_space",
+        },
+    )
+    shaping = _shaping(params, {"data", "model"}, hashes)
+    shaping["model"].pop("latent_dim")
+    train = params.train.model_dump(
+        mode="json", exclude=set(RUN_IDENTITY_EXCLUDES) | {"epochs", "learning_rate"}
+    )
+    digest = hashlib.sha256(json.dumps([tune, shaping, train, hashes], sort_keys=True).encode()).hexdigest()[
+        :8
+    ]
+    return f"{params.tune.experiment_name}-{digest}"
 
 
 def storage_location(params: Params) -> str:
@@ -53,6 +95,25 @@ def run_location(params: Params, name: str | None = None) -> str:
     return storage.join(storage_location(params), name)
 
 
+def sweep_location(params: Params, name: str | None = None) -> str:
+    """The sweep's folder in ``<train.storage_path>/tune/`` (Tune's state, the trials, ``outputs/``): that of
+    sweep ``name``, else of the sweep these params run (its name needs only the data's manifest)."""
+    if name is None:
+        hashes = location_hashes(params.data.processed_location(), params.cluster.s3_endpoint_url)
+        name = sweep_name(params, hashes)
+    return storage.join(storage_location(params), "tune", name)
+
+
+def save_sweep_outputs(params: Params, name: str) -> str:
+    """Copy reports/tune/ (best_params.yaml, trials.csv) into the sweep's storage folder,
+    ``<train.storage_path>/tune/<sweep>/outputs/``, where a later stage or ``pipeline.jobs fetch`` finds them
+    by the sweep's identity, wherever the sweep ran. Returns that folder."""
+    target = storage.join(sweep_location(params, name), OUTPUTS)
+    endpoint = params.cluster.s3_endpoint_url
+    storage.upload_tree(project_root(), [BEST_PARAMS_PATH, TRIALS_PATH], target, endpoint)
+    return target
+
+
 def save_stage_outputs(params: Params, name: str, relative: list[Path]) -> str:
     """Copy stage outputs (paths relative to the project root, files or folders) into the run's storage
     folder, ``<train.storage_path>/<run name>/outputs/``, where the next stage finds them however the stage
@@ -62,19 +123,31 @@ def save_stage_outputs(params: Params, name: str, relative: list[Path]) -> str:
     return target
 
 
-def fetch_stage_outputs(params: Params, root: Path | None = None) -> tuple[str, list[str]]:
-    """Copy the run's ``outputs/`` from its storage into ``root`` (default: the project root), the same
-    relative paths (models/vae/, reports/...). Returns (where from, files copied).
+def fetch_stage_outputs(params: Params, root: Path | None = None) -> tuple[list[str], list[str]]:
+    """Copy the outputs these params' stages left in storage into ``root`` (default: the project root), the
+    same relative paths: the sweep's (reports/tune/) when ``train.use_best_params`` is set and it ran, then
+    the run's (models/vae/, reports/...) when it was trained. Returns (where from, files copied).
 
     Raises:
-        StageError: the run has no outputs there yet (train it first).
+        StageError: neither has outputs there yet (the message says which stage to run).
     """
+    endpoint, root = params.cluster.s3_endpoint_url, root or project_root()
+    sources, files = [], []
+    if params.train.use_best_params:
+        sweep = storage.join(sweep_location(params), OUTPUTS)
+        found = storage.download_tree(sweep, root, endpoint)
+        sources += [sweep] if found else []
+        files += found
+        if not found:
+            raise StageError(f"no sweep outputs in {sweep}: run the sweep for these params first (`dvc "
+                             "repro tune`, or a `python -m pipeline.tune` job), or set "
+                             "train.use_best_params: false")
     source = storage.join(run_location(params), OUTPUTS)
-    files = storage.download_tree(source, root or project_root(), params.cluster.s3_endpoint_url)
-    if not files:
+    found = storage.download_tree(source, root, endpoint)
+    if not found and not files:
         raise StageError(f"no stage outputs in {source}: train these params first (the run name follows "
                          "from the data and every setting that changes the weights)")
-    return source, files
+    return sources + ([source] if found else []), files + found
 
 
 def model_dir_for(params: Params) -> Path:
@@ -193,21 +266,40 @@ def write_no_sweep(reason: str) -> None:
     )
 
 
-def with_best_params(params: Params) -> Params:
-    """``train.use_best_params``: ``params`` with the sweep's best values from reports/tune/best_params.yaml.
+def best_params_document(params: Params) -> tuple[str, dict[str, Any]]:
+    """The sweep result ``train.use_best_params`` reads, and where it came from: the copy in the storage of
+    the sweep these params run (by its identity: whoever ran it, wherever), else reports/tune/best_params.yaml
+    in the workspace - never in a submitted job (``VAE_SUBMITTED``), whose workspace is Ray's copy of the
+    submitter's tree and may hold another sweep's file.
 
     Raises:
-        StageError: no sweep result there, or the file does not hold valid values.
+        StageError: neither holds one (the message names both).
+    """
+    stored = storage.join(sweep_location(params), OUTPUTS, BEST_PARAMS_PATH.as_posix())
+    try:
+        return stored, yaml.safe_load(storage.read_bytes(stored, params.cluster.s3_endpoint_url)) or {}
+    except FileNotFoundError:
+        pass
+    path = resolve(BEST_PARAMS_PATH)
+    if path.is_file() and not os.environ.get("VAE_SUBMITTED"):
+        return str(path), yaml.safe_load(path.read_text()) or {}
+    raise StageError(
+        f"train.use_best_params is true but the sweep these params run left no result in {stored}"
+        + ("" if os.environ.get("VAE_SUBMITTED") else f" and {path} does not exist")
+        + ": run the tune stage first (`dvc repro tune`, or a `python -m pipeline.tune` job with the same "
+        "params) or set train.use_best_params: false"
+    )
+
+
+def with_best_params(params: Params) -> Params:
+    """``train.use_best_params``: ``params`` with the sweep's best values (:func:`best_params_document`).
+
+    Raises:
+        StageError: no sweep result, or one that does not hold valid values.
     """
     if not params.train.use_best_params:
         return params
-    path = resolve(BEST_PARAMS_PATH)
-    if not path.is_file():
-        raise StageError(
-            f"train.use_best_params is true but {path} does not exist: run the tune stage first "
-            "(`dvc repro tune`) or set train.use_best_params: false"
-        )
-    document = yaml.safe_load(path.read_text()) or {}
+    path, document = best_params_document(params)
     if document.get("skipped"):
         raise StageError(
             f"train.use_best_params is true but {path} holds no sweep result ({document.get('reason')}): "

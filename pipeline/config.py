@@ -328,7 +328,8 @@ class ClusterConfig(Section):
     shared_dir: Path | None = Field(
         None,
         description="a folder all nodes and this machine see (NFS); submitted "
-        "stages exchange inputs/outputs and keep checkpoints there",
+        "stages exchange inputs/outputs and keep checkpoints there. Null with train.storage_path on a bucket "
+        "(s3://...): they go through the bucket",
     )
     s3_endpoint_url: str | None = Field(
         None,

@@ -9,9 +9,10 @@ commit of the submitting checkout and whether its tracked files differed from it
 ``VAE_GIT_DIRTY``), which the MLflow run records as ``git_commit`` / ``git_dirty`` /
 ``mlflow.source.git.commit``.
 
-``fetch``: a submitted stage writes its outputs into that temporary copy and into the run's storage
-(``<train.storage_path>/<run name>/outputs/``, see :func:`pipeline.artifacts.save_stage_outputs`); this copies
-the latter into the workspace (or ``--to``).
+``fetch``: a submitted stage writes its outputs into that temporary copy and into storage, by the identity of
+what made them: the sweep's (``<train.storage_path>/tune/<sweep>/outputs/``) and the run's
+(``<train.storage_path>/<run name>/outputs/``, see :mod:`pipeline.artifacts`); this copies those of the given
+params into the workspace (or ``--to``), after any stage.
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ def runtime_env(extra: dict[str, str] | None = None) -> dict[str, dict[str, str]
 
 
 def _fetch(params_path: Path | None, to: Path | None) -> None:
-    source, files = artifacts.fetch_stage_outputs(load_params(params_path), to)
-    print(f"[jobs] copied {len(files)} file(s) from {source} into {to or 'the workspace'}:")
+    sources, files = artifacts.fetch_stage_outputs(load_params(params_path), to)
+    print(f"[jobs] copied {len(files)} file(s) from {' and '.join(sources)} into {to or 'the workspace'}:")
     for name in files:
         print(f"  {name}")
 

@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from pipeline.common import REPO_ROOT, StageError, say
@@ -139,7 +140,27 @@ def _run_stoppable(command: list[str], root: Path, env: dict[str, str], grace_s:
         with contextlib.suppress(ProcessLookupError):  # what is left of the group: stages, their children
             os.killpg(process.pid, signal.SIGKILL)
         process.wait()
+        _wait_until_group_ended(process.pid)
         raise
+
+
+def _wait_until_group_ended(group: int, timeout_s: float = 10.0) -> None:
+    """Return once no process of process group ``group`` runs any more (zombies count as ended): a SIGKILL is
+    acted on when the process is next scheduled, which on a loaded machine may be after the files were put
+    back. Bounded by ``timeout_s``."""
+    import psutil
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        running = False
+        for proc in psutil.process_iter(["status"]):
+            with contextlib.suppress(ProcessLookupError, psutil.Error):
+                if os.getpgid(proc.pid) == group and proc.info["status"] != psutil.STATUS_ZOMBIE:
+                    running = True
+                    break
+        if not running:
+            return
+        time.sleep(0.02)
 
 
 def run_experiment(root: Path, command: list[str]) -> int:

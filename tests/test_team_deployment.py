@@ -333,6 +333,30 @@ def test_the_store_unavailable_for_30s_during_a_checkpoint_write(team, dataset, 
     assert epoch_steps(metrics["mlflow_run_id"]) == every_epoch(5)
 
 
+def test_the_store_killed_mid_run_and_started_again(team, dataset, workdir):
+    """SIGKILL of the S3 endpoint while a run trains, then `up` on the running cluster starts it again: it
+    serves every object it acknowledged under the same key pair (the running job's workers hold it), so the
+    run finishes with every checkpoint readable and every epoch in MLflow once."""
+    params = params_uri(team, dataset, "s3-kill", **{"train.epochs": 5})
+    submit(team, workdir, "pipeline.train", params, "team-s3-kill", wait=False)
+    wait_for(team, "team-s3-kill", r"\[train\] epoch 2/5")
+    key_before = team.credentials()["aws_access_key_id"]
+    objects_before = set(storage.list_files(f"{team.bucket_uri}/processed"))
+    (endpoint,) = team.processes("s3")
+    endpoint.kill()
+    endpoint.wait(10)
+    time.sleep(3)
+    assert "restarted s3" in team.up()["note"]
+    assert team.credentials()["aws_access_key_id"] == key_before
+    assert set(storage.list_files(f"{team.bucket_uri}/processed")) == objects_before
+    logs = succeeded(team, "team-s3-kill")
+    folder = run_folder(logs)
+    assert checkpoints_all_complete(folder)[-1] == 5
+    metrics = json.loads(storage.read_bytes(f"{folder}/outputs/reports/train_metrics.json"))
+    assert metrics["epochs"] == 5
+    assert epoch_steps(metrics["mlflow_run_id"]) == every_epoch(5)
+
+
 def test_postgres_restarted_mid_run_loses_no_mlflow_records(team, dataset, workdir):
     params = params_uri(team, dataset, "pg-restart", **{"train.epochs": 5})
     submit(team, workdir, "pipeline.train", params, "team-pg-restart", wait=False)
@@ -381,3 +405,118 @@ def test_down_keeps_the_data_and_up_brings_it_back(team):
     runs_after = {r.info.run_id for r in mlflow_client().search_runs(
         [mlflow_client().get_experiment_by_name("team").experiment_id])}
     assert runs_after == runs_before
+
+
+def stage(repo: Path, team, name: str, *args: str, **popen) -> subprocess.CompletedProcess | subprocess.Popen:
+    """``python -m pipeline.<name> --params params.yaml`` as `dvc repro` runs it in the clone ``repo``."""
+    env = {k: v for k, v in team.subprocess_env().items() if k != "VAE_PROJECT_ROOT"}
+    command = [sys.executable, "-m", f"pipeline.{name}", "--params", "params.yaml", *args]
+    if popen:
+        return subprocess.Popen(command, cwd=repo, env=env, text=True, **popen)
+    return subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True, timeout=900)
+
+
+def test_stages_submitted_through_the_bucket_bring_their_outputs_back(team, workdir, tmp_path):
+    """`cluster.submit: true` with checkpoints in the bucket and no shared folder: tune, train (with the
+    sweep's best values) and evaluate each submit themselves as a Ray job from a clone of the repository, read
+    their inputs from the bucket (the workspace's arrays published under their hash) and leave their
+    declared outputs in the workspace. The clone changes between the tune and the train job (Ray hands the
+    train job another working copy) and the train job still trains the sweep's best values, read from the
+    sweep's storage folder; `pipeline.jobs fetch` gets the same files."""
+    repo = tmp_path / "clone"
+    shutil.copytree(workdir, repo)
+    data = write_square_arrays(repo / "data" / "processed" / "fashion_mnist", COUNTS, 220)
+    write_manifest(data)
+    values = {
+        "data": {"dataset": "fashion_mnist", "processed_dir": "data/processed"},
+        "model": {"architecture": "mlp", "hidden_dims": [64], "latent_dim": 4, "likelihood": "bernoulli"},
+        "train": {"epochs": 2, "batch_size": BATCH, "num_workers": 2, "run_name": "via-bucket",
+                  "storage_path": f"{team.bucket_uri}/runs", "use_best_params": True, "max_failures": 1},
+        "tune": {"num_samples": 2, "epochs": 1, "grace_period": 1, "workers_per_trial": 1,
+                 "experiment_name": "team-sweep"},
+        "mlflow": {"experiment_name": "team", "registered_model_name": None},
+        "evaluate": {"num_importance_samples": 4, "num_image_rows": 2, "fid": False,
+                     "latent_scatter": "none"},
+        "cluster": {"submit": True},
+    }
+    import yaml
+
+    (repo / "params.yaml").write_text(yaml.safe_dump(values))
+    tuned = stage(repo, team, "tune", "--only-if-used")
+    assert tuned.returncode == 0, tuned.stdout[-3000:] + tuned.stderr[-3000:]
+    assert "[submit] job vae-tune-" in tuned.stdout + tuned.stderr
+    best = yaml.safe_load((repo / "reports/tune/best_params.yaml").read_text())
+    assert (repo / "reports/tune/trials.csv").read_text().count("\n") == 3  # header + 2 trials
+
+    (repo / "pipeline" / "NOTES.txt").write_text("the workspace changed between the jobs\n")
+    trained = stage(repo, team, "train")
+    assert trained.returncode == 0, trained.stdout[-3000:] + trained.stderr[-3000:]
+    config = json.loads((repo / "models/vae/model_config.json").read_text())
+    assert config["latent_dim"] == best["params"]["latent_dim"]
+    metrics = json.loads((repo / "reports/train_metrics.json").read_text())
+    assert metrics["epochs"] == 2
+
+    evaluated = stage(repo, team, "evaluate")
+    assert evaluated.returncode == 0, evaluated.stdout[-3000:] + evaluated.stderr[-3000:]
+    assert json.loads((repo / "reports/metrics.json").read_text())["num_test_images"] == COUNTS["test"]
+    logs = trained.stdout + trained.stderr
+    job = re.search(r"\[submit\] job (vae-train-\S+) on", logs).group(1)
+    assert "python -m pipeline.train --params s3://" in job_info_entrypoint(team, job)
+    assert not list(repo.glob(".submit-*"))  # the staging folder is gone
+
+    fetch = [sys.executable, "-m", "pipeline.jobs", "fetch", "--params", "params.yaml", "--to",
+             str(tmp_path / "fetched")]
+    fetched = subprocess.run(fetch, cwd=repo, env=team.subprocess_env(), capture_output=True, text=True,
+                             timeout=300)
+    assert fetched.returncode == 0, fetched.stderr[-3000:]
+    for name in ("reports/tune/best_params.yaml", "models/vae/model.safetensors"):
+        assert (tmp_path / "fetched" / name).read_bytes() == (repo / name).read_bytes(), name
+
+
+def job_info_entrypoint(team, submission_id: str) -> str:
+    from tests.cluster_helpers import job_info
+
+    return job_info(team, submission_id)["entrypoint"]
+
+
+def test_a_stage_job_running_stopped_or_failed_leaves_the_workspace_as_it_was(team, workdir, tmp_path):
+    """The same stage submitted while its job runs is refused with the job's id; the job stopped with `ray job
+    stop` makes the stage fail with the id and what to do, and the workspace's outputs stay as they were."""
+    import yaml
+
+    repo = tmp_path / "clone"
+    shutil.copytree(workdir, repo)
+    write_manifest(write_square_arrays(repo / "data" / "processed" / "fashion_mnist", COUNTS, 220))
+    (repo / "params.yaml").write_text(yaml.safe_dump({
+        "data": {"dataset": "fashion_mnist"},
+        "model": {"architecture": "mlp", "hidden_dims": [64], "latent_dim": 4, "likelihood": "bernoulli"},
+        "train": {"epochs": 30, "batch_size": BATCH, "num_workers": 2, "run_name": "stopped",
+                  "storage_path": f"{team.bucket_uri}/runs", "max_failures": 0},
+        "mlflow": {"experiment_name": "team", "registered_model_name": None},
+        "cluster": {"submit": True},
+    }))
+    (repo / "models/vae").mkdir(parents=True)
+    (repo / "models/vae/model.safetensors").write_bytes(b"the previous model")
+    first = stage(repo, team, "train", stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        seen = ""
+        while "[train] epoch 1/" not in seen:
+            line = first.stdout.readline()
+            assert line, seen[-3000:]
+            seen += line
+        job = re.search(r"\[submit\] job (vae-train-\S+) on", seen).group(1)
+        again = stage(repo, team, "train")
+        assert again.returncode == 1
+        assert f"already running on {team.dashboard_url}: {job}" in again.stderr
+        assert f"ray job stop {job}" in again.stderr
+        stopped = subprocess.run([str(Path(sys.executable).with_name("ray")), "job", "stop", job],
+                                 env=team.subprocess_env(), capture_output=True, text=True, timeout=120)
+        assert stopped.returncode == 0, stopped.stderr
+        rest, _ = first.communicate(timeout=300)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert first.returncode == 1
+    assert f"job {job} stopped" in rest and "as they were" in rest
+    assert (repo / "models/vae/model.safetensors").read_bytes() == b"the previous model"
+    assert not list(repo.glob(".submit-*"))

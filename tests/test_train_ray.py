@@ -225,6 +225,11 @@ def test_run_name_changes_exactly_with_what_changes_the_weights(workspace):
         assert changed == (field not in RUN_IDENTITY_EXCLUDES), field
     assert digest(params_for(workspace, **{"model.latent_dim": 8})) != base
     assert digest(base_params, {"data.sha256.train_images.npy": "x"}) != base
+    # The same arrays elsewhere (the workspace, a bucket) are the same run; without hashes the place decides.
+    hashes = {"data.sha256.train_images.npy": "x"}
+    moved = params_for(workspace, **{"data.processed_dir": "s3://vae/runs/data/0123456789abcdef"})
+    assert digest(moved, hashes) == digest(base_params, hashes)
+    assert digest(moved) != base
 
 
 def test_crash_right_after_a_checkpoint_resumes_from_that_checkpoint(ray_instance, workspace):

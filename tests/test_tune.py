@@ -165,6 +165,42 @@ def test_sweep_writes_a_row_per_trial_and_the_best_params(sweep):
     assert params.train.epochs == trained.train.epochs  # the sweep's epochs do not leak into training
 
 
+def test_the_sweeps_result_travels_by_its_identity_never_through_a_jobs_working_copy(sweep, tmp_path):
+    """The sweep also leaves reports/tune/ in its storage folder (<storage>/tune/<sweep>/outputs/). A train
+    job (VAE_SUBMITTED) reads the best values from there even when its working copy - Ray's copy of whatever
+    tree was submitted - holds another sweep's best_params.yaml, refuses when the storage has none, and
+    `pipeline.jobs fetch` after the sweep alone brings reports/tune/ back."""
+    root, summary = sweep["root"], sweep["summary"]
+    stored = root / "runs" / "tune" / summary["sweep"] / "outputs" / "reports" / "tune"
+    local = root / "reports" / "tune" / "best_params.yaml"
+    assert (stored / "best_params.yaml").read_bytes() == local.read_bytes()
+    assert (stored / "trials.csv").read_bytes() == (root / "reports/tune/trials.csv").read_bytes()
+    best = yaml.safe_load(local.read_text())["params"]
+
+    job_copy = tmp_path / "job-working-copy"
+    other = {**yaml.safe_load(local.read_text()), "params": {**best, "latent_dim": best["latent_dim"] + 7}}
+    (job_copy / "reports/tune").mkdir(parents=True)
+    (job_copy / "reports/tune/best_params.yaml").write_text(yaml.safe_dump(other))
+    (job_copy / "data").symlink_to(root / "data")  # the same arrays (a job reads them from the bucket)
+    wanted = sweep_values(**{"train.use_best_params": True, "train.storage_path": str(root / "runs")})
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("VAE_PROJECT_ROOT", str(job_copy))
+        patch.setenv("VAE_SUBMITTED", "1")
+        trained = artifacts.with_best_params(load_params(overrides=wanted))
+        assert trained.model.latent_dim == best["latent_dim"]
+        fetched = tmp_path / "fetched"
+        sources, files = artifacts.fetch_stage_outputs(load_params(overrides=wanted), fetched)
+        assert sorted(files) == ["reports/tune/best_params.yaml", "reports/tune/trials.csv"]
+        assert (fetched / "reports/tune/best_params.yaml").read_bytes() == local.read_bytes()
+        moved = stored.parent.parent.with_name("outputs.moved")
+        stored.parent.parent.rename(moved)
+        try:
+            with pytest.raises(StageError, match="left no result in"):
+                artifacts.with_best_params(load_params(overrides=wanted))
+        finally:
+            moved.rename(stored.parent.parent)
+
+
 def test_mlflow_holds_the_sweep_and_every_trial_like_a_training_run(sweep):
     client, rows, summary = sweep["client"], sweep["rows"], sweep["summary"]
     experiment = client.get_experiment_by_name("test-sweep")

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
-import json
 import math
 import os
 import re
@@ -20,10 +18,11 @@ from typing import Any
 import ray
 
 from pipeline import artifacts, ray_runtime, storage
+from pipeline.artifacts import sweep_name
 from pipeline.checkpoints import load_state
 from pipeline.cli import run_stage, stage_argument_parser
 from pipeline.common import StageError, atomic_write_text, resolve, say
-from pipeline.config import RUN_IDENTITY_EXCLUDES, Params
+from pipeline.config import Params
 from pipeline.data import data_hashes, dataset_folder
 from pipeline.params_file import load_params
 from pipeline.sessions import NonFiniteLossError
@@ -165,33 +164,6 @@ def trial_dirname(trial) -> str:
 # ----------------------------------------------------------------------------------------------------------
 # The sweep (driver)
 # ----------------------------------------------------------------------------------------------------------
-def sweep_name(params: Params, hashes: dict[str, str]) -> str:
-    """``tune.experiment_name``-<8 hex>: the hash covers what shapes the sweep's results (search space, ASHA
-    and TPE settings, data, model, optimisation), not resources, so a changed sweep never resumes an unrelated
-    one."""
-    tune = params.tune.model_dump(
-        mode="json",
-        include={
-            "num_samples",
-            "metric",
-            "grace_period",
-            "reduction_factor",
-            "seed",
-            "epochs",
-            "search_space",
-        },
-    )
-    shaping = params.model_dump(mode="json", include={"data", "model"})
-    shaping["model"].pop("latent_dim")
-    train = params.train.model_dump(
-        mode="json", exclude=set(RUN_IDENTITY_EXCLUDES) | {"epochs", "learning_rate"}
-    )
-    digest = hashlib.sha256(json.dumps([tune, shaping, train, hashes], sort_keys=True).encode()).hexdigest()[
-        :8
-    ]
-    return f"{params.tune.experiment_name}-{digest}"
-
-
 def trial_resources(params: Params) -> tuple[bool, int]:
     """(whether trial workers use GPUs, how many trials run at once) from params and the cluster's resources.
 
@@ -372,6 +344,7 @@ def tune_sweep(params: Params, worker_fn=None) -> dict[str, Any]:
     }
     atomic_write_text(artifacts.TRIALS_PATH, trials_csv(rows))
     artifacts.write_best_params(summary, trial_values(best["config"]))
+    saved = artifacts.save_sweep_outputs(params, name)  # what a later stage or job reads, by the sweep's name
     try:
         tracking.log_sweep_summary(
             runs, rows, best, metric, [resolve(artifacts.TRIALS_PATH), resolve(artifacts.BEST_PARAMS_PATH)]
@@ -383,7 +356,8 @@ def tune_sweep(params: Params, worker_fn=None) -> dict[str, Any]:
         f"[tune] sweep {name} done in {time.perf_counter() - started:.0f}s: {len(rows)} trials "
         f"({sum(r['stopped_early'] for r in rows)} stopped "
         f"early, {sum(r['status'] == 'error' for r in rows)} "
-        f"failed); best {metric} {best[f'best_{metric}']:.4f} by trial {best['trial_id']}"
+        f"failed); best {metric} {best[f'best_{metric}']:.4f} by trial {best['trial_id']}; results also in "
+        f"{saved}"
     )
     return {
         "sweep": name,

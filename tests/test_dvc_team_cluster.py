@@ -1,0 +1,107 @@
+"""`dvc exp run` drives the team cluster through the bucket (root: hosts of their own). From a fresh git +
+DVC copy of the project with no shared folder, `dvc exp run -S cluster.submit=true` downloads and
+preprocesses here, then tune, train (with the sweep's best values) and evaluate each run as a Ray job whose
+trials and Train workers run on the worker hosts; every output comes back into the workspace, where DVC
+hashes, locks and pushes it; a clone's `dvc pull` gives the same files, and a second `dvc exp run` with
+nothing changed submits nothing."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+
+import pytest
+import yaml
+
+from infra.cluster import hosts as hostnet
+from tests.cluster_helpers import job_actors, job_info, local_cluster
+from tests.fixtures.repository import fresh_repository, repository_env
+
+why_not = hostnet.available()
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(why_not is not None, reason=f"the team cluster on hosts of their own: {why_not}"),
+]
+DVC = ".venv/bin/dvc"
+
+
+@pytest.fixture(scope="module")
+def team_hosts(tmp_path_factory):
+    with local_cluster(tmp_path_factory.mktemp("dvc-team"), num_workers=2, hosts=True, team=True,
+                       head_cpus=0) as cluster:
+        yield cluster
+
+
+def run(repo, env, *command: str, timeout: float = 900) -> str:
+    done = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, f"{' '.join(command)}:\n{done.stdout[-6000:]}\n{done.stderr[-4000:]}"
+    return done.stdout + done.stderr
+
+
+def test_dvc_exp_run_drives_the_team_cluster_through_the_bucket(team_hosts, tmp_path):
+    cluster = team_hosts
+    repo = fresh_repository(tmp_path, {
+        "data.dataset": "fashion_mnist",
+        "model.architecture": "mlp",
+        "model.hidden_dims": [64],
+        "model.likelihood": "bernoulli",
+        "train.epochs": 2,
+        "train.batch_size": 256,
+        "train.num_workers": 2,
+        "train.storage_path": f"{cluster.bucket_uri}/runs",
+        "train.run_name": "dvc-team",
+        "train.use_best_params": True,
+        "tune.num_samples": 2,
+        "tune.epochs": 1,
+        "tune.grace_period": 1,
+        "tune.workers_per_trial": 1,
+        "tune.experiment_name": "dvc-team-sweep",
+        "mlflow.experiment_name": "dvc-team",
+        "mlflow.registered_model_name": None,
+        "evaluate.num_importance_samples": 4,
+        "evaluate.max_images": 256,
+        "evaluate.fid": False,
+    })
+    env = {**repository_env(), **cluster.client_env()}
+    output = run(repo, env, DVC, "exp", "run", "-S", "cluster.submit=true")
+    for stage in ("download", "preprocess", "tune", "train", "evaluate"):
+        assert f"Running stage '{stage}'" in output, stage
+    jobs = re.findall(r"\[submit\] job (vae-(\w+)-\S+) on", output)
+    assert [stage for _, stage in jobs] == ["tune", "train", "evaluate"], jobs
+
+    # Every job succeeded; the sweep's trials and the Train workers ran on the worker hosts (the head has
+    # no CPUs), not on this machine.
+    workers = {n["node_id"] for n in cluster.nodes() if n.get("node_ip") in
+               {cluster.host_ip(h) for h in ("worker-1", "worker-2")}}
+    for job, stage in jobs:
+        assert job_info(cluster, job)["status"] == "SUCCEEDED", job
+        if stage in ("tune", "train"):
+            placed = {a["node_id"] for a in job_actors(cluster, job, "RayTrainWorker", state="DEAD")}
+            assert placed and placed <= workers, (job, placed)
+
+    best = yaml.safe_load((repo / "reports/tune/best_params.yaml").read_text())
+    config = json.loads((repo / "models/vae/model_config.json").read_text())
+    assert config["latent_dim"] == best["params"]["latent_dim"]
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+    for stage, path in (("tune", "reports/tune"), ("train", "models/vae"), ("evaluate", "reports/eval"),
+                        ("evaluate", "reports/metrics.json")):
+        (out,) = [o for o in lock[stage]["outs"] if o["path"] == path]
+        assert re.fullmatch(r"[0-9a-f]{32}(\.dir)?", out["md5"]), (stage, out)
+
+    # The team's DVC remote in the bucket: push, clone, pull - the same files; nothing to run.
+    run(repo, env, DVC, "remote", "add", "-d", "team", f"{cluster.bucket_uri}/dvc")
+    run(repo, env, DVC, "remote", "modify", "team", "endpointurl", str(cluster.s3_url))
+    git = ["git", "-c", "user.email=t@example.com", "-c", "user.name=t"]
+    run(repo, env, "git", "add", "-A")
+    run(repo, env, *git, "commit", "-q", "-m", "the experiment and the team remote")
+    run(repo, env, DVC, "push")
+    clone = tmp_path / "clone"
+    run(tmp_path, env, "git", "clone", "-q", str(repo), str(clone))
+    (clone / ".venv").symlink_to(repo / ".venv")
+    run(clone, env, DVC, "pull")
+    for name in ("models/vae/model.safetensors", "reports/tune/best_params.yaml", "reports/metrics.json"):
+        assert (clone / name).read_bytes() == (repo / name).read_bytes(), name
+
+    again = run(repo, env, DVC, "exp", "run", "-S", "cluster.submit=true")
+    assert "[submit] job" not in again and "Running stage" not in again, again[-3000:]
