@@ -368,8 +368,8 @@ def test_a_stage_finds_the_run_outputs_in_storage_wherever_it_runs(s3, tmp_path,
     assert artifacts.model_dir_for(params) == tmp_path / "job-c" / "models" / "vae"
 
     # Bring everything back.
-    source, files = artifacts.fetch_stage_outputs(params, tmp_path / "back")
-    assert source == saved
+    sources, files = artifacts.fetch_stage_outputs(params, tmp_path / "back")
+    assert sources == [saved]  # no sweep: train.use_best_params is false
     assert set(files) >= {"models/vae/model.safetensors", "reports/train_metrics.json"}
     assert json.loads((tmp_path / "back" / "models" / "vae" / "run.json").read_text())["run_name"] == name
 
