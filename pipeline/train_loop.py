@@ -75,6 +75,7 @@ class TrainingRun:
     fixed_z: torch.Tensor
     logger: RunLogger
     figures: StepFigures
+    parameters: list[nn.Parameter] = field(default_factory=list)  # the model's, listed once (not per step)
     start_epoch: int = 0
     step: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
@@ -169,6 +170,7 @@ def set_up(config: WorkerConfig, session: Session) -> TrainingRun:
             hold_until_commit=True,  # sent once their checkpoint is written: no step logged twice
         ),
         figures=figures,
+        parameters=list(model.parameters()),
     )
     torch.manual_seed(rank_seed(train.seed, rank))  # each rank its own noise from here on
     state = session.load_checkpoint()
@@ -225,7 +227,7 @@ def training_step(run: TrainingRun, x: torch.Tensor) -> torch.Tensor:
     loss = reconstruction.mean() + kl_penalty(run.schedule, kl, run.step, batch_mean_kl=global_kl)
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    parameters = [p for p in run.model.parameters() if p.grad is not None]
+    parameters = [p for p in run.parameters if p.grad is not None]
     gradients = [p.grad for p in parameters]
     if train.grad_clip_norm or (run.step + 1) % train.log_every_n_steps == 0:  # the norm where it is used
         grad_norm = torch.nn.utils.get_total_norm(gradients, foreach=True).float()  # NaN/inf: flagged below
