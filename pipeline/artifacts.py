@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from pipeline import storage, storage_access
+from pipeline import storage
 from pipeline.common import StageError, atomic_output, atomic_write_text, project_root, resolve
 from pipeline.config import RUN_IDENTITY_EXCLUDES, Params, SearchedValues
 from pipeline.data import location_hashes
@@ -82,8 +82,7 @@ def sweep_name(params: Params, hashes: dict[str, str]) -> str:
 
 def storage_location(params: Params) -> str:
     """``train.storage_path`` as an absolute path (relative = project root) or a URI, unchanged."""
-    location = params.train.storage_path
-    return location if storage_access.is_uri(location) else str(resolve(location))
+    return storage.storage_location(params.train.storage_path)
 
 
 def run_location(params: Params, name: str | None = None) -> str:

@@ -13,6 +13,10 @@ from pipeline.common import StageError
 from pipeline.config import Params
 from pipeline.params_file import load_params
 
+# (module, params, --params path, the stage's work) -> exit status: pipeline.submit.run_or_submit's shape,
+# handed in by the data stages (this module sits beside pipeline.submit, not above it).
+Submitter = Callable[[str, Params, Any, Callable[[Params], None]], int]
+
 
 def log_to_stderr(logger: logging.Logger) -> None:
     """A data stage's progress messages on stderr, one per line (unless logging was configured already)."""
@@ -55,11 +59,16 @@ def run_stage(name: str, body: Callable[[], int | None], interrupted: str | None
 
 
 def data_stage_main(module: str, doc: str | None, argv: list[str] | None, run: Callable[[Params], Any],
-                    logger: logging.Logger, *, interrupted: str) -> int:
-    """The ``main`` of a data stage: parse ``--params``, log progress to stderr, ``run(params)``."""
+                    logger: logging.Logger, *, interrupted: str, submit: Submitter | None = None) -> int:
+    """The ``main`` of a data stage: parse ``--params``, log progress to stderr, ``run(params)`` - or, given
+    ``submit`` (:func:`pipeline.submit.run_or_submit`), let it decide whether to run here or as a Ray job."""
     args = stage_argument_parser(module, doc).parse_args(argv)
     log_to_stderr(logger)
-    def body() -> None:
-        run(load_params(args.params))  # (its result, a path or a manifest, is not an exit status)
+    def work(params: Params) -> None:
+        run(params)  # (its result, a path or a manifest, is not an exit status)
+
+    def body() -> int | None:
+        params = load_params(args.params)
+        return submit(module, params, args.params, work) if submit else work(params)
 
     return run_stage(module.rsplit(".", 1)[-1], body, interrupted=interrupted)

@@ -28,6 +28,7 @@ from pipeline.celeba import RUN_DVC_DOWNLOAD, decode_chunk, read_celeba_annotati
 from pipeline.cli import data_stage_main
 from pipeline.common import atomic_output
 from pipeline.datasets import DataStageError
+from pipeline.job_submission import run_data_stage
 from pipeline.processed_folder import _input_checksums, _manifest, _OutputFolder, _write_manifest
 
 if TYPE_CHECKING:
@@ -361,7 +362,8 @@ def main(argv: list[str] | None = None) -> int:
         return preprocess(params.data, params.preprocess, params.cluster.s3_endpoint_url)
 
     return data_stage_main("pipeline.preprocess", __doc__, argv, run, log,
-                           interrupted="nothing was written (outputs are renamed into place when complete)")
+                           interrupted="nothing was written (outputs are renamed into place when complete)",
+                           submit=run_data_stage)
 
 
 if __name__ == "__main__":

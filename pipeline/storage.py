@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from pipeline.common import atomic_output, say
+from pipeline.common import atomic_output, resolve, say
 from pipeline.storage_access import StorageError, _explained, check_location, filesystem, is_uri
 
 MANIFEST = "manifest.json"
@@ -34,6 +34,15 @@ _CHUNK = 8 * 1024 * 1024
 def join(location: str, *parts: str) -> str:
     """``location``/part/... for a path or a URI."""
     return "/".join([str(location).rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+# Every stream is opened with compression=None: pyarrow's default ("detect") would gzip a ``.gz`` file again
+# on its way up and unzip it on its way down, so a stored object would not be the file (MNIST's raw files).
+
+
+def storage_location(storage_path: str | Path) -> str:
+    """Run storage (``train.storage_path``): an absolute path (relative: project root) or a URI as is."""
+    return str(storage_path) if is_uri(str(storage_path)) else str(resolve(storage_path))
 
 
 # --------------------------------------------------------------------------------------------- files
@@ -46,7 +55,7 @@ def read_bytes(location: str, endpoint: str | None = None, patient: bool = True)
         StorageError: the store refused (the message says what to fix).
     """
     fs, path = filesystem(location, endpoint, patient=patient)
-    with _explained(location, endpoint, "reading"), fs.open_input_stream(path) as handle:
+    with _explained(location, endpoint, "reading"), fs.open_input_stream(path, compression=None) as handle:
         return handle.read()
 
 
@@ -58,7 +67,7 @@ def write_bytes(location: str, data: bytes, endpoint: str | None = None) -> None
             tmp.write_bytes(data)
         return
     fs, path = filesystem(location, endpoint)
-    with _explained(location, endpoint, "writing"), fs.open_output_stream(path) as handle:
+    with _explained(location, endpoint, "writing"), fs.open_output_stream(path, compression=None) as handle:
         handle.write(data)
 
 
@@ -73,7 +82,7 @@ def upload_file(source: Path, location: str, endpoint: str | None = None) -> Non
     with (
         _explained(location, endpoint, "writing"),
         open(source, "rb") as src,
-        fs.open_output_stream(path) as dst,
+        fs.open_output_stream(path, compression=None) as dst,
     ):
         while chunk := src.read(_CHUNK):
             dst.write(chunk)
@@ -93,7 +102,7 @@ def download_file(
     with atomic_output(target) as tmp:
         with (
             _explained(location, endpoint, "reading"),
-            fs.open_input_stream(path) as src,
+            fs.open_input_stream(path, compression=None) as src,
             open(tmp, "wb") as dst,
         ):
             while chunk := src.read(_CHUNK):

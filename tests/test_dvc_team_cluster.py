@@ -1,21 +1,23 @@
 """`dvc exp run` drives the team cluster through the bucket (root: hosts of their own). From a fresh git +
-DVC copy of the project with no shared folder, `dvc exp run -S cluster.submit=true` downloads and
-preprocesses here, then tune, train (with the sweep's best values) and evaluate each run as a Ray job whose
-trials and Train workers run on the worker hosts; every output comes back into the workspace, where DVC
-hashes, locks and pushes it; a clone's `dvc pull` gives the same files, and a second `dvc exp run` with
-nothing changed submits nothing."""
+DVC copy of the project with no shared folder, `dvc exp run -S cluster.submit=true` runs every stage as a Ray
+job: download (from a mirror on the bridge, the stand-in for the internet) and preprocess each in a driver on
+a worker host, tune, train (with the sweep's best values) and evaluate with their trials and Train workers on
+the worker hosts; every output comes back into the workspace, where DVC hashes, locks and pushes it; a
+clone's `dvc pull` gives the same files, and a second `dvc exp run` with nothing changed submits nothing."""
 
 from __future__ import annotations
 
 import json
 import re
 import subprocess
+from pathlib import Path
 
 import pytest
 import yaml
 
 from infra.cluster import hosts as hostnet
 from tests.cluster_helpers import job_actors, job_info, local_cluster
+from tests.fixtures.http_server import FileServer
 from tests.fixtures.repository import fresh_repository, repository_env
 
 why_not = hostnet.available()
@@ -24,6 +26,9 @@ pytestmark = [
     pytest.mark.skipif(why_not is not None, reason=f"the team cluster on hosts of their own: {why_not}"),
 ]
 DVC = ".venv/bin/dvc"
+FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist (make setup)
+FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
+         "t10k-labels-idx1-ubyte.gz")
 
 
 @pytest.fixture(scope="module")
@@ -39,9 +44,20 @@ def run(repo, env, *command: str, timeout: float = 900) -> str:
     return done.stdout + done.stderr
 
 
-def test_dvc_exp_run_drives_the_team_cluster_through_the_bucket(team_hosts, tmp_path):
+@pytest.fixture
+def mirror(team_hosts):
+    """Fashion-MNIST's four files over HTTP on the head's bridge address, which the worker hosts reach."""
+    with FileServer(host=team_hosts.host_ip("head")) as server:
+        for name in FILES:
+            server.add(f"/fashion/{name}", FASHION_MNIST / name)
+        yield server
+
+
+def test_dvc_exp_run_drives_the_team_cluster_through_the_bucket(team_hosts, mirror, tmp_path):
     cluster = team_hosts
     repo = fresh_repository(tmp_path, {
+        "download.fashion_mnist_local_dir": None,
+        "download.fashion_mnist_mirrors": [f"{mirror.url}/fashion/"],
         "data.dataset": "fashion_mnist",
         "model.architecture": "mlp",
         "model.hidden_dims": [64],
@@ -68,14 +84,19 @@ def test_dvc_exp_run_drives_the_team_cluster_through_the_bucket(team_hosts, tmp_
     for stage in ("download", "preprocess", "tune", "train", "evaluate"):
         assert f"Running stage '{stage}'" in output, stage
     jobs = re.findall(r"\[submit\] job (vae-(\w+)-\S+) on", output)
-    assert [stage for _, stage in jobs] == ["tune", "train", "evaluate"], jobs
+    assert [stage for _, stage in jobs] == ["download", "preprocess", "tune", "train", "evaluate"], jobs
 
-    # Every job succeeded; the sweep's trials and the Train workers ran on the worker hosts (the head has
-    # no CPUs), not on this machine.
-    workers = {n["node_id"] for n in cluster.nodes() if n.get("node_ip") in
-               {cluster.host_ip(h) for h in ("worker-1", "worker-2")}}
+    # Every job succeeded; the data stages' drivers, the sweep's trials and the Train workers ran on the
+    # worker hosts (the head has no CPUs), not on this machine; the files came from the mirror to a worker.
+    worker_ips = {cluster.host_ip(h) for h in ("worker-1", "worker-2")}
+    workers = {n["node_id"] for n in cluster.nodes() if n.get("node_ip") in worker_ips}
+    fetched = {r.client for r in mirror.requests if r.method == "GET"}
+    assert fetched and fetched <= worker_ips, fetched
     for job, stage in jobs:
-        assert job_info(cluster, job)["status"] == "SUCCEEDED", job
+        info = job_info(cluster, job)
+        assert info["status"] == "SUCCEEDED", job
+        if stage in ("download", "preprocess"):
+            assert info["driver_node_id"] in workers, (job, info["driver_node_id"])
         if stage in ("tune", "train"):
             placed = {a["node_id"] for a in job_actors(cluster, job, "RayTrainWorker", state="DEAD")}
             assert placed and placed <= workers, (job, placed)
@@ -84,7 +105,11 @@ def test_dvc_exp_run_drives_the_team_cluster_through_the_bucket(team_hosts, tmp_
     config = json.loads((repo / "models/vae/model_config.json").read_text())
     assert config["latent_dim"] == best["params"]["latent_dim"]
     lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
-    for stage, path in (("tune", "reports/tune"), ("train", "models/vae"), ("evaluate", "reports/eval"),
+    for name in FILES:  # the downloaded files came back from the job byte for byte
+        assert (repo / "data/raw/fashion_mnist" / name).read_bytes() == (FASHION_MNIST / name).read_bytes()
+    for stage, path in (("download", "data/raw/fashion_mnist"),
+                        ("preprocess", "data/processed/fashion_mnist"),
+                        ("tune", "reports/tune"), ("train", "models/vae"), ("evaluate", "reports/eval"),
                         ("evaluate", "reports/metrics.json")):
         (out,) = [o for o in lock[stage]["outs"] if o["path"] == path]
         assert re.fullmatch(r"[0-9a-f]{32}(\.dir)?", out["md5"]), (stage, out)
@@ -100,7 +125,8 @@ def test_dvc_exp_run_drives_the_team_cluster_through_the_bucket(team_hosts, tmp_
     run(tmp_path, env, "git", "clone", "-q", str(repo), str(clone))
     (clone / ".venv").symlink_to(repo / ".venv")
     run(clone, env, DVC, "pull")
-    for name in ("models/vae/model.safetensors", "reports/tune/best_params.yaml", "reports/metrics.json"):
+    for name in (f"data/raw/fashion_mnist/{FILES[0]}", "data/processed/fashion_mnist/manifest.json",
+                 "models/vae/model.safetensors", "reports/tune/best_params.yaml", "reports/metrics.json"):
         assert (clone / name).read_bytes() == (repo / name).read_bytes(), name
 
     again = run(repo, env, DVC, "exp", "run", "-S", "cluster.submit=true")

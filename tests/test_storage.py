@@ -464,3 +464,19 @@ def test_a_submission_carries_the_commit_of_the_submitting_checkout(monkeypatch)
     monkeypatch.delenv("VAE_GIT_COMMIT")
     monkeypatch.delenv("VAE_GIT_DIRTY")
     assert tracking.lineage_tags()["git_commit"] == "unknown"
+
+
+def test_a_gzip_file_is_stored_as_it_is(s3, tmp_path):
+    """A ``.gz`` file (MNIST's raw files) is stored byte for byte and comes back the same: no compression is
+    added on the way up nor taken off on the way down."""
+    import gzip
+
+    source = tmp_path / "train-images-idx3-ubyte.gz"
+    source.write_bytes(gzip.compress(bytes(range(256)) * 64))
+    location = f"{s3.prefix()}/{source.name}"
+    storage.upload_file(source, location, s3.endpoint)
+    fs, path = storage.filesystem(location, s3.endpoint)
+    assert fs.get_file_info(path).size == source.stat().st_size
+    storage.download_file(location, tmp_path / "back.gz", s3.endpoint, sha256=storage.sha256_file(source))
+    assert (tmp_path / "back.gz").read_bytes() == source.read_bytes()
+    assert storage.read_bytes(location, s3.endpoint) == source.read_bytes()

@@ -7,12 +7,14 @@ and tests/test_dvc_team_cluster.py."""
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
 
+from pipeline import job_submission as jobs
 from pipeline import submit
-from pipeline.submit import SubmitError
+from pipeline.job_submission import SubmitError
 
 
 @dataclasses.dataclass
@@ -50,7 +52,7 @@ ADDRESS = "http://10.0.0.1:8265"
 def test_a_lost_connection_or_ctrl_c_leaves_the_job_running_and_says_how_to_follow_it(failure, capsys):
     client = FakeClient(tail=["[train] epoch 1/5\n", failure])
     with pytest.raises(SubmitError) as raised:
-        submit.follow(client, "vae-train-abc", ADDRESS)
+        jobs.follow(client, "vae-train-abc", ADDRESS)
     message = str(raised.value)
     assert "[train] epoch 1/5" in capsys.readouterr().out
     assert "vae-train-abc goes on" in message or "the job goes on there" in message
@@ -60,17 +62,17 @@ def test_a_lost_connection_or_ctrl_c_leaves_the_job_running_and_says_how_to_foll
 
 
 def test_the_job_is_followed_to_its_end():
-    assert submit.follow(FakeClient(tail=["a\n", "b\n"], final="STOPPED"), "j", ADDRESS).status == "STOPPED"
+    assert jobs.follow(FakeClient(tail=["a\n", "b\n"], final="STOPPED"), "j", ADDRESS).status == "STOPPED"
 
 
 def test_the_same_job_is_not_submitted_twice_while_it_runs():
     key = "0123456789ab"
     finished = Job("vae-train-old", "SUCCEEDED", {"vae_submission": key})
     other = Job("vae-train-other", "RUNNING", {"vae_submission": "ffffffffffff"})
-    submit.refuse_if_running(FakeClient([finished, other]), "pipeline.train", key, ADDRESS)  # no error
+    jobs.refuse_if_running(FakeClient([finished, other]), "pipeline.train", key, ADDRESS)  # no error
     running = Job("vae-train-now", "RUNNING", {"vae_submission": key})
     with pytest.raises(SubmitError, match="already running on .*: vae-train-now. Not submitting it twice"):
-        submit.refuse_if_running(FakeClient([finished, running]), "pipeline.train", key, ADDRESS)
+        jobs.refuse_if_running(FakeClient([finished, running]), "pipeline.train", key, ADDRESS)
 
 
 def _workspace(root: Path) -> None:
@@ -90,12 +92,12 @@ def test_the_jobs_outputs_replace_the_workspaces_all_or_nothing(tmp_path, monkey
     (outputs / "reports/train_metrics.json").write_text('{"new": true}')
     # train_curves.csv is declared but missing: nothing may change
     with pytest.raises(SubmitError, match="left no reports/train_curves.csv"):
-        submit.bring_back("pipeline.train", str(outputs), None)
+        jobs.bring_back(jobs.STAGE_FILES["pipeline.train"][1], str(outputs), None)
     assert (workspace / "models/vae/model.safetensors").read_bytes() == b"old model"
     assert (workspace / "reports/train_metrics.json").read_text() == '{"old": true}'
 
     (outputs / "reports/train_curves.csv").write_text("epoch\n1\n")
-    files = submit.bring_back("pipeline.train", str(outputs), None)
+    files = jobs.bring_back(jobs.STAGE_FILES["pipeline.train"][1], str(outputs), None)
     assert sorted(files) == ["models/vae/model.safetensors", "reports/train_curves.csv",
                              "reports/train_metrics.json"]
     assert (workspace / "models/vae/model.safetensors").read_bytes() == b"new model"
@@ -145,3 +147,103 @@ def test_a_sweep_that_ran_elsewhere_reaches_the_job_only_if_the_workspace_holds_
     stored.write_text(yaml.safe_dump({"sweep": "the-one-in-storage", "params": {"latent_dim": 16}}))
     submit.job_params("pipeline.train", params)  # a result already there is kept
     assert yaml.safe_load(stored.read_text())["sweep"] == "the-one-in-storage"
+
+
+def _raw_workspace(root: Path) -> Path:
+    raw = root / "data/raw/fashion_mnist"
+    (raw / "extracted").mkdir(parents=True)
+    for name in ("train-images-idx3-ubyte.gz", "t10k-images-idx3-ubyte.gz", "sources.json"):
+        (raw / name).write_bytes(f"the bytes of {name}".encode())
+    (raw / "extracted/image.png").write_bytes(b"not handed on")
+    return raw
+
+
+def _data_params(root: Path, **overrides):
+    from pipeline.params_file import load_params
+    from tests.cluster_helpers import write_params
+
+    return load_params(write_params(root / "params.yaml", {
+        "data.dataset": "fashion_mnist", "train.storage_path": str(root / "store"), **overrides}))
+
+
+def test_a_submitted_preprocess_fetches_the_raw_files_published_once_and_verified(tmp_path, monkeypatch):
+    """The raw files (not the extracted subfolder) go to storage under the hash of their content, once; the
+    job fetches each checked against its sha256 - a damaged copy is refused, not preprocessed."""
+    laptop, job = tmp_path / "laptop", tmp_path / "job"
+    raw = _raw_workspace(laptop)
+    monkeypatch.setenv("VAE_PROJECT_ROOT", str(laptop))
+    params = _data_params(laptop)
+    with pytest.raises(SubmitError, match="run the download stage first"):
+        jobs.published_inputs("pipeline.preprocess", _data_params(laptop, **{"data.dataset": "mnist"}))
+    inputs = jobs.published_inputs("pipeline.preprocess", params)
+    ((folder, entry),) = inputs.items()
+    assert folder == "data/raw/fashion_mnist"
+    assert sorted(entry["files"]) == sorted(p.name for p in raw.iterdir() if p.is_file())
+    assert len(entry["files"]) == 3
+    uploads = []
+    monkeypatch.setattr(jobs.storage, "upload_file", lambda *a, **k: uploads.append(a))
+    assert jobs.published_inputs("pipeline.preprocess", params) == inputs and uploads == []  # already there
+
+    monkeypatch.setenv("VAE_PROJECT_ROOT", str(job))
+    jobs.fetch_inputs(inputs, None)
+    for name in entry["files"]:
+        assert (job / folder / name).read_bytes() == (raw / name).read_bytes()
+    assert not (job / folder / "extracted").exists()
+    (Path(entry["location"]) / "sources.json").write_bytes(b"changed in the store")
+    (job / folder / "sources.json").unlink()
+    with pytest.raises(jobs.storage.StorageError, match="sha256"):
+        jobs.fetch_inputs(inputs, None)
+    assert not (job / folder / "sources.json").exists()
+
+
+class RecordingClient(FakeClient):
+    """A cluster whose 'job' leaves ``files`` in the outputs folder it was given, as a submitted stage
+    does."""
+
+    def __init__(self, files: dict[str, bytes]):
+        super().__init__()
+        self.files, self.submitted = files, {}
+
+    def submit_job(self, **kwargs):
+        self.submitted = kwargs
+        outputs = Path(kwargs["runtime_env"]["env_vars"][jobs.SUBMISSION_OUTPUTS_ENV])
+        for name, data in self.files.items():
+            (outputs / name).parent.mkdir(parents=True, exist_ok=True)
+            (outputs / name).write_bytes(data)
+
+
+def test_a_data_stage_job_asks_for_a_cpu_and_its_outputs_land_in_the_workspace(tmp_path, monkeypatch):
+    """A data stage works in the job's driver: it asks for one CPU (so Ray places it on a worker host, not on
+    a head without CPUs), carries the published inputs in its environment, and its outputs replace the
+    workspace's."""
+    import ray.job_submission
+
+    monkeypatch.setenv("VAE_PROJECT_ROOT", str(tmp_path))
+    _raw_workspace(tmp_path)
+    params = _data_params(tmp_path)
+    client = RecordingClient({"data/processed/fashion_mnist/manifest.json": b"{}"})
+    monkeypatch.setattr(ray.job_submission, "JobSubmissionClient", lambda address: client)
+    inputs = jobs.published_inputs("pipeline.preprocess", params)
+    uri, key = jobs.write_job_params("pipeline.preprocess", params)
+    assert jobs.submit_job("pipeline.preprocess", params, uri, key, ADDRESS, inputs) == 0
+    assert client.submitted["entrypoint_num_cpus"] == 1
+    assert client.submitted["entrypoint"] == f"python -m pipeline.preprocess --params {uri}"
+    env = client.submitted["runtime_env"]["env_vars"]
+    assert json.loads(env[jobs.SUBMISSION_INPUTS_ENV]) == inputs
+    assert (tmp_path / "data/processed/fashion_mnist/manifest.json").read_bytes() == b"{}"
+
+    train = RecordingClient({name: b"x" for name in jobs.STAGE_FILES["pipeline.train"][1]})
+    monkeypatch.setattr(ray.job_submission, "JobSubmissionClient", lambda address: train)
+    jobs.submit_job("pipeline.train", params, uri, key, ADDRESS)
+    assert train.submitted["entrypoint_num_cpus"] is None  # a train driver only coordinates, on the head
+
+
+def test_inside_a_download_job_only_the_raw_files_are_uploaded(tmp_path, monkeypatch):
+    monkeypatch.setenv("VAE_PROJECT_ROOT", str(tmp_path))
+    monkeypatch.setenv("VAE_SUBMITTED", "1")
+    monkeypatch.setenv(jobs.SUBMISSION_OUTPUTS_ENV, str(tmp_path / "outputs"))
+    jobs.run_here("pipeline.download", _data_params(tmp_path), lambda params: _raw_workspace(tmp_path))
+    sent = sorted(p.relative_to(tmp_path / "outputs").as_posix() for p in (tmp_path / "outputs").rglob("*")
+                  if p.is_file())
+    assert sent == [f"data/raw/fashion_mnist/{name}" for name in
+                    ("sources.json", "t10k-images-idx3-ubyte.gz", "train-images-idx3-ubyte.gz")]

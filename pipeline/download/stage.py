@@ -22,6 +22,7 @@ from pipeline.archives import UnsafeArchiveError, celeba_image_entries
 from pipeline.cli import data_stage_main
 from pipeline.common import atomic_write_text, make_readable
 from pipeline.datasets import DataStageError, RemoteFile
+from pipeline.job_submission import run_data_stage
 
 if TYPE_CHECKING:
     from pipeline.config import DataConfig, DownloadConfig
@@ -364,7 +365,8 @@ def download(data: DataConfig, config: DownloadConfig) -> Path:
 def main(argv: list[str] | None = None) -> int:
     """``python -m pipeline.download [--params PATH]``: exit status 0, or 1 with a message on stderr."""
     return data_stage_main("pipeline.download", __doc__, argv, lambda p: download(p.data, p.download), log,
-                           interrupted="partial downloads are kept in data/raw/.downloads for the next run")
+                           interrupted="partial downloads are kept in data/raw/.downloads for the next run",
+                           submit=run_data_stage)
 
 
 if __name__ == "__main__":
