@@ -326,6 +326,7 @@ def test_the_mlflow_ui_shows_the_runs_table_the_elbo_chart_and_the_pictures(ray_
     picture of the logged size in view; the run logs the compared parameters only, the whole configuration
     as one artifact, and the registered version carries the best-test-NLL alias."""
     from PIL import Image
+    from selenium.common.exceptions import TimeoutException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
@@ -399,9 +400,20 @@ def test_the_mlflow_ui_shows_the_runs_table_the_elbo_chart_and_the_pictures(ray_
             wait.until(loaded_and_in_view)
             image.click()
             preview = wait.until(lambda b: visible(b, "//img[contains(@class,'rc-image-preview-img')]"))
-            wait.until(lambda b: int(preview.get_attribute("naturalWidth") or 0) > 0)
-            assert (int(preview.get_attribute("naturalWidth")), int(preview.get_attribute("naturalHeight"))) \
-                == logged_size
+
+            def preview_size() -> tuple[int, int]:
+                return (int(preview.get_attribute("naturalWidth") or 0),
+                        int(preview.get_attribute("naturalHeight") or 0))
+
+            # The card shows MLflow's compressed thumbnail (256 px on its longer side); the preview swaps in
+            # the full picture once it has loaded, and until then the element may still hold the thumbnail.
+            # So wait for the full picture: a preview that never shows it times out here with its last size.
+            try:
+                WebDriverWait(browser, 30, poll_frequency=0.25).until(lambda b: preview_size() == logged_size)
+            except TimeoutException:
+                source = preview.get_attribute("src")
+                raise AssertionError(f"the preview shows {preview_size()} from {source},"
+                                     f" not the logged picture at {logged_size}") from None
             assert in_view(browser, preview)
         except Exception:
             browser.save_screenshot(str(workspace / "mlflow-ui-failure.png"))
