@@ -411,8 +411,9 @@ def test_ray_up_config_has_the_required_keys():
     assert any(t["node_config"]["InstanceType"].startswith(("g", "p")) for t in workers.values()), (
         "GPU instances"
     )
-    # The project is installed on every node; token auth on every node; jobs get MLflow + shared storage.
-    assert any("pip install" in c and "/app" in c for c in config["setup_commands"])
+    # The synced project imports on every node (the image installed it editable at /app); token auth on
+    # every node; jobs get MLflow + shared storage.
+    assert any("import pipeline" in c for c in config["setup_commands"])
     assert config["file_mounts"]["/app"] == "."
     for key in ("head_start_ray_commands", "worker_start_ray_commands"):
         start = " ".join(config[key])
@@ -563,3 +564,109 @@ def test_the_threat_model_names_only_tests_that_exist():
     assert len(named) >= 10
     for module, test in sorted(named):
         assert f"def {test}(" in (REPO_ROOT / "tests" / f"{module}.py").read_text(), (module, test)
+
+
+# ------------------------------------------------------------------------------------- least privilege
+# The fields of the Kubernetes core/v1 PodSecurityContext and SecurityContext types (k8s.io/api 1.33); a name
+# outside them is a typo the API server would reject or, with lenient decoding, silently drop.
+POD_SECURITY_CONTEXT = {
+    "seLinuxOptions", "windowsOptions", "runAsUser", "runAsGroup", "runAsNonRoot", "supplementalGroups",
+    "supplementalGroupsPolicy", "fsGroup", "sysctls", "fsGroupChangePolicy", "seccompProfile",
+    "appArmorProfile", "seLinuxChangePolicy",
+}
+CONTAINER_SECURITY_CONTEXT = {
+    "capabilities", "privileged", "seLinuxOptions", "windowsOptions", "runAsUser", "runAsGroup",
+    "runAsNonRoot", "readOnlyRootFilesystem", "allowPrivilegeEscalation", "procMount", "seccompProfile",
+    "appArmorProfile",
+}
+
+
+def image_user() -> tuple[int, int]:
+    """The (uid, gid) infra/Dockerfile's last ``USER`` names, its build args resolved.
+
+    Raises:
+        AssertionError: no USER, or a name instead of numbers (Kubernetes' runAsNonRoot cannot check a name).
+    """
+    dockerfile = (INFRA / "Dockerfile").read_text()
+    args = dict(re.findall(r"^ARG (\w+)=(\S+)", dockerfile, re.M))
+    users = re.findall(r"^USER (\S+)", dockerfile, re.M)
+    assert users, "infra/Dockerfile has no USER: the image would run as root"
+    value = re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], users[-1])
+    uid, _, gid = value.partition(":")
+    assert uid.isdigit() and gid.isdigit(), f"USER {users[-1]}: numeric uid:gid (runAsNonRoot checks numbers)"
+    return int(uid), int(gid)
+
+
+def every_pod() -> list[tuple[str, dict[str, Any]]]:
+    """(label, pod spec) of every pod any manifest under infra/kuberay/ (team/ included) makes: Ray heads and
+    workers, the RayJobs' submitters, the Deployments."""
+    pods = []
+    for path in sorted(KUBERAY.rglob("*.yaml")):
+        for doc in load_all(path):
+            label = f"{path.relative_to(KUBERAY)}:{doc['kind']}"
+            if doc["kind"] == "RayJob":
+                pods.append((f"{label}:submitter", doc["spec"]["submitterPodTemplate"]["spec"]))
+            if doc["kind"] in ("RayJob", "RayCluster"):
+                spec = doc["spec"].get("rayClusterSpec", doc["spec"])
+                pods.append((f"{label}:head", spec["headGroupSpec"]["template"]["spec"]))
+                pods += [(f"{label}:{group['groupName']}", group["template"]["spec"])
+                         for group in spec["workerGroupSpecs"]]
+            if doc["kind"] == "Deployment":
+                pods.append((f"{label}:{doc['metadata']['name']}", doc["spec"]["template"]["spec"]))
+    return pods
+
+
+def test_the_image_runs_as_a_numeric_non_root_user_who_owns_the_project():
+    """No process of the image runs as root: the last USER is a numeric uid:gid other than 0, made by
+    useradd with that uid, and /app (data/, runs/, `ray up`'s file syncs) and the volume's mount point belong
+    to it. (No Docker daemon here: the Dockerfile is read, not built.)"""
+    uid, gid = image_user()
+    assert uid != 0 and gid != 0
+    dockerfile = (INFRA / "Dockerfile").read_text()
+    args = dict(re.findall(r"^ARG (\w+)=(\S+)", dockerfile, re.M))
+    resolved = re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], dockerfile)
+    assert re.search(rf"useradd --uid {uid} --gid {gid}\b", resolved)
+    assert f"chown -R {uid}:{gid} /app" in resolved and f"chown {uid}:{gid} /mnt/vae" in resolved
+    last_user = resolved.rindex("\nUSER ")
+    assert "pip install" not in resolved[last_user:], "packages are installed as root, before USER"
+
+
+@pytest.mark.parametrize("label,pod", every_pod(), ids=lambda v: v if isinstance(v, str) else "")
+def test_every_pod_runs_as_the_image_user_without_privileges(label, pod):
+    """Each pod: runAsNonRoot with the image's uid and gid (fsGroup too where it mounts volumes, so they are
+    writable), the runtime's default seccomp profile; each container (and the autoscaler sidecar): no
+    privilege escalation and every capability dropped. Field names checked against the Kubernetes types."""
+    uid, gid = image_user()
+    context = pod["securityContext"]
+    assert set(context) <= POD_SECURITY_CONTEXT, set(context) - POD_SECURITY_CONTEXT
+    assert context["runAsNonRoot"] is True and context["runAsUser"] == uid and context["runAsGroup"] == gid
+    if pod.get("volumes"):
+        assert context["fsGroup"] == gid
+    assert context["seccompProfile"] == {"type": "RuntimeDefault"}
+    for container in pod["containers"]:
+        own = container["securityContext"]
+        assert set(own) <= CONTAINER_SECURITY_CONTEXT, set(own) - CONTAINER_SECURITY_CONTEXT
+        assert own["allowPrivilegeEscalation"] is False and own["capabilities"] == {"drop": ["ALL"]}
+        assert own.get("runAsUser", uid) == uid and own.get("privileged", False) is False
+
+
+def test_the_autoscaler_sidecars_and_ray_up_containers_drop_every_privilege():
+    """The in-tree autoscaler KubeRay adds gets the same container securityContext; `ray up`'s containers run
+    as the image's user with no capability and no-new-privileges, the token synced to that user's home (not
+    /root), the host folders they write owned by its uid, and nothing installed into site-packages."""
+    uid, gid = image_user()
+    for label, spec in cluster_specs() + [("team", team_objects("RayCluster")[0]["spec"])]:
+        if spec.get("enableInTreeAutoscaling"):
+            own = spec["autoscalerOptions"]["securityContext"]
+            assert own["allowPrivilegeEscalation"] is False, label
+            assert own["capabilities"] == {"drop": ["ALL"]}, label
+    for path in (RAY_UP, RAY_UP_TEAM):
+        config = yaml.safe_load(path.read_text())
+        options = config["docker"]["run_options"]
+        assert "--cap-drop=ALL" in options and "--security-opt=no-new-privileges" in options, path.name
+        assert not any(target.startswith("/root") for target in config["file_mounts"]), path.name
+        assert "~/.ray/auth_token" in config["file_mounts"]
+        assert not any("pip install" in command for command in config["setup_commands"]), path.name
+        mounted = [option.split()[1].split(":")[0] for option in options if option.startswith("-v ")]
+        for folder in mounted:
+            assert any(f"chown {uid}:{gid} {folder}" in c for c in config["initialization_commands"]), folder
