@@ -3,7 +3,9 @@
 #   make test   # the test suite (what CI runs)
 # Both create the virtual environment (.venv) and install what the project needs first.
 SHELL := /bin/bash
-PYTHON ?= python3
+# The system's Python when there is one: with `local-cluster up --hosts` the cluster's processes run this
+# venv's interpreter as unprivileged accounts, which cannot reach one installed under /root (pyenv).
+PYTHON ?= $(firstword $(wildcard /usr/bin/python3) python3)
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed

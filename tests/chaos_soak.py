@@ -570,6 +570,7 @@ def main(argv: list[str] | None = None) -> int:
     faults = schedule(args.faults, args.seed, kinds)
     tree_commit = commit()  # the jobs run the tree as it is now (working_tree copies it before the runs)
     with tempfile.TemporaryDirectory(prefix="soak-") as state, contextlib.ExitStack() as stack:
+        Path(state).chmod(0o711)  # the cluster's accounts (infra/cluster/accounts.py) must enter it
         cluster = stack.enter_context(local_cluster(Path(state) / "cluster", num_workers=3, hosts=True,
                                                     team=True, head_cpus=0, ray_env=FAST_HEALTH_CHECKS))
         stack.enter_context(_environment(cluster.client_env()))

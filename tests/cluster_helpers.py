@@ -64,6 +64,21 @@ def _load_infra_module(name: str):
 
 
 
+@contextlib.contextmanager
+def reachable_folder(name: str) -> Iterator[Path]:
+    """A new folder for a ``--hosts`` cluster's state: under /tmp with an unpredictable name, mode 0711, so
+    that the accounts its processes run as (infra/cluster/accounts.py) can enter it, which they cannot under
+    pytest's own 0700 temp root. Removed afterwards; kept (and named on stderr) when the body raised."""
+    folder = Path(tempfile.mkdtemp(prefix=f"vae-{name}-", dir="/tmp"))
+    folder.chmod(0o711)
+    try:
+        yield folder
+    except BaseException:
+        print(f"kept for a post-mortem: {folder}", file=sys.stderr)
+        raise
+    shutil.rmtree(folder, ignore_errors=True)
+
+
 def free_base_port(span: int = 70, attempts: int = 200) -> int:
     """A base port whose whole block ``base .. base+span`` is free (below Linux's ephemeral range)."""
     for _ in range(attempts):

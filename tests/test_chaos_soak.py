@@ -10,7 +10,7 @@ import pytest
 
 from infra.cluster import hosts as hostnet
 from tests import chaos_soak
-from tests.cluster_helpers import local_cluster
+from tests.cluster_helpers import local_cluster, reachable_folder
 
 why_not = hostnet.available()
 pytestmark = [
@@ -24,8 +24,9 @@ SHORT = ["kill_worker", "cut_link", "s3_kill", "mlflow_restart", "driver_restart
 
 @pytest.fixture(scope="module")
 def team_hosts(tmp_path_factory):
-    with local_cluster(tmp_path_factory.mktemp("soak"), num_workers=3, hosts=True, team=True, head_cpus=0,
-                       ray_env=chaos_soak.FAST_HEALTH_CHECKS) as cluster:
+    with reachable_folder("soak") as state, local_cluster(
+            state, num_workers=3, hosts=True, team=True, head_cpus=0, ray_env=chaos_soak.FAST_HEALTH_CHECKS
+    ) as cluster:
         with pytest.MonkeyPatch.context() as patch:
             for key, value in cluster.client_env().items():
                 patch.setenv(key, value)

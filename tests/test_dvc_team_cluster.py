@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from infra.cluster import hosts as hostnet
-from tests.cluster_helpers import job_actors, job_info, local_cluster
+from tests.cluster_helpers import job_actors, job_info, local_cluster, reachable_folder, submit_job
 from tests.fixtures.http_server import FileServer
 from tests.fixtures.repository import fresh_repository, repository_env
 
@@ -33,8 +33,8 @@ FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-image
 
 @pytest.fixture(scope="module")
 def team_hosts(tmp_path_factory):
-    with local_cluster(tmp_path_factory.mktemp("dvc-team"), num_workers=2, hosts=True, team=True,
-                       head_cpus=0) as cluster:
+    with reachable_folder("dvc-team") as state, local_cluster(
+            state, num_workers=2, hosts=True, team=True, head_cpus=0) as cluster:
         yield cluster
 
 
@@ -131,3 +131,56 @@ def test_dvc_exp_run_drives_the_team_cluster_through_the_bucket(team_hosts, mirr
 
     again = run(repo, env, DVC, "exp", "run", "-S", "cluster.submit=true")
     assert "[submit] job" not in again and "Running stage" not in again, again[-3000:]
+
+
+def process_ids(pid: int) -> tuple[set[int], set[int], int]:
+    """(uids, gids, effective capabilities) of a process, from /proc/<pid>/status: the real, effective,
+    saved and filesystem ids of each."""
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+    return ({int(v) for v in fields["Uid"].split()}, {int(v) for v in fields["Gid"].split()},
+            int(fields["CapEff"].strip(), 16))
+
+
+def test_no_process_of_the_stack_runs_as_root_and_a_job_reads_no_other_roles_secrets(team_hosts):
+    """With --hosts only the `ip` commands need root. Every process of the started stack - each node's
+    raylet, GCS, dashboard, agents and workers, the MLflow server, the S3 endpoint, PostgreSQL - runs with
+    every uid and gid of its role's account and no capability. Then the attack: a job (any submitter's code)
+    tries to read what other roles hold - the operator's credentials.json, the S3 endpoint's key file,
+    MLflow's auth config (the admin password) and the environments of the MLflow server (the PostgreSQL
+    password, the Flask key) and of the S3 endpoint - and is refused each one."""
+    import pwd
+
+    from infra.cluster import accounts, processes
+
+    cluster = team_hosts
+    owners = {"mlflow": accounts.MLFLOW_ACCOUNT, "s3": accounts.S3_ACCOUNT, "postgres": "postgres"}
+    nodes = ["head", "worker-1", "worker-2", "mlflow", "s3", "postgres"]
+    checked = set()
+    for node in nodes:
+        found = processes.find(cluster.cluster_id, node)
+        assert found, f"no process of {node}"
+        account = pwd.getpwnam(owners.get(node, accounts.RAY_ACCOUNT))
+        for proc in found:
+            uids, gids, capabilities = process_ids(proc.pid)
+            assert (uids, gids, capabilities) == ({account.pw_uid}, {account.pw_gid}, 0), (
+                node, processes.describe(proc), uids, gids, hex(capabilities))
+            checked.add(proc.pid)
+    everything = processes.find(cluster.cluster_id)
+    gone = {proc.pid for proc in everything if not processes.alive(proc)}  # exited since
+    assert {proc.pid for proc in everything} <= checked | gone
+    assert len(checked) >= 10
+
+    mlflow_pid = processes.find(cluster.cluster_id, "mlflow")[0].pid
+    s3_pid = processes.find(cluster.cluster_id, "s3")[0].pid
+    targets = [str(cluster.credentials_path), str(cluster.s3_keys_path), str(cluster.auth_config_path),
+               f"/proc/{mlflow_pid}/environ", f"/proc/{s3_pid}/environ"]
+    probe = ("import sys\n"
+             "for path in sys.argv[1:]:\n"
+             "    try:\n"
+             "        open(path, 'rb').read(); print('READ', path)\n"
+             "    except PermissionError:\n"
+             "        print('DENIED', path)\n")
+    result = submit_job(cluster, ["python", "-c", probe, *targets], timeout_s=300)
+    assert result.returncode == 0, result.output
+    assert re.findall(r"^(READ|DENIED) (\S+)$", result.output, re.M) == [("DENIED", t) for t in targets], \
+        result.output

@@ -19,9 +19,10 @@ from pathlib import Path
 import mlflow
 import pytest
 
+from infra.cluster import accounts
 from infra.cluster import hosts as hostnet
 from infra.cluster.processes import environ as process_environ
-from tests.cluster_helpers import cluster_cli, job_logs, local_cluster
+from tests.cluster_helpers import cluster_cli, job_logs, local_cluster, reachable_folder
 from tests.fixtures.arrays import write_square_arrays
 from tests.test_fault_tolerance import (
     BATCH,
@@ -56,9 +57,9 @@ assert BATCH == 32 and TRAIN // BATCH == STEPS_PER_EPOCH  # 2 workers x 16 image
 
 
 @pytest.fixture(scope="module")
-def hosts(tmp_path_factory):
-    with local_cluster(tmp_path_factory.mktemp("hosts-cluster"), num_workers=3, hosts=True, head_cpus=0,
-                       ray_env=FAST_HEALTH_CHECKS) as running:
+def hosts():
+    with reachable_folder("hosts-cluster") as state, local_cluster(
+            state, num_workers=3, hosts=True, head_cpus=0, ray_env=FAST_HEALTH_CHECKS) as running:
         yield running
 
 
@@ -68,6 +69,8 @@ def workspace(hosts):
     write_square_arrays(
         root / "data" / "processed" / "fashion_mnist", {"train": TRAIN, "valid": VALID, "test": TEST}, 220
     )
+    if owner := accounts.for_process(hosts, "head"):
+        owner.give(root, recursive=True)  # the jobs write runs/ and reports/ next to the data
     return root
 
 

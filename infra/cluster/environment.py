@@ -9,6 +9,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from infra.cluster import accounts
 from infra.cluster.layout import MARKER, NODE_MARKER, PIPELINE_USER, REGION, SERVICES, ClusterLayout
 
 # Environment variables that would point our processes at another cluster or another token.
@@ -78,10 +79,16 @@ def node_env(layout: ClusterLayout, node: str) -> dict[str, str]:
         # the host's own interface (a real host's hostname resolves to its address).
         interface = "eth0" if node.startswith("worker-") else network.bridge
         env["GLOO_SOCKET_IFNAME"] = env["NCCL_SOCKET_IFNAME"] = interface
-    if network and node.startswith("worker-"):
+    owner = accounts.for_process(layout, node)
+    if (network and node.startswith("worker-")) or owner:
+        # A host's own HOME and TMPDIR; a process under an account of its own (accounts.py) cannot use
+        # root's, and gets its folders.
         for key, sub in (("HOME", "home"), ("TMPDIR", "tmp"), ("XDG_CACHE_HOME", "home/.cache")):
             (layout.host_dir(node) / sub).mkdir(parents=True, exist_ok=True)
             env[key] = str(layout.host_dir(node) / sub)
+        if owner:
+            owner.give(layout.host_dir(node), recursive=True)
+            env["USER"] = env["LOGNAME"] = owner.name
     env[MARKER] = str(layout.cluster_id)
     env[NODE_MARKER] = f"{layout.cluster_id}/{node}"
     return env

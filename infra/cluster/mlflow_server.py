@@ -17,8 +17,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from infra.cluster import accounts, processes, tls
 from infra.cluster import credentials as secret_files
-from infra.cluster import processes, tls
 from infra.cluster.environment import node_env
 from infra.cluster.layout import ADMIN_USER, BUCKET, LOOPBACK, PIPELINE_USER, ClusterError, ClusterLayout
 from infra.cluster.postgres import AUTH_DB, TRACKING_DB, postgres_url
@@ -143,8 +143,14 @@ class MLflowServer:
         (layout.mlflow_dir / "artifacts").mkdir(parents=True, exist_ok=True)
         store, env = self._store_and_env()
         network = layout.network
+        tls_args = self._tls_args()
+        if owner := accounts.for_process(layout, "mlflow"):  # its store, auth config and TLS key only
+            owner.give(layout.mlflow_dir, recursive=True)
+            owner.give(*[path for path in (layout.auth_config_path, layout.tls_dir / tls.KEY_FILE)
+                         if path.exists()])
         cmd = [
             *(network.exec_prefix("mlflow") if network else []),
+            *accounts.run_as(layout, "mlflow"),
             sys.executable,
             "-m",
             "mlflow",
@@ -156,7 +162,7 @@ class MLflowServer:
             str(settings.mlflow_port),
             "--workers",
             "1",
-            *self._tls_args(),
+            *tls_args,
         ]
         log = layout.logs_dir / "mlflow.log"
         proc = processes.spawn(cmd, env, log, layout.mlflow_dir)

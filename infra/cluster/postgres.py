@@ -17,8 +17,8 @@ import tempfile
 from pathlib import Path
 from urllib.parse import quote
 
+from infra.cluster import accounts, processes
 from infra.cluster import credentials as secret_files
-from infra.cluster import processes
 from infra.cluster.layout import HEAD, LOOPBACK, ClusterError, ClusterLayout
 from infra.cluster.services import ServiceError, failed, retrying, start_service
 
@@ -55,12 +55,13 @@ def run_as() -> list[str]:
     if os.geteuid() != 0:
         return []
     try:
-        pwd.getpwnam("postgres")
+        entry = pwd.getpwnam("postgres")
     except KeyError:
         raise ServiceError(
             "running as root, PostgreSQL needs the `postgres` user (Debian's postgresql package creates it)"
         ) from None
-    return ["runuser", "-u", "postgres", "--"]
+    # setpriv execs in place (runuser would stay behind as a root parent for its PAM session).
+    return accounts.Account("postgres", entry.pw_uid, entry.pw_gid).run_as()
 
 
 def postgres_data_dir(wanted: Path) -> Path:

@@ -38,32 +38,33 @@ def console_script(name: str) -> str:
     return found
 
 
-def private_folder(path: Path) -> Path:
-    """``path`` as a folder only this user can use: made with mode 0700 when missing; refused when it exists
-    as a symlink, belongs to another user, or others may write to it (a folder under /tmp that another local
-    user made first could read Ray's logs or plant files in the sockets' folder).
+def private_folder(path: Path, owner: Any = None) -> Path:
+    """``path`` as a folder only this user (or ``owner``, an :class:`infra.cluster.accounts.Account` the
+    cluster's processes run as) can use: made with mode 0700 when missing, then given to ``owner``; refused
+    when it exists as a symlink, belongs to anyone else, or others may write to it (a folder under /tmp that
+    another local user made first could read Ray's logs or plant files in the sockets' folder).
 
     Raises:
         ClusterError: it exists and is not ours (the message says what to remove or choose instead).
     """
     try:
         path.mkdir(mode=0o700, parents=True)
-        return path
     except FileExistsError:
-        pass
-    info = os.lstat(path)
-    why = None
-    if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode):
-        why = "it is not a plain folder (a symlink or a file)"
-    elif info.st_uid != os.geteuid():
-        why = f"it belongs to another user (uid {info.st_uid})"
-    elif info.st_mode & 0o022:
-        why = f"others may write to it (mode {stat.S_IMODE(info.st_mode):o})"
-    if why:
-        raise ClusterError(
-            f"{path} exists and is not this cluster's: {why}. Remove it, or choose another "
-            "folder (--ray-temp-root / VAE_CLUSTER_RAY_TMP, or another --base-port)"
-        )
+        info = os.lstat(path)
+        why = None
+        if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode):
+            why = "it is not a plain folder (a symlink or a file)"
+        elif info.st_uid not in (os.geteuid(), *([owner.uid] if owner else [])):
+            why = f"it belongs to another user (uid {info.st_uid})"
+        elif info.st_mode & 0o022:
+            why = f"others may write to it (mode {stat.S_IMODE(info.st_mode):o})"
+        if why:
+            raise ClusterError(
+                f"{path} exists and is not this cluster's: {why}. Remove it, or choose another "
+                "folder (--ray-temp-root / VAE_CLUSTER_RAY_TMP, or another --base-port)"
+            ) from None
+    if owner is not None:
+        owner.give(path)
     return path
 
 

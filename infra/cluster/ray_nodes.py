@@ -19,7 +19,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from infra.cluster import processes
+from infra.cluster import accounts, processes
 from infra.cluster.environment import node_env
 from infra.cluster.layout import HEAD, ClusterError, ClusterLayout
 
@@ -111,7 +111,7 @@ class RayNodes:
                 str(s.worker_memory),
             ]
         ray = [processes.console_script("ray"), "start", *role, *common]
-        return [*(network.exec_prefix(name) if network else []), *ray]
+        return [*(network.exec_prefix(name) if network else []), *accounts.run_as(layout, name), *ray]
 
     def launch(self, name: str) -> tuple[str, subprocess.Popen, Path, float]:
         """Run ``ray start`` for node ``name`` without waiting; record it in the state file.
@@ -123,8 +123,11 @@ class RayNodes:
         node_index(name)
         if processes.find(layout.cluster_id, name):
             raise ClusterError(f"node {name} is already running")
-        temp_dir = processes.private_folder(layout.settings.ray_temp_root) / name
+        owner = accounts.for_process(layout, name)
+        temp_dir = processes.private_folder(layout.settings.ray_temp_root, owner) / name
         temp_dir.mkdir(exist_ok=True)
+        if owner:
+            owner.give(temp_dir)
         cmd = self.command(name, temp_dir)
         log = layout.logs_dir / f"{name}.start.log"
         proc = processes.spawn(cmd, node_env(layout, name), log, layout.state_dir, append=False)

@@ -17,8 +17,8 @@ import string
 import sys
 from pathlib import Path
 
+from infra.cluster import accounts, processes
 from infra.cluster import credentials as secret_files
-from infra.cluster import processes
 from infra.cluster.layout import BUCKET, LOOPBACK, REGION, REPO_ROOT, ClusterError, ClusterLayout
 from infra.cluster.services import ServiceError, failed, retrying, start_service, wait_for_port
 
@@ -142,7 +142,12 @@ class S3Endpoint:
             creds = secret_files.update_credentials(layout.credentials_path, new_key_pair())
         keys_file = write_keys_file(layout.s3_keys_path, creds)
         host, port = layout.host_ip("s3"), layout.settings.s3_port
-        command = s3_command(sys.executable, port, keys_file, layout.s3_store, host)
+        command = [*accounts.run_as(layout, "s3"),
+                   *s3_command(sys.executable, port, keys_file, layout.s3_store, host)]
+        if owner := accounts.for_process(layout, "s3"):  # its key and its objects, nothing else
+            layout.s3_store.mkdir(parents=True, exist_ok=True)
+            owner.give(keys_file)
+            owner.give(layout.s3_store, recursive=True)
         start_service(layout, "s3", command, layout.state_dir, S3_ENV)
         try:
             wait_for_port(port, layout.settings.start_timeout_s, host)

@@ -10,8 +10,8 @@ import secrets
 import time
 from typing import TYPE_CHECKING, Any
 
+from infra.cluster import accounts, processes
 from infra.cluster import hosts as hostnet
-from infra.cluster import processes
 from infra.cluster.credentials import write_private
 from infra.cluster.layout import HEAD, ClusterError, port_in_use
 from infra.cluster.ray_nodes import missing_dashboard_modules
@@ -31,7 +31,9 @@ def check_can_start(cluster: LocalCluster) -> None:
         raise ClusterError(why)
     if s.hosts and (why := hostnet.available()):
         raise ClusterError(why)
-    processes.private_folder(s.ray_temp_root)  # Ray's sockets and logs: refused if another user made it first
+    accounts.check_reachable(cluster)  # --hosts as root: each account can run the project from there
+    # Ray's sockets and logs: refused if another user made it first.
+    processes.private_folder(s.ray_temp_root, accounts.for_process(cluster, HEAD))
     busy = [port for port in s.ports() if port_in_use(port)]
     if busy:
         raise ClusterError(
@@ -53,6 +55,8 @@ def new_state(cluster: LocalCluster) -> None:
     cluster.token_path.unlink(missing_ok=True)
     with os.fdopen(os.open(cluster.token_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as handle:
         handle.write(secrets.token_hex(32) + "\n")
+    if ray := accounts.for_process(cluster, HEAD):  # the nodes read the token; jobs write the shared folder
+        ray.give(cluster.token_path, *([] if cluster.settings.team else [cluster.shared_storage]))
     cluster.state = {
         "cluster_id": secrets.token_hex(6),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
