@@ -670,3 +670,43 @@ def test_the_autoscaler_sidecars_and_ray_up_containers_drop_every_privilege():
         mounted = [option.split()[1].split(":")[0] for option in options if option.startswith("-v ")]
         for folder in mounted:
             assert any(f"chown {uid}:{gid} {folder}" in c for c in config["initialization_commands"]), folder
+
+
+def test_team_mlflow_tls_certificate_names_the_tracking_uri_and_every_ray_pod_holds_its_ca():
+    """The team shape speaks HTTPS to MLflow: MLFLOW_TRACKING_URI is https://<Service>:<port>; cert-manager
+    issues the server's certificate, for that Service name, from the team CA into the Secret the Deployment
+    mounts; every Ray container mounts that Secret's ca.crt where MLFLOW_TRACKING_SERVER_CERT_PATH points.
+    (test_security runs the Deployment's command and checks the handshake.)"""
+    docs = [doc for path in sorted(TEAM.glob("*.yaml")) for doc in load_all(path)]
+    (env,) = [d for d in team_objects("ConfigMap") if d["metadata"]["name"] == "vae-team-env"]
+    uri = urlparse(env["data"]["MLFLOW_TRACKING_URI"])
+    (service,) = team_objects("Service")
+    assert uri.scheme == "https" and uri.hostname == service["metadata"]["name"]
+    assert uri.port == service["spec"]["ports"][0]["port"]
+    certificates = {d["metadata"]["name"]: d["spec"] for d in docs if d["kind"] == "Certificate"}
+    issuers = {d["metadata"]["name"]: d["spec"] for d in docs if d["kind"] == "Issuer"}
+    (server,) = [c for c in certificates.values() if not c.get("isCA")]
+    assert uri.hostname in server["dnsNames"]
+    ca_issuer = issuers[server["issuerRef"]["name"]]
+    assert ca_issuer["ca"]["secretName"] in {c["secretName"] for c in certificates.values() if c.get("isCA")}
+    (deployment,) = team_objects("Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    (mlflow_container,) = pod["containers"]
+    mount = next(m for m in mlflow_container["volumeMounts"]
+                 if volumes[m["name"]].get("secret", {}).get("secretName") == server["secretName"])
+    (script,) = mlflow_container["args"]
+    assert f"--ssl-certfile {mount['mountPath']}/tls.crt" in script
+    assert f"--ssl-keyfile {mount['mountPath']}/tls.key" in script
+    assert mlflow_container["readinessProbe"]["httpGet"]["scheme"] == "HTTPS"
+    cert_path = Path(env["data"]["MLFLOW_TRACKING_SERVER_CERT_PATH"])
+    (cluster,) = team_objects("RayCluster")
+    spec = cluster["spec"]
+    for ray_pod in [spec["headGroupSpec"]["template"]["spec"],
+                    *(g["template"]["spec"] for g in spec["workerGroupSpecs"])]:
+        ray_volumes = {v["name"]: v for v in ray_pod["volumes"]}
+        for container in ray_pod["containers"]:
+            (mounted,) = [m for m in container["volumeMounts"] if m["mountPath"] == str(cert_path.parent)]
+            source = ray_volumes[mounted["name"]]["secret"]
+            assert source["secretName"] == server["secretName"]
+            assert source["items"] == [{"key": "ca.crt", "path": cert_path.name}]  # the CA only, not the key

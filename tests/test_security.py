@@ -215,3 +215,89 @@ def test_the_mlflow_server_over_https_is_verified_with_the_clusters_ca(tmp_path_
         with pytest.raises((urllib.error.URLError, ConnectionError, OSError)):
             urllib.request.urlopen(plain + "/health", timeout=5).read()
         assert cluster.processes("mlflow") and cluster.mlflow_healthy()  # the plain request did not hurt it
+
+
+@pytest.mark.slow
+def test_the_team_kuberay_mlflow_command_serves_https_that_only_its_ca_verifies(tmp_path):
+    """The team MLflow Deployment's own command (infra/kuberay/team/mlflow.yaml), run here with what its pod
+    would have: the Secret's tls.crt / tls.key / ca.crt (a CA and a certificate for 127.0.0.1 made for the
+    test) and the auth config at stand-ins for their mounted paths, a SQLite store instead of PostgreSQL,
+    127.0.0.1 and a free port instead of 0.0.0.0:5000. A client that verifies with the CA (as the Ray pods'
+    MLFLOW_TRACKING_SERVER_CERT_PATH) logs in; a request without the password gets 401; one that trusts only
+    the system's CAs is refused at the handshake; plain HTTP gets no answer."""
+    import configparser
+    import os
+    import shutil
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import requests
+    import yaml
+
+    from infra.cluster import tls
+
+    repo = Path(__file__).resolve().parent.parent
+    docs = list(yaml.safe_load_all((repo / "infra/kuberay/team/mlflow.yaml").read_text()))
+    (deployment,) = [d for d in docs if d["kind"] == "Deployment"]
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    (script,) = container["args"]
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    ca, cert, key = tls.server_certificate(tmp_path / "tls", ["127.0.0.1"], "kuberay-team-test")
+    secret = tmp_path / "mlflow-tls"
+    secret.mkdir()
+    for source, name in ((cert, "tls.crt"), (key, "tls.key"), (ca, "ca.crt")):
+        shutil.copy(source, secret / name)
+    auth = configparser.ConfigParser()
+    auth["mlflow"] = {
+        "default_permission": "READ", "database_uri": f"sqlite:///{tmp_path / 'auth.db'}",
+        "admin_username": "admin", "admin_password": "a-long-test-password-1",
+        "authorization_function": "mlflow.server.auth:authenticate_request_basic_auth",
+    }
+    (tmp_path / "mlflow-auth").mkdir()
+    with open(tmp_path / "mlflow-auth" / "basic_auth.ini", "w") as handle:
+        auth.write(handle)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = (script.replace(mounts["tls"], str(secret)).replace("--host 0.0.0.0", "--host 127.0.0.1")
+               .replace("--port 5000", f"--port {port}"))
+    assert str(secret / "tls.crt") in command and str(secret / "tls.key") in command
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+           "MLFLOW_BACKEND_STORE_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+           "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-flask-key",
+           "MLFLOW_AUTH_CONFIG_PATH": str(tmp_path / "mlflow-auth" / "basic_auth.ini")}
+    url = f"https://127.0.0.1:{port}"
+    log = open(tmp_path / "mlflow.log", "w")
+    server = subprocess.Popen(["sh", "-c", command], env=env, cwd=tmp_path, stdout=log,
+                              stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if requests.get(f"{url}/health", verify=str(secret / "ca.crt"), timeout=2).ok:
+                    break
+            except requests.ConnectionError:
+                pass
+            assert server.poll() is None and time.monotonic() < deadline, \
+                (tmp_path / "mlflow.log").read_text()[-3000:]
+            time.sleep(0.5)
+        search = f"{url}/api/2.0/mlflow/experiments/search?max_results=10"
+        answer = requests.get(search, verify=str(secret / "ca.crt"), auth=("admin", "a-long-test-password-1"))
+        assert answer.status_code == 200, answer.text
+        assert requests.get(search, verify=str(secret / "ca.crt")).status_code == 401
+        with pytest.raises(requests.exceptions.SSLError):
+            requests.get(f"{url}/health", timeout=5)  # the system's CAs only
+        with pytest.raises((requests.ConnectionError, requests.exceptions.ChunkedEncodingError)):
+            requests.get(f"http://127.0.0.1:{port}/health", timeout=5)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:  # uvicorn's workers may wait for idle keep-alive connections
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(timeout=10)
+        log.close()
