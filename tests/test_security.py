@@ -5,6 +5,7 @@ team cluster (secrets on command lines, the pipeline's MLflow account) are in te
 
 from __future__ import annotations
 
+import re
 import urllib.error
 import urllib.request
 
@@ -301,3 +302,114 @@ def test_the_team_kuberay_mlflow_command_serves_https_that_only_its_ca_verifies(
             os.killpg(server.pid, signal.SIGKILL)
             server.wait(timeout=10)
         log.close()
+
+
+@pytest.mark.slow
+def test_the_team_ray_up_head_serves_mlflow_over_https_that_the_workers_verify(tmp_path):
+    """infra/ray-up/aws-team.yaml's own start commands, run here in bash: the head's (MLflow's auth config,
+    its certificate signed with the team CA, the server) and the worker's (the CA's certificate), with an
+    `aws` stand-in on PATH that answers `secretsmanager get-secret-value` from a table (a SQLite store instead
+    of RDS), the test's folder for /tmp/, 127.0.0.1 for the head's address and a free port for 5000. A client
+    verifying with the worker's file logs in; without the password it gets 401; trusting only the system's CAs
+    it is refused at the handshake; the CA's key is in no file the commands wrote."""
+    import configparser
+    import io
+    import json
+    import os
+    import socket
+    import stat
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import psutil
+    import requests
+    import yaml
+
+    from infra.cluster.tls import new_ca_json
+
+    repo = Path(__file__).resolve().parent.parent
+    config = yaml.safe_load((repo / "infra/ray-up/aws-team.yaml").read_text())
+    head = [c for c in config["head_start_ray_commands"]
+            if any(k in c for k in ("> /tmp/basic_auth.ini", "mlflow_tls issue", "mlflow server"))]
+    (worker,) = [c for c in config["worker_start_ray_commands"] if "vae/mlflow-ca-cert" in c]
+    assert len(head) == 3
+    # The ray start lines point MLflow's client at the https URL and at the CA file their node wrote.
+    issued = re.search(r"--out (\S+)", next(c for c in head if "mlflow_tls issue" in c)).group(1)
+    fetched = re.search(r"> (\S+)$", worker.strip()).group(1)
+    for start, ca_path in ((config["head_start_ray_commands"][-1], f"{issued}/ca.pem"),
+                           (config["worker_start_ray_commands"][-1], fetched)):
+        assert "MLFLOW_TRACKING_URI=https://" in start
+        assert f"MLFLOW_TRACKING_SERVER_CERT_PATH={ca_path}" in start
+    ca = new_ca_json("test team CA")
+    auth = configparser.ConfigParser()
+    auth["mlflow"] = {
+        "default_permission": "READ", "database_uri": f"sqlite:///{tmp_path / 'auth.db'}",
+        "admin_username": "admin", "admin_password": "a-long-test-password-2",
+        "authorization_function": "mlflow.server.auth:authenticate_request_basic_auth",
+    }
+    ini = io.StringIO()
+    auth.write(ini)
+    secrets_table = {
+        "vae/mlflow-auth-ini": ini.getvalue(), "vae/mlflow-db": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "vae/mlflow-flask-key": "test-flask-key", "vae/mlflow-ca": ca,
+        "vae/mlflow-ca-cert": json.loads(ca)["cert"],
+    }
+    (tmp_path / "secrets.json").write_text(json.dumps(secrets_table))
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "aws").write_text(
+        f"#!{sys.executable}\n"
+        "import json, sys\n"
+        "args = sys.argv[1:]\n"
+        "assert args[:2] == ['secretsmanager', 'get-secret-value'], args\n"
+        "assert args[-2:] == ['--output', 'text'], args\n"
+        f"print(json.load(open({str(tmp_path / 'secrets.json')!r}))[args[args.index('--secret-id') + 1]])\n")
+    (bin_dir / "aws").chmod(0o755)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+
+    def here(command: str) -> str:
+        return (command.replace("/tmp/", f"{tmp_path}/")
+                .replace("$(hostname -I | awk '{print $1}')", "127.0.0.1")
+                .replace("--port 5000", f"--port {port}").replace("PYTHONPATH=/app", f"PYTHONPATH={repo}"))
+
+    env = {**os.environ, "PATH": f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    for command in [*head, worker]:
+        done = subprocess.run(["bash", "-c", here(command)], env=env, cwd=tmp_path, capture_output=True,
+                              text=True, timeout=120)
+        assert done.returncode == 0, (command, done.stdout, done.stderr)
+    server = psutil.Process(int((tmp_path / "mlflow.pid").read_text()))
+    try:
+        ca_file = str(tmp_path / "vae-mlflow-ca.pem")  # what a worker verifies with
+        url = f"https://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if requests.get(f"{url}/health", verify=ca_file, timeout=2).ok:
+                    break
+            except requests.ConnectionError:
+                pass
+            assert server.is_running() and time.monotonic() < deadline, \
+                (tmp_path / "mlflow.log").read_text()[-3000:]
+            time.sleep(0.5)
+        search = f"{url}/api/2.0/mlflow/experiments/search?max_results=10"
+        admin = ("admin", "a-long-test-password-2")
+        assert requests.get(search, verify=ca_file, auth=admin).status_code == 200
+        assert requests.get(search, verify=ca_file).status_code == 401
+        with pytest.raises(requests.exceptions.SSLError):
+            requests.get(f"{url}/health", timeout=5)
+        key_file = tmp_path / "vae-mlflow-tls" / "mlflow-key.pem"
+        assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+        ca_key = json.loads(ca)["key"].strip().splitlines()[1]
+        written = [p for p in tmp_path.rglob("*") if p.is_file() and p.name != "secrets.json"]
+        assert not [p for p in written if ca_key.encode() in p.read_bytes()]
+    finally:
+        family = [server, *server.children(recursive=True)]
+        for process in family:
+            process.terminate()
+        _, alive = psutil.wait_procs(family, timeout=10)
+        for process in alive:
+            process.kill()

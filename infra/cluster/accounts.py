@@ -148,7 +148,7 @@ def check_reachable(layout: ClusterLayout) -> None:
             raise ClusterError(
                 f"with --hosts the cluster's processes run as unprivileged accounts, and {name} cannot use "
                 f"{sys.executable}, {REPO_ROOT} or the state folder {layout.state_dir}: {last}. Every folder "
-                "above them and the venv's base interpreter must be enterable by others (chmod o+x): keep the "
-                "state folder in the repository's tmp/ (the default), and make the venv from a system Python "
-                "(`make clean-venv setup PYTHON=/usr/bin/python3`), not one under /root"
+                "above them and the venv's base interpreter must be enterable by others (chmod o+x): keep "
+                "the state folder in the repository's tmp/ (the default), and make the venv from a system "
+                "Python (`make clean-venv setup PYTHON=/usr/bin/python3`), not one under /root"
             )
