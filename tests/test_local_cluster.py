@@ -22,9 +22,11 @@ from infra.cluster import parse_bytes, port_in_use
 from infra.cluster.processes import environ as process_environ
 from tests.cluster_helpers import (
     INFRA_DIR,
+    ClusterError,
     ClusterSettings,
     LocalCluster,
     cluster_cli,
+    free_base_port,
     local_cluster,
     ray_cli,
     submit_job,
@@ -78,6 +80,25 @@ def test_hosts_mode_gives_every_host_its_own_address_and_private_folders(tmp_pat
     assert cluster._node_env("head")["GLOO_SOCKET_IFNAME"] == "vaebr27000"
     with pytest.raises(ValueError, match="worker-K"):
         network.address("node-1")
+
+
+def test_hosts_as_root_refuse_a_state_folder_the_accounts_cannot_enter_before_anything_starts(tmp_path):
+    """`up --hosts` as root runs every process as an unprivileged account (infra/cluster/accounts.py); under
+    a 0700 folder each would fail at its first step with the reason only in its log. `up` refuses at once,
+    naming the account, the folder and the way out, before it makes a host or starts a process."""
+    from infra.cluster import hosts as hostnet
+
+    if why := hostnet.available():
+        pytest.skip(f"--hosts: {why}")
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o700)
+    port = free_base_port()
+    cluster = LocalCluster(ClusterSettings(state_dir=locked / "state", base_port=port, hosts=True,
+                                           num_workers=1))
+    with pytest.raises(ClusterError, match=r"vae-ray cannot use .* the state folder .*locked/state.* o\+x"):
+        cluster.up()
+    assert subprocess.run(["ip", "link", "show", cluster.network.bridge], capture_output=True).returncode != 0
+    assert not Path(f"/tmp/vaeray-{port}").exists() and not cluster.state_path.exists()
 
 
 def test_env_script_sets_token_auth_and_addresses(tmp_path):

@@ -96,9 +96,10 @@ def account(name: str) -> Account:
             capture_output=True,
             text=True,
         )
-        if done.returncode != 0:
+        try:
+            entry = pwd.getpwnam(name)  # made now, or by another `up` at the same moment
+        except KeyError:
             raise ClusterError(f"`useradd {name}` failed: {done.stderr.strip()}") from None
-        entry = pwd.getpwnam(name)
     return Account(name, entry.pw_uid, entry.pw_gid)
 
 
