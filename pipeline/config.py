@@ -18,11 +18,27 @@ from pipeline.common import StageError, resolve
 from pipeline.search_space import SearchSpace, Section
 from vae.schedules import CapacityAnnealing, ConstantBeta, CyclicalBeta, LinearWarmup, SigmoidBeta
 
-DatasetName = Literal["celeba", "mnist", "fashion_mnist"]
+DatasetName = Literal["celeba", "mnist", "fashion_mnist", "image_folder"]
 
 
 class ConfigError(StageError, ValueError):
     """params.yaml is missing, not YAML, or fails validation; the message names every bad field."""
+
+
+class SplitFractions(Section):
+    """The share of an image folder's images in each split (pipeline/image_folder.py: a hash of each image's
+    relative path picks its split, so adding images never moves others)."""
+
+    train: float = Field(0.8, gt=0, lt=1)
+    valid: float = Field(0.1, gt=0, lt=1)
+    test: float = Field(0.1, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _sum_to_one(self) -> SplitFractions:
+        if abs(self.train + self.valid + self.test - 1) > 1e-9:
+            total = self.train + self.valid + self.test
+            raise ValueError(f"data.split_fractions must sum to 1, not {total:g}")
+        return self
 
 
 class DataConfig(Section):
@@ -35,8 +51,30 @@ class DataConfig(Section):
         "then read the arrays into a node-local cache (pipeline.storage)",
     )
     image_size: int = Field(
-        64, ge=8, le=512, description="side of the square images for CelebA (MNIST stays 28)"
+        64, ge=8, le=512, description="side of the square images of CelebA and image folders (MNIST: 28)"
     )
+    # data.dataset: image_folder (pipeline/image_folder.py): your own images, read in place.
+    image_folder: str = Field(
+        "data/images",
+        min_length=1,
+        description="a folder of images, searched recursively (relative = project root); a dependency of the "
+        "preprocess stage in dvc.yaml",
+    )
+    channels: Literal[1, 3] = Field(3, description="image_folder: 3 = RGB, 1 = grey")
+    crop: Literal["center", "none"] = Field(
+        "center", description="image_folder: the centred square of the shorter side, or none (squeezed)"
+    )
+    split_fractions: SplitFractions = SplitFractions()
+    class_folders: bool = Field(
+        False, description="image_folder: labels from the first-level folder names (torchvision ImageFolder)"
+    )
+    attributes_csv: Path | None = Field(
+        None, description="image_folder: a CSV 'path,<attribute>,...' of 0/1 (or -1/1) per image"
+    )
+
+    def image_folder_path(self) -> Path:
+        """``image_folder`` as an absolute path (relative: under the project root)."""
+        return resolve(Path(self.image_folder))
 
     def raw_path(self, dataset: str | None = None) -> Path:
         return resolve(self.raw_dir) / (dataset or self.dataset)
@@ -360,14 +398,14 @@ class Params(Section):
                 f"be <= train.num_workers ({self.train.num_workers})"
             )
         if (
-            self.data.dataset != "celeba"
+            self.data.dataset in ("mnist", "fashion_mnist")
             and self.model.architecture != "mlp"
             and len(self.model.hidden_dims) > 5
         ):
             raise ValueError("model.hidden_dims: at most 5 conv blocks fit 28x28 MNIST images")
-        if self.model.likelihood == "bernoulli" and self.data.dataset == "celeba":
+        if self.model.likelihood == "bernoulli" and self.data.dataset in ("celeba", "image_folder"):
             raise ValueError(
-                "model.likelihood: 'bernoulli' is for binarized MNIST-family data; for CelebA use "
+                "model.likelihood: 'bernoulli' is for binarized MNIST-family data; for photographs use "
                 "'discretized_logistic', 'categorical_256' or a Gaussian"
             )
         return self

@@ -20,7 +20,7 @@ from pipeline import artifacts
 from pipeline.cli import run_stage, stage_argument_parser
 from pipeline.common import StageError, atomic_output, atomic_write_text, resolve, say
 from pipeline.config import Params
-from pipeline.data import data_hashes, dataset_folder, load_images, load_split
+from pipeline.data import data_hashes, dataset_folder, load_images, load_manifest, load_split
 from pipeline.datasets import CLASS_NAMES
 from pipeline.scoring import ImageScores, score_images, score_shards
 from vae.latent import apply_attribute_vector, attribute_vector, interpolate_images
@@ -150,7 +150,7 @@ def attribute_sets(
     for name in names:
         if name not in split.attribute_names:
             raise StageError(
-                f"evaluate.attributes: {name!r} is not a CelebA attribute; choose from "
+                f"evaluate.attributes: {name!r} is not an attribute of this dataset; choose from "
                 f"{', '.join(split.attribute_names)}"
             )
         labels = np.asarray(split.attributes[:max_images, split.attribute_names.index(name)]).astype(bool)
@@ -180,13 +180,21 @@ def scatter_classes(
         say(f"[evaluate] no latent scatter: {error}")
         return None
     if choice == "auto":
-        choice = "label" if split.labels is not None else "Smiling"
+        if split.labels is not None:
+            choice = "label"
+        elif split.attribute_names:
+            choice = "Smiling" if "Smiling" in split.attribute_names else split.attribute_names[0]
+        else:
+            say(f"[evaluate] no latent scatter: {params.data.dataset} has no class labels or attributes")
+            return None
     if choice == "label":
         if split.labels is None:
             raise StageError(
                 f"evaluate.latent_scatter: label, but {params.data.dataset} has no class labels; name one of "
                 "its attributes (e.g. Smiling) or use none")
-        names = CLASS_NAMES.get(params.data.dataset, [str(c) for c in range(int(split.labels.max()) + 1)])
+        numbered = [str(c) for c in range(int(split.labels.max()) + 1)]
+        names = (load_manifest(processed_dir).get("class_names")
+                 or CLASS_NAMES.get(params.data.dataset, numbered))
         return np.asarray(split.labels[:count]).astype(np.int64), names, f"{params.data.dataset} test set"
     if choice not in split.attribute_names:
         known = ", ".join(split.attribute_names) or "none: it has class labels (use label)"
@@ -261,8 +269,7 @@ def _pictures_and_fid(params: Params, model_config: dict[str, Any], weights: dic
         test = test[: params.evaluate.max_images]
     hashes = {k: v for k, v in data_hashes(processed_dir).items() if ".test" in k or "test_" in k}
     figures = fid_figures(params, model, test, digest(hashes), device)
-    celeba = params.data.dataset == "celeba"
-    attributes = attribute_sets(processed_dir, params.evaluate.attributes) if celeba else {}
+    attributes = attribute_sets(processed_dir, params.evaluate.attributes)
     pictures = test_pictures(model, test, params.evaluate.num_image_rows, device, attributes,
                              seed=params.train.seed)
     return figures, pictures

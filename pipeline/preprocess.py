@@ -11,8 +11,6 @@ from __future__ import annotations
 import gzip
 import logging
 import math
-import multiprocessing
-import os
 import shutil
 import sys
 import zipfile
@@ -26,10 +24,18 @@ from pipeline import datasets as ds
 from pipeline import storage, storage_access
 from pipeline.celeba import RUN_DVC_DOWNLOAD, decode_chunk, read_celeba_annotations
 from pipeline.cli import data_stage_main
-from pipeline.common import atomic_output
+from pipeline.common import atomic_output, resolve
 from pipeline.datasets import DataStageError
+from pipeline.image_folder import preprocess_image_folder
 from pipeline.job_submission import run_data_stage
-from pipeline.processed_folder import _input_checksums, _manifest, _OutputFolder, _write_manifest
+from pipeline.processed_folder import (
+    _input_checksums,
+    _manifest,
+    _OutputFolder,
+    _write_manifest,
+    map_in_processes,
+    worker_count,
+)
 
 if TYPE_CHECKING:
     from pipeline.config import DataConfig, PreprocessConfig
@@ -40,15 +46,6 @@ CHUNK_IMAGES = 256  # images per task sent to a decode process
 
 
 # ------------------------------------------------------------------------------------------------ CelebA
-
-
-def _worker_count(num_workers: int) -> int:
-    if num_workers > 0:
-        return num_workers
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def preprocess_celeba(
@@ -104,7 +101,7 @@ def preprocess_celeba(
 
     split_of = [ds.CELEBA_SPLIT_CODES[int(code)] for code in annotations.split]
     counts = {split: split_of.count(split) for split in ds.SPLITS}
-    workers = _worker_count(num_workers)
+    workers = worker_count(num_workers)
     output = _OutputFolder(out_dir)
     try:
         arrays = {
@@ -133,21 +130,7 @@ def preprocess_celeba(
             image_size,
             " (fast decode)" if fast_decode else "",
         )
-        pool = None
-        if workers > 1 and len(tasks) > 1:
-            # forkserver, not fork: the parent may run threads (progress bars, Ray, a test server) and
-            # fork()ing a multi-threaded process can deadlock. Preloading this module (instead of __main__)
-            # lets each worker start from a server that has numpy and Pillow imported already.
-            context = multiprocessing.get_context("forkserver")
-            main_spec = getattr(sys.modules.get("__main__"), "__spec__", None)
-            if (
-                getattr(main_spec, "name", None) != "pipeline.preprocess"
-            ):  # run as -m: __main__ *is* this module
-                context.set_forkserver_preload(["pipeline.preprocess"])
-            pool = context.Pool(min(workers, len(tasks)))
-            results = pool.imap(decode_chunk, tasks)
-        else:
-            results = map(decode_chunk, tasks)
+        results = map_in_processes(decode_chunk, tasks, workers)
         try:
             with tqdm(total=len(names), desc="preprocess celeba", unit="img", disable=None) as bar:
                 for task_index, (images, errors) in enumerate(results):
@@ -176,9 +159,7 @@ def preprocess_celeba(
                         kept_rows[split].append(row)
                     bar.update(len(images))
         finally:
-            if pool is not None:
-                pool.terminate()
-                pool.join()
+            results.close()
 
         for split in ds.SPLITS:
             array = arrays.pop(split)
@@ -327,7 +308,8 @@ def preprocess(data: DataConfig, config: PreprocessConfig, endpoint: str | None 
     manifest finds its arrays); ``endpoint`` is ``cluster.s3_endpoint_url``.
 
     Returns the manifest. Raises DataStageError (see :func:`preprocess_celeba`,
-    :func:`preprocess_mnist_family`), or StorageError when the store refuses.
+    :func:`preprocess_mnist_family`, :func:`pipeline.image_folder.preprocess_image_folder`), or
+    StorageError when the store refuses.
     """
     location = data.processed_location()
     if storage_access.is_uri(location):
@@ -343,6 +325,19 @@ def preprocess(data: DataConfig, config: PreprocessConfig, endpoint: str | None 
 
 
 def _build(data: DataConfig, config: PreprocessConfig, out_dir: Path) -> dict[str, Any]:
+    if data.dataset == "image_folder":
+        return preprocess_image_folder(
+            data.image_folder_path(),
+            out_dir,
+            image_size=data.image_size,
+            channels=data.channels,
+            crop=data.crop,
+            split_fractions=data.split_fractions.model_dump(),
+            class_folders=data.class_folders,
+            attributes_csv=resolve(data.attributes_csv) if data.attributes_csv else None,
+            skip_corrupt=config.skip_corrupt,
+            num_workers=config.num_workers,
+        )
     if data.dataset == "celeba":
         return preprocess_celeba(
             data.raw_path(),

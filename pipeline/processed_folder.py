@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
 import os
 import shutil
+import sys
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -109,3 +112,38 @@ def _input_checksums(paths: list[Path], record_path: Path) -> dict[str, Any]:
             entry.update(source=known.get("source"), verified_by=known.get("verified_by"))
         sources[path.name] = entry
     return sources
+
+
+def map_in_processes(function: Callable[[Any], Any], tasks: list[Any], workers: int) -> Iterator[Any]:
+    """``map(function, tasks)`` in order, on ``workers`` processes when more than one (and more than one
+    task).
+
+    The pool uses multiprocessing's forkserver, not fork: the parent may run threads (progress bars, Ray, a
+    test server), and fork()ing a multi-threaded process can deadlock. The server preloads ``function``'s
+    module, so each worker starts with numpy and Pillow imported. A script calling this must guard its top
+    level with ``if __name__ == "__main__":`` (the workers import the main module, as with spawn). The pool is
+    terminated when the iterator is closed or garbage collected.
+    """
+    if workers <= 1 or len(tasks) <= 1:
+        yield from map(function, tasks)
+        return
+    context = multiprocessing.get_context("forkserver")
+    main_spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if getattr(main_spec, "name", None) != function.__module__:  # run as -m: __main__ *is* that module
+        context.set_forkserver_preload([function.__module__])
+    pool = context.Pool(min(workers, len(tasks)))
+    try:
+        yield from pool.imap(function, tasks)
+    finally:
+        pool.terminate()
+        pool.join()
+
+
+def worker_count(num_workers: int) -> int:
+    """``num_workers``, or with 0 the cores this process may run on."""
+    if num_workers > 0:
+        return num_workers
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1

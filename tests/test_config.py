@@ -219,7 +219,7 @@ def test_bad_choice_names_the_field_and_the_allowed_values(raw, tmp_path):
         ("model.hidden_dims", [], "at least 1"),
         ("model.gaussian_std", -0.1, "greater than 0"),
         ("evaluate.num_importance_samples", 0, "greater than or equal to 1"),
-        ("data.dataset", "imagenet", "'celeba', 'mnist' or 'fashion_mnist'"),
+        ("data.dataset", "imagenet", "'celeba', 'mnist', 'fashion_mnist' or 'image_folder'"),
     ],
 )
 def test_bad_value_names_the_field(tmp_path, raw, dotted, value, expected):

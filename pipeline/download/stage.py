@@ -352,11 +352,34 @@ def download_mnist_family(dataset: str, config: DownloadConfig, raw_root: Path) 
     return raw_root
 
 
+def record_image_folder(data: DataConfig, raw_root: Path) -> None:
+    """``data.dataset: image_folder``: nothing is copied (the preprocess stage reads the images in place and
+    depends on the folder in dvc.yaml); the stage checks that the folder exists and records it in
+    ``sources.json``.
+
+    Raises:
+        DataStageError: the folder does not exist (names the setting and the path).
+    """
+    folder = data.image_folder_path()
+    if not folder.is_dir():
+        raise DataStageError(
+            f"data.image_folder {folder} is not a folder; put your images there or point data.image_folder "
+            "in params.yaml at the folder that holds them"
+        )
+    raw_root.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(raw_root / SOURCES_RECORD, json.dumps(
+        {"dataset": "image_folder", "image_folder": str(folder), "files": {},
+         "note": "images are read in place by the preprocess stage"}, indent=2) + "\n")
+    log.info("image_folder: %s is read in place by the preprocess stage", folder)
+
+
 def download(data: DataConfig, config: DownloadConfig) -> Path:
     """Run the download stage for ``data.dataset``; returns its raw folder (``data.raw_path()``)."""
     raw_root = data.raw_path()
     if data.dataset == "celeba":
         download_celeba(config, raw_root)
+    elif data.dataset == "image_folder":
+        record_image_folder(data, raw_root)
     else:
         download_mnist_family(data.dataset, config, raw_root)
     return raw_root
