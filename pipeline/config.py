@@ -238,7 +238,9 @@ class TrainConfig(Section):
         min_length=1,
         description="checkpoints: a path (relative = project root) or a URI such as s3://bucket/runs",
     )
-    run_name: str = Field("vae-celeba64", min_length=1)
+    run_name: str = Field(
+        "auto", min_length=1, description="auto: vae-<dataset>-<image side>, e.g. vae-celeba-64"
+    )
     log_every_n_steps: int = Field(50, ge=1, description="per-step metrics to MLflow every this many steps")
     print_steps: bool = Field(
         False, description="also print a progress line every log_every_n_steps (else one line per epoch)"
@@ -307,8 +309,14 @@ class MLflowConfig(Section):
         None, description="null: sqlite mlflow.db in the repo; MLFLOW_TRACKING_URI overrides"
     )
     experiment_name: str = "vae-celeba"
-    registered_model_name: str | None = "vae-celeba"
+    registered_model_name: str | None = Field(
+        "auto", description="auto: vae-<dataset>-<image side>, as train.run_name; null: register nothing"
+    )
     log_images_every_n_epochs: int = Field(1, ge=1)
+    system_metrics_interval_s: float | None = Field(
+        10.0, ge=1, description="training runs log CPU/GPU utilisation and memory every this many seconds "
+        "(MLflow system metrics, per node); null: off"
+    )
 
 
 class TuneConfig(Section):
@@ -389,6 +397,24 @@ class Params(Section):
     mlflow: MLflowConfig = MLflowConfig()
     tune: TuneConfig = TuneConfig()
     cluster: ClusterConfig = ClusterConfig()
+
+    def default_name(self) -> str:
+        """``vae-<dataset>-<image side>`` (``vae-celeba-64``, ``vae-fashion_mnist-28``,
+        ``vae-image_folder-128``): what ``train.run_name`` and ``mlflow.registered_model_name`` mean by
+        ``auto``."""
+        side = 28 if self.data.dataset in ("mnist", "fashion_mnist") else self.data.image_size
+        return f"vae-{self.data.dataset}-{side}"
+
+    @model_validator(mode="after")
+    def _names_from_the_dataset(self) -> Params:
+        # "auto" becomes the name itself here, so every stage, the MLflow params and models/vae/params.json
+        # see the same concrete name.
+        name = self.default_name()
+        if self.train.run_name == "auto":
+            object.__setattr__(self, "train", self.train.model_copy(update={"run_name": name}))
+        if self.mlflow.registered_model_name == "auto":
+            object.__setattr__(self, "mlflow", self.mlflow.model_copy(update={"registered_model_name": name}))
+        return self
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Params:

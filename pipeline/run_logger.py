@@ -356,3 +356,32 @@ def request_groups(records: list[_Record]) -> list[list[_Record]]:
             groups.append([record])
             size = len(record.payload) if record.kind == "metrics" else 0
     return groups
+
+
+def start_system_metrics(run_id: str | None, tracking_uri: str, interval_s: float | None,
+                         node: str | None = None):
+    """Start MLflow's system-metrics monitor for this node, logging to ``run_id`` beside the model metrics:
+    ``system/[<node>/]cpu_utilization_percentage``, ``system_memory_usage_megabytes``, disk and network, and
+    with an NVIDIA GPU and ``nvidia-ml-py`` ``gpu_utilization_percentage`` and ``gpu_memory_usage_megabytes``
+    (MLflow's ``SystemMetricsMonitor``; it resumes the step count of a resumed run).
+
+    Args:
+        run_id: the MLflow run; None (a rank that does not log) or ``interval_s`` None: nothing is started.
+        interval_s: seconds between samples (``mlflow.system_metrics_interval_s``).
+        node: the name that keeps several nodes' series apart, e.g. ``node-10.77.0.2``; None on one node.
+    Returns:
+        The started monitor (call ``finish()``), or None. A monitor that cannot start is logged and skipped:
+        it never stops training.
+    """
+    if not run_id or not interval_s:
+        return None
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(run_id, sampling_interval=interval_s, resume_logging=True,
+                                       node_id=node, tracking_uri=tracking_uri)
+        monitor.start()
+        return monitor
+    except Exception as error:  # noqa: BLE001 - the tracking server down must not stop training
+        log.warning("system metrics not logged: %s", error)
+        return None

@@ -32,7 +32,7 @@ from pipeline.distributed import (
     rng_states,
 )
 from pipeline.figures import autocast_for, epoch_images, evaluate_elbo
-from pipeline.run_logger import RunLogger
+from pipeline.run_logger import RunLogger, start_system_metrics
 from pipeline.sessions import LocalSession, NonFiniteLossError, Session, WorkerConfig
 from pipeline.step_figures import MAX_STEPS_BETWEEN_READS, EpochTally, StepFigures
 from pipeline.tracking import image_grid
@@ -363,6 +363,11 @@ def train_worker(config: WorkerConfig, session: Session) -> dict[str, Any]:
     """
     run = set_up(config, session)
     epochs = run.params.train.epochs
+    several_nodes = session.placement is not None and session.world_size > 1
+    monitor = start_system_metrics(  # one per node: its first worker samples the node's CPU, GPU and memory
+        config.mlflow_run_id if session.local_rank == 0 else None, config.tracking_uri or "",
+        run.params.mlflow.system_metrics_interval_s,
+        f"node-{session.placement['node_ip']}" if several_nodes else None)
     try:
         for epoch in range(run.start_epoch, epochs):
             started = time.perf_counter()
@@ -379,6 +384,8 @@ def train_worker(config: WorkerConfig, session: Session) -> dict[str, Any]:
         raise
     finally:  # flush what was logged so far, also when training stops with an error
         summary = run.logger.close()
+        if monitor is not None:
+            monitor.finish()
     if run.rank == 0 and not summary["sent_all"]:
         say(f"[train] MLflow: {summary['lost_records']} records could not be logged: {summary['errors'][:1]}")
     return {"history": run.history, "step": run.step, "epoch": len(run.history)}

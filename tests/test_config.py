@@ -298,3 +298,14 @@ def test_flatten_gives_dotted_scalar_keys():
     # every leaf of the dumped model appears exactly once
     dumped = params.model_dump(mode="json")
     assert len([k for k in flat if k.startswith("train.")]) == len(dumped["train"])
+
+
+def test_run_and_model_names_default_from_the_dataset_unless_set():
+    assert parse_params({}).train.run_name == "vae-celeba-64"
+    mnist = parse_params({"data": {"dataset": "fashion_mnist", "image_size": 64}})
+    assert (mnist.train.run_name, mnist.mlflow.registered_model_name) == ("vae-fashion_mnist-28",) * 2
+    own = parse_params({"data": {"dataset": "image_folder", "image_size": 128}})
+    assert (own.train.run_name, own.mlflow.registered_model_name) == ("vae-image_folder-128",) * 2
+    assert parse_params(own.model_dump(mode="json")) == own  # the concrete names survive a round trip
+    chosen = parse_params({"train": {"run_name": "mine"}, "mlflow": {"registered_model_name": None}})
+    assert (chosen.train.run_name, chosen.mlflow.registered_model_name) == ("mine", None)

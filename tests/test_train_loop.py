@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import itertools
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -256,6 +257,35 @@ def test_an_epochs_records_reach_mlflow_only_once_its_checkpoint_is_written(proc
     steps_per_epoch = TRAIN // 32
     assert [m.step for m in client.get_metric_history(run_id, "loss")] == list(range(1, steps_per_epoch + 1))
     assert [m.step for m in client.get_metric_history(run_id, "val_negative_elbo")] == [steps_per_epoch]
+
+
+class SlowEpochs(LocalSession):
+    """A runner whose checkpoints take 1.5 s to write: training lasts long enough for the system metrics'
+    one-second samples."""
+
+    def report(self, metrics, state, epoch):
+        time.sleep(1.5)
+        super().report(metrics, state, epoch)
+
+
+@pytest.mark.parametrize("interval", [1, None])
+def test_training_logs_the_nodes_system_metrics_beside_the_model_metrics(processed, tmp_path, interval):
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("system")).info.run_id
+    params = tiny_params(**{"train.epochs": 2, "mlflow.system_metrics_interval_s": interval})
+    train_worker(WorkerConfig(params, str(processed), run_id, uri), SlowEpochs(tmp_path / "checkpoints"))
+    metrics = client.get_run(run_id).data.metrics
+    assert "val_negative_elbo" in metrics
+    system = {key for key in metrics if key.startswith("system/")}
+    if interval is None:
+        assert system == set()
+    else:
+        wanted = {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"}
+        assert wanted <= system, metrics
+        assert 0 < metrics["system/system_memory_usage_megabytes"]
 
 
 # ----------------------------------------------------------------------------------------------------------
