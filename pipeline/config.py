@@ -57,8 +57,8 @@ class DataConfig(Section):
     image_folder: str = Field(
         "data/images",
         min_length=1,
-        description="a folder of images, searched recursively (relative = project root); a dependency of the "
-        "preprocess stage in dvc.yaml",
+        description="a folder of images, searched recursively (relative = project root), or "
+        "s3://bucket/prefix; a dependency of the preprocess stage in dvc.yaml",
     )
     channels: Literal[1, 3] = Field(3, description="image_folder: 3 = RGB, 1 = grey")
     crop: Literal["center", "none"] = Field(
@@ -68,13 +68,16 @@ class DataConfig(Section):
     class_folders: bool = Field(
         False, description="image_folder: labels from the first-level folder names (torchvision ImageFolder)"
     )
-    attributes_csv: Path | None = Field(
-        None, description="image_folder: a CSV 'path,<attribute>,...' of 0/1 (or -1/1) per image"
+    attributes_csv: str | None = Field(
+        None, description="image_folder: a CSV 'path,<attribute>,...' of 0/1 (or -1/1) per image, kept in "
+        "the image folder and given relative to it"
     )
 
-    def image_folder_path(self) -> Path:
-        """``image_folder`` as an absolute path (relative: under the project root)."""
-        return resolve(Path(self.image_folder))
+    def image_folder_location(self) -> str:
+        """``image_folder`` as an absolute path (relative: under the project root), or the URI as given."""
+        if "://" in self.image_folder:
+            return self.image_folder.rstrip("/")
+        return str(resolve(Path(self.image_folder)))
 
     def raw_path(self, dataset: str | None = None) -> Path:
         return resolve(self.raw_dir) / (dataset or self.dataset)
@@ -170,6 +173,11 @@ class PreprocessConfig(Section):
     )
     fast_decode: bool = Field(
         False, description="DCT-domain downscaled JPEG decode (tested against the exact path)"
+    )
+    engine: Literal["auto", "processes", "ray_data"] = Field(
+        "auto", description="image_folder: who decodes - processes on this machine, or Ray Data tasks on "
+        "every node of the cluster; auto: ray_data when a cluster is configured (cluster.address or "
+        "RAY_ADDRESS, as in a submitted job), else processes. The arrays are the same bytes either way"
     )
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-import logging
 import os
 import warnings
 from collections import Counter
@@ -24,20 +23,11 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps
-from tqdm.auto import tqdm
 
 from pipeline import datasets as ds
+from pipeline import storage_access
 from pipeline.celeba import center_crop_box
 from pipeline.datasets import DataStageError
-from pipeline.processed_folder import (
-    _manifest,
-    _OutputFolder,
-    _write_manifest,
-    map_in_processes,
-    worker_count,
-)
-
-log = logging.getLogger("pipeline.preprocess")
 
 # What torchvision's ImageFolder reads too (its IMG_EXTENSIONS less .pgm/.ppm/.gif, which hold no
 # photographs), compared in lower case.
@@ -50,12 +40,12 @@ class FolderListing:
     """The files under an image folder, in sorted order of their relative (POSIX) paths.
 
     Attributes:
-        root: the folder (absolute).
+        root: the folder (an absolute path) or ``s3://bucket/prefix``.
         images: relative paths of the files with an image extension.
         other_files: relative paths of every other file (counted and listed, not read).
     """
 
-    root: Path
+    root: str
     images: list[str] = field(default_factory=list)
     other_files: list[str] = field(default_factory=list)
 
@@ -77,7 +67,7 @@ def list_image_folder(root: Path) -> FolderListing:
             "(or s3://bucket/prefix) holding your images"
         )
     real_root = root.resolve()
-    listing = FolderListing(root)
+    listing = FolderListing(str(root))
     for folder, subfolders, files in os.walk(root):
         here = Path(folder)
         for name in list(subfolders):
@@ -93,6 +83,43 @@ def list_image_folder(root: Path) -> FolderListing:
                 listing.images.append(relative)
             else:
                 listing.other_files.append(relative)
+    listing.images.sort()
+    listing.other_files.sort()
+    return listing
+
+
+def list_images(location: str, endpoint: str | None = None) -> FolderListing:
+    """:func:`list_image_folder` for a local folder; for ``s3://bucket/prefix`` every object under the prefix
+    (recursively, through :func:`pipeline.storage_access.filesystem`).
+
+    Raises:
+        DataStageError: see :func:`list_image_folder`; an s3 prefix that holds no object.
+        pipeline.storage_access.StorageError: the store does not answer, refuses the credentials, or has no
+            such bucket (the message names the setting to fix).
+    """
+    if not storage_access.is_uri(location):
+        return list_image_folder(Path(location))
+    import pyarrow.fs as pafs
+
+    storage_access.check_location(location, endpoint, "data.image_folder")
+    filesystem, base = storage_access.filesystem(location, endpoint, patient=False)
+    base = base.rstrip("/")
+    try:
+        infos = filesystem.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
+    except OSError as error:
+        raise storage_access.StorageError(f"data.image_folder {location}: cannot list it ({error})") from None
+    listing = FolderListing(location.rstrip("/"))
+    for info in infos:
+        if info.type != pafs.FileType.File:
+            continue
+        relative = info.path[len(base) + 1 :]
+        kind = listing.images if Path(relative).suffix.lower() in IMAGE_EXTENSIONS else listing.other_files
+        kind.append(relative)
+    if not infos:
+        raise DataStageError(
+            f"data.image_folder {location} holds no objects: upload your images under that prefix, or fix "
+            "the URI (bucket and prefix)"
+        )
     listing.images.sort()
     listing.other_files.sort()
     return listing
@@ -181,33 +208,61 @@ def transform_image(data: bytes, image_size: int, channels: int = 3, crop: str =
     return array[None] if channels == 1 else array.transpose(2, 0, 1)
 
 
-def decode_files(task: tuple[str, list[str], int, int, str]
-                 ) -> tuple[np.ndarray, list[tuple[str, int]], list[tuple[int, str]], Counter]:
-    """Worker: read, hash and decode some files of a folder.
+_filesystems: dict[tuple[str, str | None], Any] = {}
+
+
+def read_source(location: str, name: str, endpoint: str | None = None) -> bytes:
+    """The bytes of image ``name`` (relative path) under ``location``: a local folder or ``s3://bucket/prefix``
+    (through :func:`pipeline.storage_access.filesystem`, the endpoint settings of every other stage).
+
+    Raises:
+        OSError: the file cannot be read (missing, no permission, the store refused).
+    """
+    if not storage_access.is_uri(location):
+        return (Path(location) / name).read_bytes()
+    key = (location, endpoint)
+    if key not in _filesystems:  # one client per process and store
+        _filesystems[key] = storage_access.filesystem(location, endpoint)
+    filesystem, base = _filesystems[key]
+    with filesystem.open_input_stream(f"{base.rstrip('/')}/{name}") as stream:
+        return stream.readall()
+
+
+def decode_files(location: str, names: list[str], image_size: int, channels: int, crop: str,
+                 endpoint: str | None = None) -> dict[str, np.ndarray]:
+    """Read, hash and decode some images: what each decode process or Ray Data task runs.
 
     Args:
-        task: (root, relative paths, image_size, channels, crop).
+        location: the image folder or ``s3://`` prefix; names: relative paths under it.
     Returns:
-        (images (n, C, S, S) uint8, [(sha256 hex, size in bytes)] per file, [(index, error)], conversions).
+        Columns aligned with ``names`` (a Ray Data batch): ``name``; ``image`` (n, C, S, S) uint8 (zeros for a
+        file that failed); ``sha256`` (hex, "" when unreadable); ``size`` (bytes); ``error`` ("" or why the
+        file cannot be used); ``conversion`` ("" or e.g. "CMYK->RGB").
     """
-    root, names, image_size, channels, crop = task
-    images = np.zeros((len(names), channels, image_size, image_size), np.uint8)
-    digests: list[tuple[str, int]] = []
-    errors: list[tuple[int, str]] = []
-    conversions: Counter = Counter()
+    count = len(names)
+    columns: dict[str, Any] = {
+        "name": np.asarray(names, dtype=object),
+        "image": np.zeros((count, channels, image_size, image_size), np.uint8),
+        "sha256": np.full(count, "", dtype=object),
+        "size": np.zeros(count, np.int64),
+        "error": np.full(count, "", dtype=object),
+        "conversion": np.full(count, "", dtype=object),
+    }
     for index, name in enumerate(names):
         try:
-            data = (Path(root) / name).read_bytes()
+            data = read_source(location, name, endpoint)
         except OSError as error:
-            digests.append(("", 0))
-            errors.append((index, f"cannot read: {error.strerror or error}"))
+            columns["error"][index] = f"cannot read: {error.strerror or error}"
             continue
-        digests.append((hashlib.sha256(data).hexdigest(), len(data)))
+        columns["sha256"][index] = hashlib.sha256(data).hexdigest()
+        columns["size"][index] = len(data)
+        conversions: Counter = Counter()
         try:
-            images[index] = transform_image(data, image_size, channels, crop, conversions)
+            columns["image"][index] = transform_image(data, image_size, channels, crop, conversions)
         except ValueError as error:
-            errors.append((index, str(error)))
-    return images, digests, errors, conversions
+            columns["error"][index] = str(error)
+        columns["conversion"][index] = next(iter(conversions), "")
+    return columns
 
 
 def class_labels(names: list[str], root: Path) -> tuple[list[str], np.ndarray]:
@@ -231,20 +286,32 @@ def class_labels(names: list[str], root: Path) -> tuple[list[str], np.ndarray]:
     return classes, np.asarray([index[name.split("/", 1)[0]] for name in names], np.int64)
 
 
-def read_attributes_csv(path: Path, names: list[str]) -> tuple[list[str], np.ndarray]:
-    """Per-image attributes from a CSV: a header ``path,<attribute>,...`` and one row per image, the path
-    relative to the image folder, values 1 or 0 (-1 is read as 0, as CelebA's files write it).
+def read_attributes_csv(location: str, csv_name: str, names: list[str], endpoint: str | None = None
+                        ) -> tuple[list[str], np.ndarray]:
+    """Per-image attributes from a CSV kept in the image folder: a header ``path,<attribute>,...`` and one row
+    per image, the path relative to the folder, values 1 or 0 (-1 is read as 0, as CelebA's files write it).
 
+    Args:
+        location: the image folder or ``s3://`` prefix; csv_name: the CSV's path relative to it.
+        names: the images' relative paths.
     Returns:
         (attribute names, (N, A) uint8 in {0, 1} aligned with ``names``).
     Raises:
-        DataStageError: a missing or malformed file, a row whose image is not in the folder, an image without
-            a row, a path listed twice (each names the file and line or image).
+        DataStageError: a CSV outside the folder, missing or malformed, a row whose image is not in the
+            folder, an image without a row, a path listed twice (each names the file and line or image).
     """
-    if not path.is_file():
-        raise DataStageError(f"data.attributes_csv {path} does not exist; fix the path or set it to null")
-    with open(path, newline="") as handle:
-        rows = list(csv.reader(handle))
+    if Path(csv_name).is_absolute() or ".." in Path(csv_name).parts:
+        raise DataStageError(
+            f"data.attributes_csv {csv_name} must be a path inside data.image_folder, relative to it (e.g. "
+            "attributes.csv): DVC then re-runs preprocess when it changes. Move the file into the folder"
+        )
+    path = f"{location}/{csv_name}"
+    try:
+        text = read_source(location, csv_name, endpoint).decode("utf-8-sig")
+    except (OSError, UnicodeDecodeError) as error:
+        raise DataStageError(f"data.attributes_csv {path}: cannot read it ({error}); fix the path or set "
+                             "it to null") from None
+    rows = list(csv.reader(io.StringIO(text, newline="")))
     if not rows or len(rows[0]) < 2 or rows[0][0].strip() != "path":
         raise DataStageError(f"{path}:1: expected the header 'path,<attribute>,...'")
     attribute_names = [name.strip() for name in rows[0][1:]]
@@ -287,180 +354,3 @@ def check_split_counts(counts: dict[str, int], fractions: dict[str, float], root
             "Add images (a few hundred at least) or change data.split_fractions"
         )
 
-
-CHUNK_FILES = 128  # files per task sent to a decode process
-
-
-def preprocess_image_folder(
-    root: Path,
-    out_dir: Path,
-    *,
-    image_size: int = 64,
-    channels: int = 3,
-    crop: str = "center",
-    split_fractions: dict[str, float] | None = None,
-    class_folders: bool = False,
-    attributes_csv: Path | None = None,
-    skip_corrupt: bool = False,
-    num_workers: int = 0,
-) -> dict[str, Any]:
-    """Decode every image of a folder once; write the split arrays and the manifest as for CelebA.
-
-    Writes ``{split}_images.npy`` (N, channels, image_size, image_size) uint8, ``{split}_labels.npy`` (N,)
-    int64 with ``class_folders``, ``{split}_attributes.npy`` (N, A) uint8 with ``attributes_csv``, and
-    ``manifest.json``: every source image's size and sha256, the files that are not images, the exact
-    duplicates (the first path in sorted order is kept, the others left out, so no content is in two splits),
-    the mode conversions made, the split rule and every array's sha256. ``out_dir`` is replaced atomically.
-
-    Args:
-        root: the image folder (recursive). Rows follow the sorted relative paths within each split.
-        split_fractions: {"train", "valid", "test"} fractions (summing to 1); default 0.8 / 0.1 / 0.1.
-        num_workers: decode processes; 0 = all cores; 1 = in this process (see
-            :func:`pipeline.processed_folder.map_in_processes` for scripts).
-    Returns:
-        The manifest.
-    Raises:
-        DataStageError: see :func:`list_image_folder`, :func:`class_labels`, :func:`read_attributes_csv`,
-            :func:`check_split_counts`; no image in the folder; a corrupt, truncated or oversized image
-            (every one named) without ``skip_corrupt``.
-    """
-    fractions = split_fractions or {"train": 0.8, "valid": 0.1, "test": 0.1}
-    listing = list_image_folder(root)
-    names = listing.images
-    if listing.other_files:
-        log.warning("%d file(s) in %s are not images (by extension) and are left out: %s%s",
-                    len(listing.other_files), root, ", ".join(listing.other_files[:10]),
-                    " ..." if len(listing.other_files) > 10 else "")
-    if not names:
-        raise DataStageError(
-            f"no images in {listing.root} (looked for {', '.join(IMAGE_EXTENSIONS)} in every subfolder; "
-            "found "
-            f"{len(listing.other_files)} other file(s)); point data.image_folder at a folder of images"
-        )
-    attribute_names: list[str] = []
-    attributes = None
-    if attributes_csv is not None:
-        if not Path(attributes_csv).absolute().is_relative_to(listing.root):
-            raise DataStageError(
-                f"data.attributes_csv {attributes_csv} is outside data.image_folder {listing.root}: move it "
-                "into the folder (DVC then re-runs preprocess when it changes) and set data.attributes_csv "
-                "to its path"
-            )
-        attribute_names, attributes = read_attributes_csv(Path(attributes_csv), names)
-    workers = worker_count(num_workers)
-    shape = (channels, image_size, image_size)
-    output = _OutputFolder(out_dir)
-    try:
-        scratch_path = output.path / "all_images.scratch"
-        everything = np.lib.format.open_memmap(scratch_path, mode="w+", dtype=np.uint8,
-                                               shape=(len(names), *shape))
-        digests: list[tuple[str, int]] = []
-        errors: dict[int, str] = {}
-        conversions: Counter = Counter()
-        tasks = [(str(listing.root), names[start : start + CHUNK_FILES], image_size, channels, crop)
-                 for start in range(0, len(names), CHUNK_FILES)]
-        log.info("decoding %d images from %s on %d process(es): %s crop, resize to %d, %d channel(s)",
-                 len(names), listing.root, workers, crop, image_size, channels)
-        results = map_in_processes(decode_files, tasks, workers)
-        try:
-            with tqdm(total=len(names), desc="preprocess images", unit="img", disable=None) as bar:
-                for task_index, (images, chunk_digests, chunk_errors, found) in enumerate(results):
-                    start = task_index * CHUNK_FILES
-                    everything[start : start + len(images)] = images
-                    digests.extend(chunk_digests)
-                    errors.update((start + index, message) for index, message in chunk_errors)
-                    conversions.update(found)
-                    bar.update(len(images))
-        finally:
-            results.close()
-        if errors and not skip_corrupt:
-            details = "; ".join(f"{names[row]}: {message}" for row, message in sorted(errors.items())[:10])
-            raise DataStageError(
-                f"{len(errors)} image(s) in {listing.root} cannot be used: {details}"
-                f"{' ...' if len(errors) > 10 else ''}. Replace or remove them, or set "
-                "preprocess.skip_corrupt: true to leave them out (they are listed in the manifest)"
-            )
-        for row, message in sorted(errors.items()):
-            log.warning("skipping %s: %s", names[row], message)
-        if conversions:
-            log.info("converted: %s", ", ".join(f"{key} {n}" for key, n in sorted(conversions.items())))
-        first_with: dict[str, int] = {}
-        duplicates: dict[str, list[str]] = {}
-        rows_of = {split: [] for split in ds.SPLITS}
-        for row, name in enumerate(names):
-            if row in errors:
-                continue
-            digest = digests[row][0]
-            if digest in first_with:
-                duplicates.setdefault(names[first_with[digest]], []).append(name)
-                continue
-            first_with[digest] = row
-            rows_of[split_of(name, fractions)].append(row)
-        if duplicates:
-            log.warning("%d exact duplicate(s) left out (each content kept once, under its first path): %s",
-                        sum(map(len, duplicates.values())),
-                        "; ".join(f"{kept} = {', '.join(copies)}"
-                                  for kept, copies in list(duplicates.items())[:5]))
-        counts = {split: len(rows) for split, rows in rows_of.items()}
-        check_split_counts(counts, fractions, listing.root)
-        labels = class_labels(names, listing.root) if class_folders else None
-        for split, rows in rows_of.items():
-            index = np.asarray(rows, np.int64)
-            array = np.lib.format.open_memmap(output.path / f"{split}_images.npy", mode="w+", dtype=np.uint8,
-                                              shape=(len(rows), *shape))
-            for start in range(0, len(rows), 4096):  # bounded memory: a block of rows at a time
-                array[start : start + 4096] = everything[index[start : start + 4096]]
-            array.flush()
-            del array
-            if labels is not None:
-                output.save(f"{split}_labels.npy", labels[1][index])
-            if attributes is not None:
-                output.save(f"{split}_attributes.npy", attributes[index])
-        del everything
-        scratch_path.unlink()
-        # Every file: its size, sha256 and where it went (split, row), or why it is not in the arrays.
-        sources: dict[str, dict[str, Any]] = {
-            name: {"size": size, "sha256": digest}
-            for name, (digest, size) in zip(names, digests, strict=True)
-        }
-        for split, rows in rows_of.items():
-            for position, row in enumerate(rows):
-                sources[names[row]].update(split=split, row=position)
-        for kept, copies in duplicates.items():
-            for name in copies:
-                sources[name]["duplicate_of"] = kept
-        for row, message in errors.items():
-            sources[names[row]]["skipped"] = message
-        manifest = _manifest(
-            output.path, "image_folder", shape, attribute_names, counts, sources,
-            {
-                "image_folder": str(listing.root),
-                "image_size": image_size,
-                "channels": channels,
-                "crop": crop,
-                "skip_corrupt": skip_corrupt,
-                "method": "Pillow decode, EXIF orientation, mode -> " + ("RGB" if channels == 3 else "L")
-                + (", centre square of the shorter side (torchvision CenterCrop rounding)" if crop == "center"
-                   else "") + ", antialiased bilinear resize (= torchvision "
-                + ("CenterCrop + Resize(antialias=True)" if crop == "center" else "Resize((s, s))")
-                + " on PIL images)",
-                "split": "sha256 of the relative path, first 8 bytes / 2**64 = u: train if u < "
-                f"{fractions['train']}, valid if u < {fractions['train'] + fractions['valid']}, else test",
-                "split_fractions": fractions,
-                "conversions": dict(sorted(conversions.items())),
-            },
-            [names[row] for row in sorted(errors)],
-        )
-        manifest.update(
-            other_files=listing.other_files,
-            duplicates=duplicates,
-        )
-        if labels is not None:
-            manifest["class_names"] = labels[0]
-        _write_manifest(output.path, manifest)
-        output.publish()
-    except BaseException:
-        output.discard()
-        raise
-    log.info("wrote %s: %s", out_dir, ", ".join(f"{s} {counts[s]}" for s in ds.SPLITS))
-    return manifest

@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import logging
 import math
+import os
 import shutil
 import sys
 import zipfile
@@ -24,9 +25,9 @@ from pipeline import datasets as ds
 from pipeline import storage, storage_access
 from pipeline.celeba import RUN_DVC_DOWNLOAD, decode_chunk, read_celeba_annotations
 from pipeline.cli import data_stage_main
-from pipeline.common import atomic_output, resolve
+from pipeline.common import atomic_output
 from pipeline.datasets import DataStageError
-from pipeline.image_folder import preprocess_image_folder
+from pipeline.image_folder_stage import preprocess_image_folder
 from pipeline.job_submission import run_data_stage
 from pipeline.processed_folder import (
     _input_checksums,
@@ -38,7 +39,7 @@ from pipeline.processed_folder import (
 )
 
 if TYPE_CHECKING:
-    from pipeline.config import DataConfig, PreprocessConfig
+    from pipeline.config import DataConfig, Params, PreprocessConfig
 
 log = logging.getLogger("pipeline.preprocess")
 
@@ -67,7 +68,7 @@ def preprocess_celeba(
         skip_corrupt: leave undecodable images out (listed in the manifest) instead of failing.
         fast_decode: DCT-domain downscaled decoding (see the module docstring).
         num_workers: decode processes; 0 = all cores of this machine; 1 = in this process. More than one uses
-            multiprocessing's forkserver: a script calling this must guard its top level with
+            spawned processes: a script calling this must guard its top level with
             ``if __name__ == "__main__":`` (the workers import the main module, as with spawn).
     Returns:
         The manifest (also written to ``out_dir/manifest.json``).
@@ -300,15 +301,17 @@ def preprocess_mnist_family(dataset: str, raw_root: Path, out_dir: Path) -> dict
     return manifest
 
 
-def preprocess(data: DataConfig, config: PreprocessConfig, endpoint: str | None = None) -> dict[str, Any]:
+def preprocess(data: DataConfig, config: PreprocessConfig, endpoint: str | None = None,
+               engine: str = "processes") -> dict[str, Any]:
     """Run the preprocess stage for ``data.dataset``: ``data.raw_path()`` -> ``data.processed_location()``.
 
     With ``data.processed_dir`` an object-store URI (``s3://bucket/processed``), the arrays are built in a
     local scratch folder and then published there (arrays first, manifest.json last: a reader that finds the
-    manifest finds its arrays); ``endpoint`` is ``cluster.s3_endpoint_url``.
+    manifest finds its arrays); ``endpoint`` is ``cluster.s3_endpoint_url``. ``engine`` ("processes" or
+    "ray_data", see :func:`resolve_engine`) decodes an image folder.
 
     Returns the manifest. Raises DataStageError (see :func:`preprocess_celeba`,
-    :func:`preprocess_mnist_family`, :func:`pipeline.image_folder.preprocess_image_folder`), or
+    :func:`preprocess_mnist_family`, :func:`pipeline.image_folder_stage.preprocess_image_folder`), or
     StorageError when the store refuses.
     """
     location = data.processed_location()
@@ -316,27 +319,30 @@ def preprocess(data: DataConfig, config: PreprocessConfig, endpoint: str | None 
         storage_access.check_location(location, endpoint, "data.processed_dir")
         scratch = storage.scratch_folder(location)
         try:
-            manifest = _build(data, config, scratch / data.dataset)
+            manifest = _build(data, config, scratch / data.dataset, engine, endpoint)
             storage.publish_dataset(scratch / data.dataset, location, endpoint)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         return manifest
-    return _build(data, config, data.processed_path())
+    return _build(data, config, data.processed_path(), engine, endpoint)
 
 
-def _build(data: DataConfig, config: PreprocessConfig, out_dir: Path) -> dict[str, Any]:
+def _build(data: DataConfig, config: PreprocessConfig, out_dir: Path, engine: str = "processes",
+           endpoint: str | None = None) -> dict[str, Any]:
     if data.dataset == "image_folder":
         return preprocess_image_folder(
-            data.image_folder_path(),
+            data.image_folder_location(),
             out_dir,
             image_size=data.image_size,
             channels=data.channels,
             crop=data.crop,
             split_fractions=data.split_fractions.model_dump(),
             class_folders=data.class_folders,
-            attributes_csv=resolve(data.attributes_csv) if data.attributes_csv else None,
+            attributes_csv=data.attributes_csv,
             skip_corrupt=config.skip_corrupt,
             num_workers=config.num_workers,
+            engine=engine,
+            endpoint=endpoint,
         )
     if data.dataset == "celeba":
         return preprocess_celeba(
@@ -351,10 +357,27 @@ def _build(data: DataConfig, config: PreprocessConfig, out_dir: Path) -> dict[st
     return preprocess_mnist_family(data.dataset, data.raw_path(), out_dir)
 
 
+def resolve_engine(params: Params) -> str:
+    """``preprocess.engine`` made concrete: "ray_data" (connected to the cluster here) or "processes". auto:
+    Ray Data for an image folder when a cluster is configured (``cluster.address`` or ``RAY_ADDRESS``, which
+    a submitted job has), else local processes. CelebA and the MNIST family always use processes."""
+    choice = params.preprocess.engine
+    if params.data.dataset != "image_folder":
+        return "processes"
+    if choice == "auto":
+        choice = "ray_data" if params.cluster.address or os.environ.get("RAY_ADDRESS") else "processes"
+    if choice == "ray_data":
+        from pipeline.ray_connect import connect_ray
+
+        connect_ray(params)
+    return choice
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m pipeline.preprocess [--params PATH]``: exit status 0, or 1 with a message on stderr."""
     def run(params):
-        return preprocess(params.data, params.preprocess, params.cluster.s3_endpoint_url)
+        return preprocess(params.data, params.preprocess, params.cluster.s3_endpoint_url,
+                          resolve_engine(params))
 
     return data_stage_main("pipeline.preprocess", __doc__, argv, run, log,
                            interrupted="nothing was written (outputs are renamed into place when complete)",

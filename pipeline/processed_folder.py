@@ -12,7 +12,6 @@ import json
 import multiprocessing
 import os
 import shutil
-import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -118,20 +117,17 @@ def map_in_processes(function: Callable[[Any], Any], tasks: list[Any], workers: 
     """``map(function, tasks)`` in order, on ``workers`` processes when more than one (and more than one
     task).
 
-    The pool uses multiprocessing's forkserver, not fork: the parent may run threads (progress bars, Ray, a
-    test server), and fork()ing a multi-threaded process can deadlock. The server preloads ``function``'s
-    module, so each worker starts with numpy and Pillow imported. A script calling this must guard its top
-    level with ``if __name__ == "__main__":`` (the workers import the main module, as with spawn). The pool is
-    terminated when the iterator is closed or garbage collected.
+    The pool's processes are spawned, not forked: the parent may run threads (progress bars, Ray, a test
+    server), and fork()ing a multi-threaded process can deadlock; and each spawned process starts with the
+    parent's environment as it is now (a forkserver started earlier would hand out the environment of its own
+    start, without credentials set since). A script calling this must guard its top level with
+    ``if __name__ == "__main__":`` (the workers import the main module). The pool is terminated when the
+    iterator is closed or garbage collected.
     """
     if workers <= 1 or len(tasks) <= 1:
         yield from map(function, tasks)
         return
-    context = multiprocessing.get_context("forkserver")
-    main_spec = getattr(sys.modules.get("__main__"), "__spec__", None)
-    if getattr(main_spec, "name", None) != function.__module__:  # run as -m: __main__ *is* that module
-        context.set_forkserver_preload([function.__module__])
-    pool = context.Pool(min(workers, len(tasks)))
+    pool = multiprocessing.get_context("spawn").Pool(min(workers, len(tasks)))
     try:
         yield from pool.imap(function, tasks)
     finally:

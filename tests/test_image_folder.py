@@ -23,13 +23,8 @@ from pipeline import datasets as ds
 from pipeline.config import DataConfig, PreprocessConfig
 from pipeline.data import load_split
 from pipeline.datasets import DataStageError
-from pipeline.image_folder import (
-    list_image_folder,
-    preprocess_image_folder,
-    split_of,
-    to_eight_bit,
-    transform_image,
-)
+from pipeline.image_folder import list_image_folder, split_of, to_eight_bit, transform_image
+from pipeline.image_folder_stage import preprocess_image_folder
 from pipeline.preprocess import preprocess
 from tests.photo_folders import photo_folder, source_photographs
 
@@ -209,8 +204,8 @@ def write_attributes(root: Path, names: list[str], extra: str = "") -> Path:
 def test_attributes_csv_rows_follow_the_images(photos, tmp_path):
     root = tmp_path / "images"
     shutil.copytree(photos[0], root)
-    csv_path = write_attributes(root, photos[1])
-    manifest = build(root, tmp_path / "out", attributes_csv=csv_path)
+    write_attributes(root, photos[1])
+    manifest = build(root, tmp_path / "out", attributes_csv="attributes.csv")
     assert manifest["attribute_names"] == ["is_cat", "is_portrait"]
     assert manifest["other_files"] == ["attributes.csv"]
     for split in ds.SPLITS:
@@ -237,9 +232,10 @@ def test_attributes_csv_mismatches_are_named(photos, tmp_path, problem):
         path, match = write_attributes(root, names, f"{names[0]},yes,0\n"), r"attributes\.csv:162: expected"
     else:
         path = write_attributes(tmp_path, names)
-        match = "outside data.image_folder"
+        match = "must be a path inside data.image_folder"
+    relative = "../attributes.csv" if problem == "outside the folder" else path.name
     with pytest.raises(DataStageError, match=match):
-        build(root, tmp_path / "out", attributes_csv=path)
+        build(root, tmp_path / "out", attributes_csv=relative)
     assert not (tmp_path / "out").exists()
 
 
@@ -336,3 +332,60 @@ def test_the_preprocess_stage_reads_the_folder_from_params(photos, tmp_path):
     counts = {split: entry["count"] for split, entry in manifest["splits"].items()}
     assert counts == {split: sum(split_of(n, data.split_fractions.model_dump()) == split for n in names)
                       for split in ds.SPLITS}
+
+
+# ------------------------------------------------------------------------------- Ray Data and the store
+
+
+def test_ray_data_decodes_the_same_bytes_as_local_processes(photos, tmp_path):
+    import ray
+
+    root, _ = photos
+    local = build(root, tmp_path / "local", num_workers=2, class_folders=True)
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
+    try:
+        with_ray = build(root, tmp_path / "ray", engine="ray_data", class_folders=True)
+    finally:
+        ray.shutdown()
+    assert with_ray == local  # every array's sha256 (in the manifest), every source's split and row
+    assert (tmp_path / "ray" / "train_images.npy").read_bytes() == (tmp_path / "local" /
+                                                                    "train_images.npy").read_bytes()
+
+
+def upload(s3, root: Path, prefix: str) -> None:
+    bucket, _, key_prefix = prefix[len("s3://"):].partition("/")
+    client = s3.client()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        client.put_object(Bucket=bucket, Key=f"{key_prefix}/{path.relative_to(root).as_posix()}",
+                          Body=path.read_bytes())
+
+
+def test_a_folder_in_the_object_store_gives_the_same_dataset_as_on_disk(photos, tmp_path, s3):
+    root = tmp_path / "images"
+    shutil.copytree(photos[0], root)
+    write_attributes(root, photos[1])
+    (root / "notes.txt").write_text("not an image")
+    prefix = f"{s3.prefix()}/my-photos"
+    upload(s3, root, prefix)
+    on_disk = build(root, tmp_path / "disk", attributes_csv="attributes.csv", class_folders=True)
+    in_store = build(prefix, tmp_path / "store", attributes_csv="attributes.csv", class_folders=True,
+                     num_workers=2)
+    assert in_store["preprocess"].pop("image_folder") == prefix
+    assert on_disk["preprocess"].pop("image_folder") == str(root)
+    assert in_store == on_disk
+    assert in_store["other_files"] == ["attributes.csv", "notes.txt"]
+
+
+def test_an_empty_or_unreachable_prefix_is_refused_naming_the_fix(s3, tmp_path, monkeypatch):
+    from pipeline.storage_access import StorageError
+
+    empty = f"{s3.prefix()}/nothing-here"
+    with pytest.raises(DataStageError, match=rf"data.image_folder {empty} holds no objects"):
+        build(empty, tmp_path / "out")
+    with pytest.raises(StorageError, match="bucket 'no-such-bucket' does not exist"):
+        build("s3://no-such-bucket/photos", tmp_path / "out")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    with pytest.raises(StorageError, match="data.image_folder .* refused the credentials") as raised:
+        build(f"{s3.prefix()}/photos", tmp_path / "out")
+    assert s3.secret_key not in str(raised.value)
+    assert not (tmp_path / "out").exists()

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from tqdm.auto import tqdm
 
 from pipeline import datasets as ds
+from pipeline import storage_access
 from pipeline.archives import UnsafeArchiveError, celeba_image_entries
 from pipeline.cli import data_stage_main
 from pipeline.common import atomic_write_text, make_readable
@@ -352,34 +353,38 @@ def download_mnist_family(dataset: str, config: DownloadConfig, raw_root: Path) 
     return raw_root
 
 
-def record_image_folder(data: DataConfig, raw_root: Path) -> None:
+def record_image_folder(data: DataConfig, raw_root: Path, endpoint: str | None = None) -> None:
     """``data.dataset: image_folder``: nothing is copied (the preprocess stage reads the images in place and
     depends on the folder in dvc.yaml); the stage checks that the folder exists and records it in
     ``sources.json``.
 
     Raises:
         DataStageError: the folder does not exist (names the setting and the path).
+        pipeline.storage_access.StorageError: an s3 location that cannot be listed.
     """
-    folder = data.image_folder_path()
-    if not folder.is_dir():
+    folder = data.image_folder_location()
+    if storage_access.is_uri(folder):
+        storage_access.check_location(folder, endpoint, "data.image_folder")
+    elif not Path(folder).is_dir():
         raise DataStageError(
             f"data.image_folder {folder} is not a folder; put your images there or point data.image_folder "
-            "in params.yaml at the folder that holds them"
+            "in params.yaml at the folder (or s3://bucket/prefix) that holds them"
         )
     raw_root.mkdir(parents=True, exist_ok=True)
     atomic_write_text(raw_root / SOURCES_RECORD, json.dumps(
-        {"dataset": "image_folder", "image_folder": str(folder), "files": {},
+        {"dataset": "image_folder", "image_folder": folder, "files": {},
          "note": "images are read in place by the preprocess stage"}, indent=2) + "\n")
     log.info("image_folder: %s is read in place by the preprocess stage", folder)
 
 
-def download(data: DataConfig, config: DownloadConfig) -> Path:
-    """Run the download stage for ``data.dataset``; returns its raw folder (``data.raw_path()``)."""
+def download(data: DataConfig, config: DownloadConfig, endpoint: str | None = None) -> Path:
+    """Run the download stage for ``data.dataset``; returns its raw folder (``data.raw_path()``).
+    ``endpoint``: ``cluster.s3_endpoint_url``, for an image folder on S3."""
     raw_root = data.raw_path()
     if data.dataset == "celeba":
         download_celeba(config, raw_root)
     elif data.dataset == "image_folder":
-        record_image_folder(data, raw_root)
+        record_image_folder(data, raw_root, endpoint)
     else:
         download_mnist_family(data.dataset, config, raw_root)
     return raw_root
@@ -387,7 +392,10 @@ def download(data: DataConfig, config: DownloadConfig) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m pipeline.download [--params PATH]``: exit status 0, or 1 with a message on stderr."""
-    return data_stage_main("pipeline.download", __doc__, argv, lambda p: download(p.data, p.download), log,
+    def run(params):
+        return download(params.data, params.download, params.cluster.s3_endpoint_url)
+
+    return data_stage_main("pipeline.download", __doc__, argv, run, log,
                            interrupted="partial downloads are kept in data/raw/.downloads for the next run",
                            submit=run_data_stage)
 
