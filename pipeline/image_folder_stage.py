@@ -85,8 +85,9 @@ def decoded_with_ray_data(location: str, names: list[str], options: dict[str, An
 
     dataset = ray.data.from_items([{"name": name} for name in names],
                                   override_num_blocks=max(1, -(-len(names) // CHUNK_FILES)))
+    # SPREAD: the tasks go round the nodes, using every node's CPUs and disk or network
     decoded = dataset.map_batches(
-        _decode_batch, batch_size=CHUNK_FILES, batch_format="numpy", num_cpus=1,
+        _decode_batch, batch_size=CHUNK_FILES, batch_format="numpy", num_cpus=1, scheduling_strategy="SPREAD",
         fn_kwargs={"location": location, "endpoint": endpoint, **options})
     nodes: Counter = Counter()
     for batch in decoded.iter_batches(batch_size=None, batch_format="numpy"):

@@ -219,6 +219,18 @@ def job_actors(cluster: Any, submission_id: str, class_name: str,
             if actor.get("state") == state and job_id is not None and actor.get("job_id") == job_id]
 
 
+def job_tasks(cluster: Any, submission_id: str, name: str) -> list[dict[str, Any]]:
+    """The tasks named ``name`` (e.g. a Ray Data operator, ``MapBatches(_decode_batch)``) that job
+    ``submission_id`` ran, from Ray's state API (``ray list tasks --detail``): each a dict with ``node_id``,
+    ``state``, ... Placement from Ray itself, as :func:`job_actors`."""
+    job_id = job_info(cluster, submission_id).get("job_id")
+    query = urllib.parse.urlencode({"limit": 10000, "detail": "true", "filter_keys": "name",
+                                    "filter_predicates": "=", "filter_values": name})
+    reply = _dashboard_api(cluster, f"/api/v0/tasks?{query}")
+    return [task for task in reply["data"]["result"]["result"]
+            if job_id is not None and task.get("job_id") == job_id]
+
+
 def stop_job(cluster: Any, submission_id: str) -> bool:
     """Ask Ray to stop the job (SIGTERM to the driver, later SIGKILL); True if it was running."""
     return bool(_dashboard_api(cluster, f"/api/jobs/{submission_id}/stop", method="POST").get("stopped"))

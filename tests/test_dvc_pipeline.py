@@ -162,3 +162,91 @@ def test_quickstart_runs_the_whole_pipeline_and_leaves_the_workspace_as_found(tm
     assert (repo / "params.yaml").read_bytes() == before and not (repo / "dvc.lock").exists()
     assert run(repo, "git", "status", "--porcelain").stdout == ""
     assert run(repo, DVC, "exp", "list").stdout.strip()  # kept: `dvc exp apply` brings it back
+
+
+def test_dvc_repro_on_a_folder_of_photographs_and_reruns_exactly_when_images_change(tmp_path):
+    """Your own images (README, "Your own images"): a folder of real photographs with class folders and an
+    attributes CSV goes through every stage with `dvc repro`; the names come from the dataset. Then
+    preprocess re-runs when an image is added, changed or removed, and only then."""
+    from tests.photo_folders import photo_folder
+
+    folder = tmp_path / "my-photos"
+    names = photo_folder(folder, 240, seed=11)
+
+    def write_csv(images):
+        rows = [f"{name},{int(name.startswith('chelsea'))}" for name in images]
+        (folder / "attributes.csv").write_text("path,is_cat\n" + "\n".join(rows) + "\n")
+
+    write_csv(names)
+    repo = fresh_repository(
+        tmp_path,
+        {
+            "data.dataset": "image_folder",
+            "data.image_folder": str(folder),
+            "data.image_size": 16,
+            "data.class_folders": True,
+            "data.attributes_csv": "attributes.csv",
+            "model.hidden_dims": [16, 32],
+            "model.latent_dim": 8,
+            "train.epochs": 2,
+            "train.batch_size": 32,
+            "evaluate.num_importance_samples": 4,
+            "evaluate.importance_batch_size": 4,
+            "evaluate.num_image_rows": 2,
+            "evaluate.attributes": ["is_cat"],
+        },
+    )
+    output = dvc_repro(repo)
+    for stage in ("download", "preprocess", "tune", "train", "evaluate"):
+        assert f"Running stage '{stage}'" in output, stage
+    manifest = json.loads((repo / "data/processed/image_folder/manifest.json").read_text())
+    assert manifest["image_shape"] == [3, 16, 16] and manifest["attribute_names"] == ["is_cat"]
+    assert sum(split["count"] for split in manifest["splits"].values()) == 240
+    metrics = json.loads((repo / "reports/metrics.json").read_text())
+    assert metrics["num_test_images"] == manifest["splits"]["test"]["count"]
+    assert 0 < metrics["test_nll_bits_per_dim"] < 16
+    for picture in ("samples", "reconstructions", "attribute_is_cat", "latent_scatter"):
+        assert (repo / "reports/eval" / f"{picture}.png").is_file(), picture
+    train_metrics = json.loads((repo / "reports/train_metrics.json").read_text())
+    client = mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    run_info = client.get_run(train_metrics["mlflow_run_id"])
+    assert run_info.info.run_name.startswith("vae-image_folder-16-"), run_info.info.run_name
+    assert client.get_registered_model("vae-image_folder-16").name == "vae-image_folder-16"
+    assert "up to date" in run(repo, DVC, "status").stdout
+
+    def preprocess_runs() -> bool:
+        return "Running stage 'preprocess'" in run(repo, DVC, "repro", "preprocess").stdout
+
+    more = photo_folder(tmp_path / "more", 3, seed=12, class_folders=False)
+    (folder / "chelsea" / "new.png").write_bytes((tmp_path / "more" / more[0]).read_bytes())
+    write_csv(names + ["chelsea/new.png"])
+    assert preprocess_runs()
+    assert not preprocess_runs()
+    (folder / names[5]).write_bytes((tmp_path / "more" / more[1]).read_bytes())  # changed in place
+    assert preprocess_runs()
+    (folder / names[7]).unlink()
+    write_csv([name for name in names if name != names[7]] + ["chelsea/new.png"])
+    assert preprocess_runs()
+    manifest = json.loads((repo / "data/processed/image_folder/manifest.json").read_text())
+    assert names[7] not in manifest["sources"] and "chelsea/new.png" in manifest["sources"]
+    assert not preprocess_runs()
+
+
+def test_the_quick_start_on_your_own_folder(tmp_path):
+    """`python -m pipeline.quickstart --images PATH` (README, "Your own images"): the whole walk on a folder
+    of photographs, the summary naming it, params.yaml untouched."""
+    from tests.photo_folders import photo_folder
+
+    folder = tmp_path / "holiday"
+    photo_folder(folder, 200, seed=13, class_folders=False)
+    repo = fresh_repository(tmp_path, {})
+    before = (repo / "params.yaml").read_bytes()
+    output = run(repo, ".venv/bin/python", "-m", "pipeline.quickstart", "--images", str(folder),
+                 "--set", "train.epochs=1", "--set", "evaluate.num_importance_samples=4",
+                 "--set", "evaluate.fid=false", timeout=1500).stdout
+    for stage in ("download", "preprocess", "train", "evaluate"):
+        assert f"Running stage '{stage}'" in output, stage
+    assert f"Quick start done (your images in {folder}, conv VAE" in output, output[-2000:]
+    manifest = json.loads((repo / "data/processed/image_folder/manifest.json").read_text())
+    assert manifest["image_shape"] == [3, 32, 32] and len(manifest["sources"]) == 200
+    assert (repo / "params.yaml").read_bytes() == before

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from pipeline import evaluate, train
 from pipeline import submit as submit_module
@@ -227,3 +228,18 @@ def test_quickstart_puts_params_and_lock_back_when_terminated(tmp_path):
     branch = subprocess.run(["git", "symbolic-ref", "--short", "HEAD"], cwd=tmp_path, capture_output=True,
                             text=True).stdout.strip()
     assert branch == "main"  # the run detached HEAD, as `dvc exp run` does; it is attached again
+
+
+def test_quickstart_images_runs_the_walk_on_a_folder_with_valid_settings(tmp_path, capsys):
+    from pipeline import quickstart
+    from pipeline.params_file import load_params
+
+    assert quickstart.main(["--dry-run", "--images", str(tmp_path)]) == 0
+    command = capsys.readouterr().out
+    assert f"-S data.image_folder={tmp_path}" in command and "-S data.dataset=image_folder" in command
+    settings = {**quickstart.IMAGE_SETTINGS, "data.image_folder": str(tmp_path)}
+    params = load_params(overrides={key: yaml.safe_load(value) for key, value in settings.items()})
+    assert params.train.run_name == "vae-image_folder-32" == params.mlflow.registered_model_name
+    with pytest.raises(SystemExit):
+        quickstart.main(["--dry-run", "--images", str(tmp_path / "missing")])
+    assert "not a folder" in capsys.readouterr().err
