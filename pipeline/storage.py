@@ -16,8 +16,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -200,6 +202,33 @@ def manifest_files(manifest: dict[str, Any]) -> dict[str, str]:
             for name, digest in (info.get("files") or {}).items()}
 
 
+def check_cache_space(manifest: dict[str, Any], folder: Path, location: str) -> None:
+    """Refuse, before a byte is fetched, a dataset that this node's data cache cannot hold.
+
+    The arrays need ``images x C x H x W`` bytes (uint8): 12,288 per image at 64 px, 49,152 at 128, 196,608
+    at 256 (README, "Bigger than a node"). What the cache already holds of them counts as present.
+
+    Raises:
+        StorageError: the arrays need more than the free space of the cache's disk; the message gives the
+            sizes and the ways out.
+    """
+    shape = [int(side) for side in manifest.get("image_shape") or []]
+    per_image = math.prod(shape) if shape else 0
+    count = sum(int(info.get("count", 0)) for info in manifest.get("splits", {}).values())
+    needed = count * per_image
+    present = sum(path.stat().st_size for path in folder.glob("*_images.npy") if path.is_file())
+    free = shutil.disk_usage(folder).free
+    if needed - present > free:
+        raise StorageError(
+            f"{location}: {count:,} images of {'x'.join(map(str, shape))} need {needed / 1e9:.1f} GB in "
+            f"this node's data cache {folder} ({per_image:,} bytes per image), and its disk has "
+            f"{free / 1e9:.1f} GB free; nothing was fetched. Free space or set VAE_DATA_CACHE to a larger "
+            "disk on every node, lower data.image_size, or train on a subset. Training reads a node-local "
+            "copy; a dataset larger than a node's disk needs the arrays streamed from the store into the "
+            "workers instead, which this pipeline does not do (README, \"Bigger than a node\")"
+        )
+
+
 def local_dataset(location: Path | str, endpoint: str | None = None, _retried: bool = False) -> Path:
     """A local folder with the preprocessed dataset at ``location``: the folder itself for a local path; for a
     URI, this node's cached copy, brought up to date.
@@ -212,8 +241,9 @@ def local_dataset(location: Path | str, endpoint: str | None = None, _retried: b
     file outside the cache folder is refused whole.
 
     Raises:
-        StorageError: the store is unreachable, its data do not match their manifest, or the manifest names
-            a file outside the cache folder (nothing is written).
+        StorageError: the store is unreachable, its data do not match their manifest, the manifest names
+            a file outside the cache folder, or the arrays do not fit this node's disk
+            (:func:`check_cache_space`; nothing is written).
         FileNotFoundError: no manifest.json at ``location`` (the message says to run the preprocess stage).
     """
     if not is_uri(location):
@@ -232,6 +262,7 @@ def local_dataset(location: Path | str, endpoint: str | None = None, _retried: b
     fetched, reused = [], []
     with _node_lock(folder):
         folder.mkdir(parents=True, exist_ok=True)
+        check_cache_space(manifest, folder, location)
         try:  # every name checked before the first byte is written
             files = [(name, digest, safe_member_path(folder, name))
                      for name, digest in sorted(manifest_files(manifest).items())]

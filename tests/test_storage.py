@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -480,3 +481,26 @@ def test_a_gzip_file_is_stored_as_it_is(s3, tmp_path):
     storage.download_file(location, tmp_path / "back.gz", s3.endpoint, sha256=storage.sha256_file(source))
     assert (tmp_path / "back.gz").read_bytes() == source.read_bytes()
     assert storage.read_bytes(location, s3.endpoint) == source.read_bytes()
+
+
+def test_a_dataset_larger_than_the_nodes_cache_disk_is_refused_before_a_byte_is_fetched(s3, tmp_path,
+                                                                                          monkeypatch):
+    """The refusal that says where a node-local copy stops working (README, "Bigger than a node"). The disk's
+    free space is the one thing not real here: this machine's disk is far larger than the test's data."""
+    location, _ = published(s3, tmp_path)
+    monkeypatch.setenv("VAE_DATA_CACHE", str(tmp_path / "small-node"))
+    manifest = json.loads(storage.read_bytes(storage.join(location, "manifest.json")))
+    count = sum(info["count"] for info in manifest["splits"].values())
+    needed = count * int(np.prod(manifest["image_shape"]))
+    free = needed - 1
+    real_usage = shutil.disk_usage
+    monkeypatch.setattr(storage.shutil, "disk_usage",
+                        lambda path: real_usage(path)._replace(free=free))
+    with pytest.raises(storage.StorageError, match=rf"{count:,} images of .* need .* GB in this node's data "
+                       r"cache .*\(784 bytes per image\).*nothing was fetched.*VAE_DATA_CACHE") as refused:
+        dataset_folder(location)
+    assert "Bigger than a node" in str(refused.value)
+    written = [p for p in (tmp_path / "small-node").rglob("*") if p.is_file()]
+    assert [p for p in written if not p.name.endswith(".lock")] == []
+    free = needed  # exactly enough: fetched
+    assert load_split(dataset_folder(location), "train", verify=True).images.shape[1:] == (1, 28, 28)
