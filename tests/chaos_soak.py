@@ -74,9 +74,10 @@ FAST_HEALTH_CHECKS = {
 COUNTS = {"train": 1024, "valid": 128, "test": 128}  # real Fashion-MNIST images
 BATCH = 32
 STEPS_PER_EPOCH = COUNTS["train"] // BATCH
-# Figures that measure time or name the machine, not the model: they differ between any two runs.
+# Figures that measure time or the machine (MLflow's system metrics: CPU, memory), not the model: they differ
+# between any two runs.
 def timing(key: str) -> bool:
-    return key.endswith(("_per_s", "seconds")) or key in ("device", "seconds")
+    return key.endswith(("_per_s", "seconds")) or key in ("device", "seconds") or key.startswith("system/")
 STEP_LINE = re.compile(r"\[train\]   step (\d+)/")
 RESUMED = re.compile(r"resumed from the checkpoint of epoch (\d+) \(step (\d+)\)")
 PLACEMENT = re.compile(r"\[train\] \d+ worker\(s\): ")  # rank 0's first line on every (re)start
