@@ -160,6 +160,14 @@ def attribute_sets(
     return result
 
 
+def _manifest_attribute_names(processed_dir: Path) -> list[str]:
+    """The attribute names the preprocess manifest lists ([] without a manifest)."""
+    try:
+        return list(load_manifest(processed_dir).get("attribute_names") or [])
+    except (FileNotFoundError, ValueError):
+        return []
+
+
 def scatter_classes(
     params: Params, processed_dir: Path, count: int
 ) -> tuple[np.ndarray, list[str], str] | None:
@@ -269,7 +277,10 @@ def _pictures_and_fid(params: Params, model_config: dict[str, Any], weights: dic
         test = test[: params.evaluate.max_images]
     hashes = {k: v for k, v in data_hashes(processed_dir).items() if ".test" in k or "test_" in k}
     figures = fid_figures(params, model, test, digest(hashes), device)
-    attributes = attribute_sets(processed_dir, params.evaluate.attributes)
+    # CelebA always has attributes; another dataset only when its manifest names some (an image folder with
+    # an attributes CSV), so arrays without attributes (or without a manifest) need no training split here.
+    named = params.data.dataset == "celeba" or _manifest_attribute_names(processed_dir)
+    attributes = attribute_sets(processed_dir, params.evaluate.attributes) if named else {}
     pictures = test_pictures(model, test, params.evaluate.num_image_rows, device, attributes,
                              seed=params.train.seed)
     return figures, pictures
