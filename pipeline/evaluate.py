@@ -160,10 +160,10 @@ def attribute_sets(
     return result
 
 
-def _manifest_attribute_names(processed_dir: Path) -> list[str]:
-    """The attribute names the preprocess manifest lists ([] without a manifest)."""
+def _manifest_entry(processed_dir: Path, key: str) -> list[str]:
+    """A list the preprocess manifest holds (``attribute_names``, ``class_names``); [] without one."""
     try:
-        return list(load_manifest(processed_dir).get("attribute_names") or [])
+        return list(load_manifest(processed_dir).get(key) or [])
     except (FileNotFoundError, ValueError):
         return []
 
@@ -201,7 +201,7 @@ def scatter_classes(
                 f"evaluate.latent_scatter: label, but {params.data.dataset} has no class labels; name one of "
                 "its attributes (e.g. Smiling) or use none")
         numbered = [str(c) for c in range(int(split.labels.max()) + 1)]
-        names = (load_manifest(processed_dir).get("class_names")
+        names = (_manifest_entry(processed_dir, "class_names")
                  or CLASS_NAMES.get(params.data.dataset, numbered))
         return np.asarray(split.labels[:count]).astype(np.int64), names, f"{params.data.dataset} test set"
     if choice not in split.attribute_names:
@@ -279,7 +279,7 @@ def _pictures_and_fid(params: Params, model_config: dict[str, Any], weights: dic
     figures = fid_figures(params, model, test, digest(hashes), device)
     # CelebA always has attributes; another dataset only when its manifest names some (an image folder with
     # an attributes CSV), so arrays without attributes (or without a manifest) need no training split here.
-    named = params.data.dataset == "celeba" or _manifest_attribute_names(processed_dir)
+    named = params.data.dataset == "celeba" or _manifest_entry(processed_dir, "attribute_names")
     attributes = attribute_sets(processed_dir, params.evaluate.attributes) if named else {}
     pictures = test_pictures(model, test, params.evaluate.num_image_rows, device, attributes,
                              seed=params.train.seed)

@@ -375,6 +375,8 @@ def start_system_metrics(run_id: str | None, tracking_uri: str, interval_s: floa
     """
     if not run_id or not interval_s:
         return None
+    for key, value in FAST_FAIL_ENV.items():  # its requests give up at once on a dead server, as RunLogger's
+        os.environ.setdefault(key, value)
     try:
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
@@ -385,3 +387,13 @@ def start_system_metrics(run_id: str | None, tracking_uri: str, interval_s: floa
     except Exception as error:  # noqa: BLE001 - the tracking server down must not stop training
         log.warning("system metrics not logged: %s", error)
         return None
+
+
+def stop_system_metrics(monitor, timeout_s: float = 10.0) -> None:
+    """Stop a monitor from :func:`start_system_metrics` (None: nothing), waiting at most ``timeout_s``: its
+    last request may hang on an unreachable server, and the end of training must not wait for it."""
+    if monitor is None:
+        return
+    stopper = threading.Thread(target=monitor.finish, name="system-metrics-stop", daemon=True)
+    stopper.start()
+    stopper.join(timeout_s)

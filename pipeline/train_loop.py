@@ -32,7 +32,7 @@ from pipeline.distributed import (
     rng_states,
 )
 from pipeline.figures import autocast_for, epoch_images, evaluate_elbo
-from pipeline.run_logger import RunLogger, start_system_metrics
+from pipeline.run_logger import RunLogger, start_system_metrics, stop_system_metrics
 from pipeline.sessions import LocalSession, NonFiniteLossError, Session, WorkerConfig
 from pipeline.step_figures import MAX_STEPS_BETWEEN_READS, EpochTally, StepFigures
 from pipeline.tracking import image_grid
@@ -384,8 +384,7 @@ def train_worker(config: WorkerConfig, session: Session) -> dict[str, Any]:
         raise
     finally:  # flush what was logged so far, also when training stops with an error
         summary = run.logger.close()
-        if monitor is not None:
-            monitor.finish()
+        stop_system_metrics(monitor)
     if run.rank == 0 and not summary["sent_all"]:
         say(f"[train] MLflow: {summary['lost_records']} records could not be logged: {summary['errors'][:1]}")
     return {"history": run.history, "step": run.step, "epoch": len(run.history)}
