@@ -27,6 +27,24 @@ log = logging.getLogger(__name__)
 FAST_FAIL_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
 
 
+def import_mlflow_modules(tracking_uri: str) -> None:
+    """Import the MLflow modules a training process uses from its threads - the sender's client, store,
+    entities and pictures, and the system-metrics monitor - in the calling thread, before those threads start.
+
+    MLflow's packages import each other in cycles. A resumed attempt's sender thread sends its checkpoint's
+    records at once while the training thread goes on importing MLflow (the system-metrics monitor): two
+    threads entering the cycle from different modules can see one half-initialised ("cannot import name
+    '_get_store' from partially initialized module 'mlflow.tracking'"), and every later send then fails.
+    """
+    import mlflow.entities  # noqa: F401
+    import mlflow.system_metrics.system_metrics_monitor  # noqa: F401
+    import mlflow.tracking.multimedia  # noqa: F401
+    import mlflow.utils.mlflow_tags  # noqa: F401
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(tracking_uri)  # imports the store for this URI's scheme (REST, SQL); sends no request
+
+
 @dataclass
 class _Record:
     kind: str  # "metrics" | "image" | "params" | "tags"
@@ -80,6 +98,7 @@ class RunLogger:
             return
         for key, value in FAST_FAIL_ENV.items():
             os.environ.setdefault(key, value)
+        import_mlflow_modules(self.tracking_uri)
         self._thread = threading.Thread(target=self._work, name="mlflow-logger", daemon=True)
         self._thread.start()
 

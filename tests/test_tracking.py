@@ -5,7 +5,11 @@ alias of the model registry against a real SQLite store."""
 from __future__ import annotations
 
 import json
+import os
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -24,6 +28,8 @@ from pipeline.tracking import (
     tracking_uri,
     ui_url,
 )
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_drain_delivers_every_queued_record_before_returning(tmp_path):
@@ -118,6 +124,32 @@ def test_a_checkpoint_carries_what_was_not_sent_and_the_next_attempt_sends_it(tm
     second.resend(checkpointed)
     assert second.close(timeout_s=30)["sent_all"]
     assert [(m.step, m.value) for m in client.get_metric_history(run_id, "loss")] == [(1, 3.0), (2, 2.0)]
+
+
+RESUMED_ATTEMPT = """
+import sys
+from pipeline.run_logger import RunLogger, start_system_metrics, stop_system_metrics
+uri, run_id = sys.argv[1:]
+logger = RunLogger(run_id, uri, hold_until_commit=True)
+logger.resend([{"metrics": {"loss": float(s)}, "step": s, "timestamp_ms": 1000 + s} for s in range(1, 41)])
+monitor = start_system_metrics(run_id, uri, 1.0)  # what train_worker does next
+print(logger.close(timeout_s=30))
+stop_system_metrics(monitor)
+"""
+
+
+def test_a_resumed_attempt_sends_its_checkpoints_records_while_the_system_monitor_starts(tmp_path):
+    """A fresh process (a resumed attempt on a new worker) re-sends its checkpoint's records at once, in the
+    sender thread, while the training thread starts MLflow's system-metrics monitor: both use MLflow, whose
+    modules import each other in cycles. Every record arrives - none lost to a half-imported module."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("resumed")).info.run_id
+    done = subprocess.run([sys.executable, "-c", RESUMED_ATTEMPT, uri, run_id], capture_output=True,
+                          text=True, timeout=300, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "'sent_all': True" in done.stdout, done.stdout + done.stderr[-3000:]
+    assert [m.step for m in client.get_metric_history(run_id, "loss")] == list(range(1, 41))
 
 
 def test_a_picture_an_attempt_could_not_send_is_sent_by_the_next_once(tmp_path):
