@@ -168,7 +168,7 @@ def test_dvc_repro_on_a_folder_of_photographs_and_reruns_exactly_when_images_cha
     """Your own images (README, "Your own images"): a folder of real photographs with class folders and an
     attributes CSV goes through every stage with `dvc repro`; the names come from the dataset. Then
     preprocess re-runs when an image is added, changed or removed, and only then."""
-    from tests.photo_folders import photo_folder
+    from benchmarks.photo_folders import photo_folder
 
     folder = tmp_path / "my-photos"
     names = photo_folder(folder, 240, seed=11)
@@ -235,7 +235,7 @@ def test_dvc_repro_on_a_folder_of_photographs_and_reruns_exactly_when_images_cha
 def test_the_quick_start_on_your_own_folder(tmp_path):
     """`python -m pipeline.quickstart --images PATH` (README, "Your own images"): the whole walk on a folder
     of photographs, the summary naming it, params.yaml untouched."""
-    from tests.photo_folders import photo_folder
+    from benchmarks.photo_folders import photo_folder
 
     folder = tmp_path / "holiday"
     photo_folder(folder, 200, seed=13, class_folders=False)

@@ -1,6 +1,6 @@
 """The image-folder dataset (pipeline/image_folder.py) on folders of real photographs
-(tests/photo_folders.py): torchvision-exact decoding with EXIF orientation and every mode, stable hash splits,
-duplicates, class folders, an attributes CSV, and every bad input named with nothing half-written."""
+(benchmarks/photo_folders.py): torchvision-exact decoding with EXIF orientation and every mode, stable hash
+splits, duplicates, class folders, an attributes CSV, and every bad input named with nothing half-written."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ import torchvision
 from PIL import Image
 from torchvision import transforms
 
+from benchmarks.photo_folders import photo_folder, source_photographs
 from pipeline import datasets as ds
 from pipeline.config import DataConfig, PreprocessConfig
 from pipeline.data import load_split
@@ -26,7 +27,6 @@ from pipeline.datasets import DataStageError
 from pipeline.image_folder import list_image_folder, split_of, to_eight_bit, transform_image
 from pipeline.image_folder_stage import preprocess_image_folder
 from pipeline.preprocess import preprocess
-from tests.photo_folders import photo_folder, source_photographs
 
 FRACTIONS = {"train": 0.8, "valid": 0.1, "test": 0.1}
 

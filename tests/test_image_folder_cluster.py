@@ -11,10 +11,10 @@ import subprocess
 
 import pytest
 
+from benchmarks.photo_folders import photo_folder
 from pipeline.image_folder_stage import preprocess_image_folder
 from tests.cluster_helpers import job_info, job_tasks, local_cluster
 from tests.fixtures.repository import fresh_repository, repository_env
-from tests.photo_folders import photo_folder
 
 pytestmark = pytest.mark.slow
 DVC = ".venv/bin/dvc"

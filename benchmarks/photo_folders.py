@@ -1,6 +1,7 @@
-"""Folders of real photographs for the image-folder tests, built offline from the colour photographs that
-scikit-image (``skimage.data``) and scikit-learn (``load_sample_images``) ship in their wheels, cut into many
-crops of varied size and aspect, saved in the formats the pipeline reads."""
+"""Folders of real photographs for the image-folder tests and benchmark, built offline from the colour
+photographs that scikit-image (``skimage.data``) and scikit-learn (``load_sample_images``) ship in their
+wheels (development dependencies), cut into many crops of varied size and aspect, saved in the formats the
+pipeline reads."""
 
 from __future__ import annotations
 
